@@ -1,0 +1,273 @@
+"""The ``pyproxy`` command: render, run and cleanup, with kube-proxy's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+from pyproxy import __version__, metrics
+from pyproxy.config import PROXY_MODES, ProxyConfig
+from pyproxy.model.ipaddr import BadAddress, canonical_cidr
+from pyproxy.model.objects import DesiredState
+from pyproxy.model.state import StateBuilder, nodeport_ips
+from pyproxy.proxier.base import Proxier, SyncFailed, record
+from pyproxy.sources.file import SourceError, file_stamp, load_objects
+
+log = logging.getLogger("pyproxy")
+
+
+class UsageError(Exception):
+    """Bad flags or input; the message says what to do."""
+
+
+def _cidr_list(text: str, flag: str) -> tuple[str, ...]:
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            cidr, family = canonical_cidr(item)
+        except BadAddress:
+            raise UsageError(f"{flag}: {item!r} is not a CIDR; write it like 10.244.0.0/16") from None
+        if family != 4:
+            raise UsageError(f"{flag}: {item} is IPv6; this version programs IPv4 only, drop it")
+        out.append(cidr)
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyproxy",
+        description="A readable kube-proxy: Services and EndpointSlices become nftables or "
+        "iptables rules. Flags are named like kube-proxy's.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source-file", metavar="FILE", required=True,
+                       help="YAML with Services, EndpointSlices and Nodes: several documents, "
+                       "or a 'kind: List' as 'kubectl get -o yaml' writes it")
+        p.add_argument("--hostname-override", metavar="NODE", default=None,
+                       help="this node's name: picks the Node object for NodePort addresses "
+                       "(default: the host name)")
+        p.add_argument("--proxy-mode", choices=PROXY_MODES, default="nftables",
+                       help="kernel backend to program (default: nftables)")
+        p.add_argument("--cluster-cidr", metavar="CIDRS", default="",
+                       help="comma-separated pod network CIDRs; ClusterIP traffic from outside "
+                       "them is masqueraded, pod traffic keeps its source IP")
+        p.add_argument("--nodeport-addresses", metavar="CIDRS", default="",
+                       help="comma-separated CIDRs; NodePorts answer only on node addresses "
+                       "inside them (default: all node addresses except loopback)")
+        p.add_argument("--masquerade-all", action="store_true",
+                       help="masquerade all traffic sent to ClusterIPs")
+        p.add_argument("--iptables-masquerade-bit", type=int, default=14, metavar="BIT",
+                       help="packet mark bit (0-31) that flags traffic for masquerading (default 14)")
+        p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
+                       help="iptables mode only: which iptables binaries to drive; auto picks "
+                       "the one already holding rules, as iptables-wrapper does (default auto)")
+        p.add_argument("-v", "--v", dest="verbosity", type=int, default=1, metavar="N",
+                       help="log verbosity: 0 warnings, 1 info (default), 2 debug")
+
+    render = sub.add_parser("render", help="print the ruleset that would be applied; change nothing")
+    common(render)
+
+    run = sub.add_parser("run", help="apply the ruleset in this network namespace and keep it in sync")
+    common(run)
+    run.add_argument("--once", action="store_true", help="sync once and exit (0 on success)")
+    run.add_argument("--min-sync-period", type=float, default=1.0, metavar="SECONDS",
+                     help="without --once: how often to look for changes in the file (default 1)")
+    run.add_argument("--retries", type=int, default=3, metavar="N",
+                     help="with --once: attempts before giving up on a refused ruleset (default 3)")
+
+    cleanup = sub.add_parser("cleanup", help="remove everything pyproxy installed, in every mode")
+    cleanup.add_argument("-v", "--v", dest="verbosity", type=int, default=1, metavar="N",
+                         help="log verbosity: 0 warnings, 1 info (default), 2 debug")
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    if not 0 <= args.iptables_masquerade_bit <= 31:
+        raise UsageError("--iptables-masquerade-bit must be between 0 and 31 (kube-proxy uses 14)")
+    return ProxyConfig(
+        mode=args.proxy_mode,
+        hostname=args.hostname_override or socket.gethostname(),
+        cluster_cidrs=_cidr_list(args.cluster_cidr, "--cluster-cidr"),
+        nodeport_addresses=_cidr_list(args.nodeport_addresses, "--nodeport-addresses"),
+        masquerade_all=args.masquerade_all,
+        masquerade_bit=args.iptables_masquerade_bit,
+    )
+
+
+def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
+                 netns: str | None = None) -> Proxier:
+    """The proxier for ``config.mode`` with its real executor."""
+    if config.mode == "iptables":
+        from pyproxy.ipt.executor import IptablesCli, detect_backend
+        from pyproxy.proxier.iptables import IptProxier
+
+        backend = detect_backend(netns=netns) if iptables_backend == "auto" else iptables_backend
+        log.info("iptables backend: %s", backend)
+        return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns))
+    from pyproxy.nft.executor import NftCli
+    from pyproxy.proxier.nftables import NftProxier
+
+    return NftProxier(config=config, executor=NftCli(netns=netns))
+
+
+class FileSource:
+    """Builds desired states from the source file, re-parsing only objects that changed."""
+
+    def __init__(self, path: str, config: ProxyConfig) -> None:
+        self.path = path
+        self.config = config
+        self.builder = StateBuilder(node_name=config.hostname)
+        self.stamp: tuple[int, int, int] | None = None
+        self._reported: set[str] = set()
+
+    def load(self) -> DesiredState:
+        self.stamp = file_stamp(self.path)
+        objects = load_objects(self.path)
+        self.builder.replace_all(objects)
+        node_info = self.builder.node
+        if node_info is None or not node_info.addresses:
+            from pyproxy.hostnet import interface_ipv4s
+
+            interfaces = interface_ipv4s()
+            log.debug("no Node %r with addresses in the file: NodePorts on interfaces %s",
+                      self.config.hostname, interfaces)
+        else:
+            interfaces = ()
+        state = self.builder.build(nodeport_ips=nodeport_ips(
+            node=node_info, interface_ips=interfaces, cidrs=self.config.nodeport_addresses))
+        self._report(state)
+        return state
+
+    def changed(self) -> bool:
+        return file_stamp(self.path) != self.stamp
+
+    def _report(self, state: DesiredState) -> None:
+        counts: dict[str, int] = {"Service": 0, "EndpointSlice": 0, "Node": 0}
+        for problem in state.problems:
+            counts[problem.kind] = counts.get(problem.kind, 0) + 1
+            text = str(problem)
+            if text not in self._reported:
+                log.warning("skipping invalid %s (fix the object; the others are programmed)", text)
+        self._reported = {str(p) for p in state.problems}
+        for kind, n in counts.items():
+            metrics.INVALID_OBJECTS.labels(kind=kind).set(n)
+        for skip in self.builder.skips:
+            log.debug("not proxying %s %s/%s: %s", skip.kind, *skip.key, skip.reason)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    state = FileSource(args.source_file, config).load()
+    if config.mode == "iptables":
+        from pyproxy.ipt.executor import FakeIptables
+        from pyproxy.proxier.iptables import IptProxier
+
+        text = IptProxier(config=config, executor=FakeIptables()).render_text(state)
+    else:
+        from pyproxy.nft.executor import FakeNft
+        from pyproxy.proxier.nftables import NftProxier
+
+        text = NftProxier(config=config, executor=FakeNft()).render_text(state)
+    sys.stdout.write(text)
+    return 0
+
+
+def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
+                      first_delay: float = 1.0, max_delay: float = 30.0) -> bool:
+    """Sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            record(proxier.sync(state))
+            return True
+        except SyncFailed as err:
+            log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
+            if attempt == attempts:
+                return False
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, max_delay)
+    return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    source = FileSource(args.source_file, config)
+    state = source.load()
+    proxier = make_proxier(config, iptables_backend=args.iptables_backend)
+    if args.once:
+        if sync_with_retries(proxier, state, attempts=max(1, args.retries)):
+            return 0
+        print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
+              "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
+              "nft/iptables work here (are you root?).", file=sys.stderr)
+        return 1
+    log.info("watching %s for changes every %.1fs", args.source_file, args.min_sync_period)
+    pending = True
+    delay = 1.0
+    next_try = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if source.changed():
+                try:
+                    state = source.load()
+                    pending = True
+                except SourceError as err:
+                    # Keep serving the last good state: a half-written file must not drop rules.
+                    log.error("%s (keeping the rules of the last good version)", err)
+            if pending and now >= next_try:
+                try:
+                    record(proxier.sync(state))
+                    pending, delay = False, 1.0
+                except SyncFailed as err:
+                    next_try = now + delay * random.uniform(0.8, 1.2)
+                    log.error("sync failed, full resync in %.1fs: %s", next_try - now, err)
+                    delay = min(delay * 2, 30.0)
+            time.sleep(args.min_sync_period)
+    except KeyboardInterrupt:
+        # Never delete rules on exit: traffic keeps flowing while pyproxy restarts.
+        log.info("stopping; rules stay in place (use 'pyproxy cleanup' to remove them)")
+        return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from pyproxy.cleanup import cleanup_all
+
+    removed = cleanup_all()
+    log.info("cleanup done: %s", ", ".join(removed) if removed else "nothing of pyproxy was installed")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        print("\npyproxy: give a command, e.g. 'pyproxy render --source-file examples/demo.yaml'",
+              file=sys.stderr)
+        return 2
+    _setup_logging(args.verbosity)
+    try:
+        return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup}[args.command](args)
+    except (UsageError, SourceError) as err:
+        print(f"pyproxy: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:
+        print(f"pyproxy: {err}; programming the kernel needs root (or CAP_NET_ADMIN)", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""iptables: restore-text payloads (pure) and executors for iptables-restore (real and fake)."""

@@ -1,0 +1,45 @@
+"""An iptables-restore payload: chains to (re)write and chains to delete, per table (pure).
+
+With ``--noflush``, iptables-restore leaves every chain alone except the ones the payload
+declares (``:CHAIN - [0:0]``), which it creates or flushes. So we declare exactly our chains
+that change, append their rules, and ``-X`` the ones that go. Each ``*table … COMMIT`` block is
+applied atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TABLES = ("filter", "nat")
+
+
+@dataclass
+class RestorePayload:
+    """What one iptables-restore run changes."""
+
+    rewrite: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    """(table, chain) → its complete new rule list."""
+    delete: set[tuple[str, str]] = field(default_factory=set)
+    """(table, chain) to flush and delete."""
+
+    def __bool__(self) -> bool:
+        return bool(self.rewrite or self.delete)
+
+    def lines(self) -> int:
+        """Lines sent, the iptables counterpart of an nft command count."""
+        return sum(len(r) + 1 for r in self.rewrite.values()) + 2 * len(self.delete)
+
+    def render(self) -> str:
+        out: list[str] = []
+        for table in TABLES:
+            rewrite = sorted(k[1] for k in self.rewrite if k[0] == table)
+            delete = sorted(k[1] for k in self.delete if k[0] == table)
+            if not rewrite and not delete:
+                continue
+            out.append(f"*{table}")
+            out.extend(f":{chain} - [0:0]" for chain in rewrite + delete)
+            for chain in rewrite:
+                out.extend(f"-A {chain} {rule}" for rule in self.rewrite[(table, chain)])
+            out.extend(f"-X {chain}" for chain in delete)
+            out.append("COMMIT")
+        return "\n".join(out) + ("\n" if out else "")

@@ -1,0 +1,1 @@
+"""The model: Kubernetes objects parsed and validated into an immutable desired state (pure)."""

@@ -1,0 +1,269 @@
+"""Turn API objects (plain dicts) into model values, refusing anything malformed.
+
+Each ``parse_*`` function either returns a value or raises :class:`Invalid` with a reason a
+person can act on. Nothing here logs or counts: the caller records the problem and goes on
+with the other objects, so one bad object never breaks the sync of the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pyproxy.model.ipaddr import BadAddress, canonical_ip
+from pyproxy.model.objects import PROTOCOLS, Endpoint, NodeInfo, ServicePort, ServicePortName
+
+# Labels kube-proxy's informers exclude: the first hands a Service to another proxy, the second
+# marks the headless Services' slices.
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # the API server's default for ClientIP affinity
+MAX_AFFINITY_TIMEOUT = 86400  # the API server's upper bound
+
+
+class Invalid(ValueError):
+    """The object is malformed; the message says what is wrong with it."""
+
+
+class Skipped(Exception):
+    """The object is valid but not ours to program (headless, ExternalName, other family...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSlice:
+    """The parts of one EndpointSlice we use."""
+
+    namespace: str
+    name: str
+    service: str
+    ports: tuple[tuple[str, str, int], ...]
+    """(port name, protocol, port) triples."""
+    endpoints: tuple[Endpoint, ...]
+    """With ``port`` 0: the port comes from ``ports`` when merging."""
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Invalid(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, what: str, *, required: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise Invalid(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _port(value: Any, what: str) -> int:
+    # bool is an int in Python; the API would never send one, so refuse it.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise Invalid(f"{what} must be an integer in 1-65535, got {value!r}")
+    return value
+
+
+def _protocol(value: Any, what: str) -> str:
+    if value is None:
+        return "tcp"  # the API default
+    if not isinstance(value, str) or value.lower() not in PROTOCOLS:
+        raise Invalid(f"{what}: unknown protocol {value!r} (want TCP, UDP or SCTP)")
+    return value.lower()
+
+
+def _bool(value: Any, what: str, *, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise Invalid(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def object_key(obj: Any) -> tuple[str, str]:
+    """``(namespace, name)`` of an API object; raises Invalid when they are missing."""
+    meta = _mapping(obj.get("metadata") if isinstance(obj, dict) else None, "metadata")
+    name = _str(meta.get("name"), "metadata.name")
+    namespace = meta.get("namespace", "default")
+    return _str(namespace, "metadata.namespace"), name
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, Any]:
+    labels = obj["metadata"].get("labels") or {}
+    return _mapping(labels, "metadata.labels")
+
+
+def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort, ...]:
+    """The ports of one Service for one IP family.
+
+    Raises Skipped for Services kube-proxy ignores and Invalid for malformed ones.
+    """
+    namespace, name = object_key(obj)
+    labels = _labels(obj)
+    if PROXY_NAME_LABEL in labels:
+        raise Skipped(f"label {PROXY_NAME_LABEL} hands it to another proxy")
+    if HEADLESS_LABEL in labels:
+        raise Skipped("headless")
+    spec = _mapping(obj.get("spec"), "spec")
+    if spec.get("type") == "ExternalName":
+        raise Skipped("type ExternalName")
+    cluster_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    if not isinstance(cluster_ips, list):
+        raise Invalid(f"spec.clusterIPs must be a list, got {cluster_ips!r}")
+    if not cluster_ips or cluster_ips[0] in ("None", ""):
+        raise Skipped("headless (no cluster IP)")
+    ours = ""
+    for raw in cluster_ips:
+        try:
+            ip, fam = canonical_ip(raw)
+        except BadAddress as err:
+            raise Invalid(f"spec.clusterIPs: {err}") from None
+        if fam == family and not ours:
+            ours = ip
+    if not ours:
+        raise Skipped(f"no IPv{family} cluster IP")
+
+    affinity_timeout = 0
+    affinity = spec.get("sessionAffinity") or "None"
+    if affinity == "ClientIP":
+        cfg = spec.get("sessionAffinityConfig") or {}
+        client = _mapping(_mapping(cfg, "spec.sessionAffinityConfig").get("clientIP") or {},
+                          "spec.sessionAffinityConfig.clientIP")
+        timeout = client.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not (
+            1 <= timeout <= MAX_AFFINITY_TIMEOUT
+        ):
+            raise Invalid(f"sessionAffinityConfig.clientIP.timeoutSeconds must be 1-86400, got {timeout!r}")
+        affinity_timeout = timeout
+    elif affinity != "None":
+        raise Invalid(f"spec.sessionAffinity must be None or ClientIP, got {affinity!r}")
+
+    ports = spec.get("ports")
+    if not isinstance(ports, list) or not ports:
+        raise Invalid("spec.ports must be a non-empty list")
+    result = []
+    seen: set[tuple[int, str]] = set()
+    names: set[tuple[str, str]] = set()
+    for i, item in enumerate(ports):
+        item = _mapping(item, f"spec.ports[{i}]")
+        port = _port(item.get("port"), f"spec.ports[{i}].port")
+        proto = _protocol(item.get("protocol"), f"spec.ports[{i}].protocol")
+        port_name = _str(item.get("name"), f"spec.ports[{i}].name", required=False)
+        node_port = item.get("nodePort") or 0
+        if node_port:
+            node_port = _port(node_port, f"spec.ports[{i}].nodePort")
+        if (port, proto) in seen:
+            raise Invalid(f"spec.ports[{i}]: duplicate port {port}/{proto.upper()}")
+        if (port_name, proto) in names:
+            raise Invalid(f"spec.ports[{i}]: duplicate port name {port_name!r}")
+        seen.add((port, proto))
+        names.add((port_name, proto))
+        result.append(
+            ServicePort(
+                name=ServicePortName(namespace, name, port_name, proto),
+                cluster_ip=ours,
+                port=port,
+                node_port=node_port,
+                affinity_timeout=affinity_timeout,
+            )
+        )
+    return tuple(result)
+
+
+def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
+    """One EndpointSlice; raises Skipped (other family, FQDN, headless) or Invalid."""
+    namespace, name = object_key(obj)
+    labels = _labels(obj)
+    if PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels:
+        raise Skipped("not for this proxy (service-proxy-name or headless label)")
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not isinstance(service, str) or not service:
+        raise Invalid(f"label {SERVICE_NAME_LABEL} is missing, so no Service owns this slice")
+    address_type = obj.get("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise Invalid(f"addressType must be IPv4, IPv6 or FQDN, got {address_type!r}")
+    if address_type != f"IPv{family}":
+        raise Skipped(f"addressType {address_type}")
+
+    ports = []
+    raw_ports = obj.get("ports") or []
+    if not isinstance(raw_ports, list):
+        raise Invalid("ports must be a list")
+    for i, item in enumerate(raw_ports):
+        item = _mapping(item, f"ports[{i}]")
+        port = _port(item.get("port"), f"ports[{i}].port")
+        proto = _protocol(item.get("protocol"), f"ports[{i}].protocol")
+        port_name = _str(item.get("name"), f"ports[{i}].name", required=False)
+        if any(p[0] == port_name and p[1] == proto for p in ports):
+            raise Invalid(f"ports[{i}]: duplicate port name {port_name!r}")
+        ports.append((port_name, proto, port))
+
+    endpoints = []
+    seen: set[str] = set()
+    raw_eps = obj.get("endpoints") or []
+    if not isinstance(raw_eps, list):
+        raise Invalid("endpoints must be a list")
+    for i, item in enumerate(raw_eps):
+        item = _mapping(item, f"endpoints[{i}]")
+        addresses = item.get("addresses")
+        if not isinstance(addresses, list) or not addresses:
+            raise Invalid(f"endpoints[{i}].addresses must be a non-empty list")
+        # Like kube-proxy, use the first address only: the API says the others are equivalent.
+        try:
+            ip, fam = canonical_ip(addresses[0])
+        except BadAddress as err:
+            raise Invalid(f"endpoints[{i}].addresses[0]: {err}") from None
+        if fam != family:
+            raise Invalid(f"endpoints[{i}]: {ip} is not IPv{family} but addressType is")
+        if ip in seen:
+            raise Invalid(f"endpoints[{i}]: duplicate endpoint {ip}")
+        seen.add(ip)
+        cond = _mapping(item.get("conditions") or {}, f"endpoints[{i}].conditions")
+        # API semantics: unknown readiness means ready; serving defaults to ready.
+        ready = _bool(cond.get("ready"), f"endpoints[{i}].conditions.ready", default=True)
+        serving = _bool(cond.get("serving"), f"endpoints[{i}].conditions.serving", default=ready)
+        terminating = _bool(cond.get("terminating"), f"endpoints[{i}].conditions.terminating",
+                            default=False)
+        node_name = item.get("nodeName")
+        zone = item.get("zone")
+        endpoints.append(
+            Endpoint(
+                ip=ip,
+                port=0,
+                ready=ready,
+                serving=serving,
+                terminating=terminating,
+                node_name=_str(node_name, f"endpoints[{i}].nodeName") if node_name else None,
+                zone=_str(zone, f"endpoints[{i}].zone") if zone else None,
+            )
+        )
+    return ParsedSlice(namespace, name, service, tuple(ports), tuple(endpoints))
+
+
+def parse_node(obj: dict[str, Any], *, family: int = 4) -> NodeInfo:
+    """Our Node: its name, addresses of one family and labels."""
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = _str(meta.get("name"), "metadata.name")
+    status = _mapping(obj.get("status") or {}, "status")
+    addresses = []
+    raw = status.get("addresses") or []
+    if not isinstance(raw, list):
+        raise Invalid("status.addresses must be a list")
+    for i, item in enumerate(raw):
+        item = _mapping(item, f"status.addresses[{i}]")
+        if item.get("type") not in ("InternalIP", "ExternalIP"):
+            continue
+        try:
+            ip, fam = canonical_ip(item.get("address"))
+        except BadAddress as err:
+            raise Invalid(f"status.addresses[{i}]: {err}") from None
+        if fam == family and ip not in addresses:
+            addresses.append(ip)
+    labels = _mapping(meta.get("labels") or {}, "metadata.labels")
+    return NodeInfo(
+        name=name,
+        addresses=tuple(addresses),
+        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+    )

@@ -1,0 +1,212 @@
+"""Executors for nft transactions: the real ``nft`` binary, and an in-memory fake."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyproxy.nft.transaction import Op, Transaction
+
+
+class NftError(RuntimeError):
+    """``nft`` refused a transaction; nothing of it was applied."""
+
+
+class NftExecutor(Protocol):
+    def run(self, tx: Transaction) -> None:
+        """Apply ``tx`` atomically or raise NftError and change nothing."""
+
+    def table_exists(self, family: str, table: str) -> bool: ...
+
+    def delete_table(self, family: str, table: str) -> bool:
+        """Delete a table if present; True if it was there."""
+
+
+def netns_prefix(netns: str | None) -> list[str]:
+    """argv prefix that runs a command in a named network namespace (tests and the lab)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+class NftCli:
+    """Runs ``nft -f -`` with the transaction on stdin, as knftables does."""
+
+    def __init__(self, *, netns: str | None = None, binary: str = "nft") -> None:
+        self.netns = netns
+        self.binary = binary
+
+    def _nft(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        if shutil.which(self.binary) is None:
+            raise NftError(
+                f"{self.binary}: command not found; install the nftables package "
+                "(apt-get install nftables) or use --proxy-mode iptables"
+            )
+        return subprocess.run(
+            [*netns_prefix(self.netns), self.binary, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def run(self, tx: Transaction) -> None:
+        if tx.error:
+            raise NftError(f"transaction not run: {tx.error}")
+        if not tx.ops:
+            return
+        proc = self._nft("-f", "-", stdin=tx.render())
+        if proc.returncode != 0:
+            raise NftError(_first_lines(proc.stderr))
+
+    def check(self, tx: Transaction) -> None:
+        """Ask nft whether the transaction would apply (``nft --check``), changing nothing."""
+        proc = self._nft("--check", "-f", "-", stdin=tx.render())
+        if proc.returncode != 0:
+            raise NftError(_first_lines(proc.stderr))
+
+    def table_exists(self, family: str, table: str) -> bool:
+        return self._nft("list", "table", family, table).returncode == 0
+
+    def list_table(self, family: str, table: str) -> str:
+        proc = self._nft("list", "table", family, table)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    def delete_table(self, family: str, table: str) -> bool:
+        if not self.table_exists(family, table):
+            return False
+        proc = self._nft("delete", "table", family, table)
+        if proc.returncode != 0:
+            raise NftError(_first_lines(proc.stderr))
+        return True
+
+
+def _first_lines(text: str, limit: int = 20) -> str:
+    lines = text.strip().splitlines()
+    more = f"\n... {len(lines) - limit} more lines" if len(lines) > limit else ""
+    return "\n".join(lines[:limit]) + more
+
+
+_REF = re.compile(r"(?:goto|jump) ([A-Za-z0-9_./-]+)")
+_SETREF = re.compile(r"@([A-Za-z0-9_./-]+)")
+
+
+@dataclass
+class FakeTable:
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    chain_specs: dict[str, str] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)
+    elements: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class FakeNft:
+    """In-memory nftables with the kernel's all-or-nothing semantics, for unit tests.
+
+    It checks what the kernel checks that matters to us: objects must exist before use,
+    elements are unique, a chain or set still referenced cannot be deleted, and a chain must
+    be empty to be deleted.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, str], FakeTable] = {}
+        self.transactions: list[Transaction] = []
+        self.fail_next: str | None = None
+        """Set to make the next ``run`` fail with this message (tests of failure handling)."""
+
+    def table_exists(self, family: str, table: str) -> bool:
+        return (family, table) in self.tables
+
+    def delete_table(self, family: str, table: str) -> bool:
+        return self.tables.pop((family, table), None) is not None
+
+    def run(self, tx: Transaction) -> None:
+        if tx.error:
+            raise NftError(f"transaction not run: {tx.error}")
+        if self.fail_next is not None:
+            msg, self.fail_next = self.fail_next, None
+            raise NftError(msg)
+        tables = copy.deepcopy(self.tables)
+        for op in tx.ops:
+            self._apply(tables, (tx.family, tx.table), op)
+        self.tables = tables
+        self.transactions.append(tx)
+
+    @staticmethod
+    def _refs(t: FakeTable) -> tuple[set[str], set[str]]:
+        chains: set[str] = set()
+        sets: set[str] = set()
+        for rules in t.chains.values():
+            for r in rules:
+                chains.update(_REF.findall(r))
+                sets.update(_SETREF.findall(r))
+        for elems in t.elements.values():
+            for v in elems.values():
+                chains.update(_REF.findall(v))
+        return chains, sets
+
+    def _apply(self, tables: dict[tuple[str, str], FakeTable], key: tuple[str, str], op: Op) -> None:
+        if op.kind == "table":
+            if op.verb == "add":
+                tables.setdefault(key, FakeTable())
+            elif op.verb == "delete":
+                if key not in tables:
+                    raise NftError(f"No such file or directory: table {key}")
+                del tables[key]
+            return
+        t = tables.get(key)
+        if t is None:
+            raise NftError(f"No such file or directory: table {key}")
+        if op.kind == "chain":
+            if op.verb == "add":
+                t.chains.setdefault(op.name, [])
+                if op.body:
+                    t.chain_specs[op.name] = op.body
+            elif op.verb == "flush":
+                self._need(op.name in t.chains, f"chain {op.name}")
+                t.chains[op.name] = []
+            else:
+                self._need(op.name in t.chains, f"chain {op.name}")
+                if t.chains[op.name] or op.name in self._refs(t)[0]:
+                    raise NftError(f"Device or resource busy: delete chain {op.name}")
+                del t.chains[op.name]
+                t.chain_specs.pop(op.name, None)
+        elif op.kind == "rule":
+            self._need(op.name in t.chains, f"chain {op.name}")
+            for target in _REF.findall(op.body):
+                self._need(target in t.chains, f"chain {target} (in rule {op.body!r})")
+            for s in _SETREF.findall(op.body):
+                self._need(s in t.sets, f"set {s} (in rule {op.body!r})")
+            t.chains[op.name].append(op.body)
+        elif op.kind in ("set", "map"):
+            if op.verb == "add":
+                if op.name not in t.sets:
+                    t.sets[op.name] = op.body
+                    t.elements[op.name] = {}
+            else:
+                self._need(op.name in t.sets, f"set {op.name}")
+                if op.name in self._refs(t)[1]:
+                    raise NftError(f"Device or resource busy: delete set {op.name}")
+                del t.sets[op.name]
+                del t.elements[op.name]
+        elif op.kind == "element":
+            self._need(op.name in t.sets, f"set {op.name}")
+            elems = t.elements[op.name]
+            if op.verb == "add":
+                if op.body in elems and elems[op.body] != op.value:
+                    raise NftError(f"File exists: element {op.body} in {op.name}")
+                for target in _REF.findall(op.value):
+                    self._need(target in t.chains, f"chain {target}")
+                elems[op.body] = op.value
+            else:
+                self._need(op.body in elems, f"element {op.body} in {op.name}")
+                del elems[op.body]
+
+    @staticmethod
+    def _need(ok: bool, what: str) -> None:
+        if not ok:
+            raise NftError(f"No such file or directory: {what}")
+
+    def dump(self, family: str = "ip", table: str = "pyproxy") -> FakeTable | None:
+        return self.tables.get((family, table))

@@ -1,0 +1,122 @@
+"""Turn (old fragment, new fragment) pairs into one ordered nft transaction (pure).
+
+Operations are emitted in phases across all fragments, so references always resolve inside
+the single atomic transaction:
+
+1. declare new sets and chains (rules and elements may then point at them);
+2. delete map elements that are gone or changed (so they stop pointing at old chains);
+3. rewrite changed chains (flush, then add their rules) and fill new chains;
+4. add new and changed elements;
+5. flush, then delete, chains that are gone; then delete sets that are gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyproxy.nft.transaction import Transaction
+from pyproxy.render.fragments import NftFragment
+
+EMPTY = NftFragment()
+
+
+class NeedsFullSync(Exception):
+    """A change the diff cannot express in place (a set or base chain changed its type)."""
+
+
+class Phases:
+    """Collects the operations of every fragment pair, then writes them phase by phase."""
+
+    def __init__(self) -> None:
+        self.declare_sets: list[tuple[str, str]] = []
+        self.declare_chains: list[tuple[str, str]] = []
+        self.del_elements: list[tuple[str, str]] = []
+        self.rewrite: list[tuple[str, tuple[str, ...], bool]] = []
+        self.add_elements: list[tuple[str, str, str]] = []
+        self.del_chains: list[str] = []
+        self.del_sets: list[tuple[str, str]] = []
+
+    def diff(self, old: NftFragment | None, new: NftFragment | None) -> bool:
+        """Queue what turns ``old`` into ``new``; True if anything differs."""
+        old = old or EMPTY
+        new = new or EMPTY
+        before = self.size()
+        for name, spec in new.sets.items():
+            prev = old.sets.get(name)
+            if prev is None:
+                self.declare_sets.append((name, spec))
+            elif prev != spec:
+                raise NeedsFullSync(f"set {name} changed its type")
+        for name, spec in old.sets.items():
+            if name not in new.sets:
+                self.del_sets.append((name, spec))
+        for name, rules in new.chains.items():
+            spec = new.chain_specs.get(name, "")
+            if name not in old.chains:
+                self.declare_chains.append((name, spec))
+                self.rewrite.append((name, rules, False))
+            else:
+                if old.chain_specs.get(name, "") != spec:
+                    raise NeedsFullSync(f"chain {name} changed its hook")
+                if old.chains[name] != rules:
+                    self.rewrite.append((name, rules, True))
+        for name in old.chains:
+            if name not in new.chains:
+                self.del_chains.append(name)
+        for key, value in new.elements.items():
+            prev = old.elements.get(key)
+            if prev is None:
+                self.add_elements.append((key[0], key[1], value))
+            elif prev != value:
+                self.del_elements.append(key)
+                self.add_elements.append((key[0], key[1], value))
+        for key in old.elements:
+            if key not in new.elements:
+                self.del_elements.append(key)
+        return self.size() != before
+
+    def size(self) -> int:
+        return (
+            len(self.declare_sets) + len(self.declare_chains) + len(self.del_elements)
+            + len(self.rewrite) + len(self.add_elements) + len(self.del_chains) + len(self.del_sets)
+        )
+
+    def write(self, tx: Transaction) -> None:
+        for name, spec in self.declare_sets:
+            tx.add_set(name, spec)
+        for name, spec in self.declare_chains:
+            tx.add_chain(name, spec)
+        for set_name, key in self.del_elements:
+            tx.delete_element(set_name, key)
+        for name, rules, existed in self.rewrite:
+            if existed:
+                tx.flush_chain(name)
+            for rule in rules:
+                tx.add_rule(name, rule)
+        for set_name, key, value in self.add_elements:
+            tx.add_element(set_name, key, value)
+        for name in self.del_chains:
+            tx.flush_chain(name)
+        for name in self.del_chains:
+            tx.delete_chain(name)
+        for name, spec in self.del_sets:
+            tx.delete_set(name, spec)
+
+
+def full_transaction(fragments: Iterable[NftFragment], *, family: str, table: str,
+                     comment: str) -> Transaction:
+    """Replace the whole table in one transaction.
+
+    ``add table`` then ``delete table`` then rebuild: the add makes the delete safe when the
+    table is missing (nft 1.0.6 has no ``destroy``), and because it is one transaction, packets
+    see the old ruleset until the new one is complete: a restart never drops traffic.
+    """
+    tx = Transaction(family=family, table=table)
+    tx.add_table()
+    tx.delete_table()
+    tx.add_table(comment)
+    phases = Phases()
+    for frag in fragments:
+        phases.diff(None, frag)
+    phases.write(tx)
+    return tx

@@ -1,0 +1,1 @@
+"""Renderers: pure functions from the desired state to rule fragments (no I/O)."""

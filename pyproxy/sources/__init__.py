@@ -1,0 +1,1 @@
+"""Where Services, EndpointSlices and Nodes come from: a YAML file (the API watch comes later)."""
