@@ -108,13 +108,15 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     endpoints = sps.usable_endpoints
     top: dict[tuple[str, str], list[str]] = {}
     if not endpoints:
+        # A TCP reset is not rate-limited; ICMP port-unreachable (UDP, SCTP) is, per client.
+        reject = "-j REJECT --reject-with tcp-reset" if proto == "tcp" else "-j REJECT"
         top[("filter", SERVICES)] = [
-            f"-m comment --comment {quote(f'{spn} has no endpoints')} {_proto(proto)} {dst} -j REJECT"
+            f"-m comment --comment {quote(f'{spn} has no endpoints')} {_proto(proto)} {dst} {reject}"
         ]
         if svc.node_port:
             top[("filter", EXTERNAL_SERVICES)] = [
                 f"-m comment --comment {quote(f'{spn} has no endpoints')} -m addrtype --dst-type LOCAL "
-                f"{_proto(proto)} --dport {svc.node_port} -j REJECT"
+                f"{_proto(proto)} --dport {svc.node_port} {reject}"
             ]
         return IptFragment(top_rules={k: tuple(v) for k, v in top.items()})
 

@@ -80,9 +80,12 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
             "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
         ),
         "cluster-ips-check": (
-            'ip daddr @cluster-ips reject comment "no service on this port of a ClusterIP"',
+            'ip daddr @cluster-ips goto reject-chain comment "no service on this port of a ClusterIP"',
         ),
-        "reject-chain": ("reject",),
+        # TCP gets a reset, which the kernel sends at any rate; ICMP errors (for UDP and SCTP)
+        # are rate-limited per client (a burst of 6, then 1/s), so under load some UDP clients
+        # of a service without endpoints will wait for their own timeout.
+        "reject-chain": ("meta l4proto tcp reject with tcp reset", "reject"),
         "mark-for-masquerade": (f"meta mark set meta mark or {mark}",),
         "masquerading": (
             f"meta mark & {mark} == 0 return",

@@ -1,0 +1,81 @@
+"""A bounded probe client: connects N times and reports who answered, as JSON.
+
+Run inside a namespace: ``python -m pyproxy.lab.client --target 10.96.0.10:80 --count 100``.
+Each TCP attempt is a new connection (new source port, so a new random backend choice); each
+UDP attempt uses a new socket. Output: ``{"answers": [[pod, seen_ip], ...], "errors": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+import time
+from collections import Counter
+
+
+def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeout: float) -> tuple[str, str] | str:
+    """One attempt: ``(pod, seen_ip)`` or an error word (refused, timeout, unreachable, ...)."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.settimeout(timeout)
+        if source:
+            s.bind((source, 0))
+        try:
+            s.connect(target)
+            if proto == "udp":
+                s.send(b"hello\n")
+                data = s.recv(512)
+            else:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(512)
+                    if not chunk:
+                        break
+                    data += chunk
+        except ConnectionRefusedError:
+            return "refused"
+        except socket.timeout:
+            return "timeout"
+        except OSError as err:
+            return errno.errorcode.get(err.errno or 0, str(err)).lower()
+    parts = data.decode(errors="replace").split()
+    if len(parts) != 2:
+        return "garbled"
+    return parts[0], parts[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--target", required=True, help="IP:PORT")
+    parser.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--source", action="append", default=[],
+                        help="source address to bind (repeatable: attempts rotate over them)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
+    parser.add_argument("--deadline", type=float, default=60.0, help="stop after this many seconds")
+    args = parser.parse_args()
+    host, _, port = args.target.rpartition(":")
+    answers = []
+    errors: Counter[str] = Counter()
+    durations = []
+    end = time.monotonic() + args.deadline
+    sources = args.source or [None]
+    for i in range(max(0, args.count)):
+        if time.monotonic() > end:
+            errors["deadline"] += args.count - i
+            break
+        t0 = time.monotonic()
+        result = probe_once((host, int(port)), proto=args.proto, source=sources[i % len(sources)],
+                            timeout=args.timeout)
+        durations.append(time.monotonic() - t0)
+        if isinstance(result, tuple):
+            answers.append([*result, sources[i % len(sources)]])
+        else:
+            errors[result] += 1
+    print(json.dumps({"answers": answers, "errors": dict(errors), "durations": durations}))
+
+
+if __name__ == "__main__":
+    main()

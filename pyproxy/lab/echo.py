@@ -1,0 +1,61 @@
+"""A tiny TCP+UDP echo backend: answers ``<pod name> <client ip>`` so tests see who answered
+and which source address the backend saw (masqueraded or not).
+
+Run inside a pod namespace: ``python -m pyproxy.lab.echo --name pod0 --port 8080``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(f"{self.name} {addr[0]}\n".encode(), addr)
+
+
+async def serve(name: str, host: str, ports: list[int]) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        writer.write(f"{name} {peer[0]}\n".encode())
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for port in ports:
+        servers.append(await asyncio.start_server(handle, host, port, reuse_address=True, backlog=512))
+        await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for s in servers:
+        s.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--name", required=True, help="the name to answer with")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, action="append", required=True,
+                        help="TCP and UDP port to serve (repeatable)")
+    args = parser.parse_args()
+    asyncio.run(serve(args.name, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Fixtures for tests that load real rules into fresh network namespaces and send packets.
+
+They need root and the nft, iptables and ip binaries. Outside CI they are skipped with the
+reason when those are missing; in CI (``CI=true``) a missing prerequisite is a failure, so a
+broken setup can never pass as "all skipped".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyproxy.lab.netns import Topology, ns_exec
+from tests import scenario as sc
+
+MODES = ["nftables", "iptables-nft", "iptables-legacy"]
+NODE = "node-1"
+
+WEB_IP, SELF_IP, EMPTY_IP, DNS_IP, STICKY_IP = (
+    "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13", "10.96.0.14")
+WEB_NODEPORT, EMPTY_NODEPORT = 30080, 30081
+AFFINITY_TIMEOUT = 2
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, nft, iptables)"
+    for tool in ("ip", "nft", "iptables-nft-restore", "iptables-legacy-restore"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt-get install nftables iptables iproute2)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def topo() -> Iterator[Topology]:
+    why = _missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"netns tests cannot run in CI: {why}")
+        pytest.skip(why)
+    # pod0..pod2 are backends; pod3 is a client pod that backs nothing.
+    with Topology.create(pods=4) as t:
+        yield t
+
+
+def base_objects(topo: Topology) -> list[dict]:
+    backends = [p.ip for p in topo.pods[:3]]
+    tcp = [sc.port(8080, name="http", protocol="TCP")]
+    udp = [sc.port(8080, name="dns", protocol="UDP")]
+    return [
+        sc.node(NODE, [topo.node_ip]),
+        sc.service("web", WEB_IP, [sc.port(80, name="http", node_port=WEB_NODEPORT)], svc_type="NodePort"),
+        sc.endpoint_slice("web", backends, tcp),
+        sc.service("self", SELF_IP, [sc.port(80, name="http")]),
+        sc.endpoint_slice("self", [topo.pods[0].ip], tcp),
+        sc.service("empty", EMPTY_IP, [sc.port(80, name="http", node_port=EMPTY_NODEPORT),
+                                       sc.port(80, name="dns", protocol="UDP")], svc_type="NodePort"),
+        sc.service("dns", DNS_IP, [sc.port(53, name="dns", protocol="UDP")]),
+        sc.endpoint_slice("dns", backends, udp),
+        sc.service("sticky", STICKY_IP, [sc.port(80, name="http")], affinity_timeout=AFFINITY_TIMEOUT),
+        sc.endpoint_slice("sticky", backends, tcp),
+    ]
+
+
+def mode_flags(mode: str) -> list[str]:
+    if mode == "nftables":
+        return ["--proxy-mode", "nftables"]
+    return ["--proxy-mode", "iptables", "--iptables-backend", mode.split("-", 1)[1]]
+
+
+class Programmed:
+    """Rules loaded by ``pyproxy run --once`` into the node namespace for one mode."""
+
+    def __init__(self, topo: Topology, mode: str, path: Path) -> None:
+        self.topo = topo
+        self.mode = mode
+        self.path = path
+
+    def apply(self, objects: list[dict], *extra: str) -> str:
+        self.path.write_text(sc.dump(objects))
+        proc = self.topo.pyproxy("run", "--once", "--source-file", str(self.path),
+                                 "--hostname-override", NODE, "--cluster-cidr", self.topo.cluster_cidr,
+                                 *mode_flags(self.mode), *extra)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+
+@pytest.fixture(params=MODES)
+def programmed(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -> Iterator[Programmed]:
+    cleanup = topo.pyproxy("cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    prog = Programmed(topo, request.param, tmp_path / "cluster.yaml")
+    prog.apply(base_objects(topo))
+    yield prog
+    cleanup = topo.pyproxy("cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    # Conntrack entries would carry one mode's NAT decisions into the next test.
+    ns_exec(topo.node_ns, ["conntrack", "-F"])
