@@ -24,12 +24,28 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport.sendto(f"{self.name} {addr[0]}\n".encode(), addr)
 
 
-async def serve(name: str, host: str, ports: list[int]) -> None:
+async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | None = None) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Server speaks first: one line, then close. No request to wait for, so the probe
+        # measures connection setup through the proxy, not our parsing.
         peer = writer.get_extra_info("peername")
         writer.write(f"{name} {peer[0]}\n".encode())
         try:
             await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Just enough HTTP/1.0 for curl: read the request head, answer the same line.
+        peer = writer.get_extra_info("peername")
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            body = f"{name} {peer[0]}\n".encode()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass
         finally:
             writer.close()
 
@@ -38,6 +54,8 @@ async def serve(name: str, host: str, ports: list[int]) -> None:
     for port in ports:
         servers.append(await asyncio.start_server(handle, host, port, reuse_address=True, backlog=512))
         await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port))
+    for port in http_ports or []:
+        servers.append(await asyncio.start_server(handle_http, host, port, reuse_address=True, backlog=512))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -53,8 +71,10 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, action="append", required=True,
                         help="TCP and UDP port to serve (repeatable)")
+    parser.add_argument("--http-port", type=int, action="append", default=[],
+                        help="port answering HTTP/1.0 requests with the same line (for curl)")
     args = parser.parse_args()
-    asyncio.run(serve(args.name, args.host, args.port))
+    asyncio.run(serve(args.name, args.host, args.port, args.http_port))
 
 
 if __name__ == "__main__":

@@ -104,12 +104,13 @@ class Topology:
         return f"{self.tag}-client"
 
     @classmethod
-    def create(cls, *, pods: int = 3, client_sources: int = 12, echo_ports: tuple[int, ...] = (8080,)) -> Topology:
+    def create(cls, *, pods: int = 3, client_sources: int = 12, echo_ports: tuple[int, ...] = (8080,),
+               http_ports: tuple[int, ...] = (8081,)) -> Topology:
         remove_stale_namespaces()
         topo = cls(tag=f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(2)}")
         try:
             topo._build(pods, client_sources)
-            topo.start_echo(echo_ports)
+            topo.start_echo(echo_ports, http_ports)
         except BaseException:
             topo.destroy()
             raise
@@ -185,11 +186,12 @@ class Topology:
         self.pods.append(pod)
         return pod
 
-    def start_echo(self, ports: tuple[int, ...]) -> None:
+    def start_echo(self, ports: tuple[int, ...], http_ports: tuple[int, ...] = ()) -> None:
         """Start the echo backend in every pod and wait until each one is listening."""
         for pod in self.pods:
             argv = ["ip", "netns", "exec", pod.ns, sys.executable, "-m", "pyproxy.lab.echo",
-                    "--name", pod.name, *[a for p in ports for a in ("--port", str(p))]]
+                    "--name", pod.name, *[a for p in ports for a in ("--port", str(p))],
+                    *[a for p in http_ports for a in ("--http-port", str(p))]]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
             assert proc.stdout is not None

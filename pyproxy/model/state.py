@@ -69,6 +69,9 @@ class StateBuilder:
         self._skips: dict[tuple[str, Key], Skip] = {}
         self._merged: dict[Key, tuple[ServicePortState, ...]] = {}
         self._dirty: set[Key] = set()
+        self._claims: dict[tuple[str, str, int], Key] = {}
+        self._claims_of: dict[Key, list[tuple[str, str, int]]] = {}
+        self._conflicts: dict[Key, Problem] = {}
         self.node: NodeInfo | None = None
 
     # -- updates ---------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class StateBuilder:
 
     @property
     def problems(self) -> tuple[Problem, ...]:
-        return tuple(sorted(self._problems.values(), key=str))
+        return tuple(sorted([*self._problems.values(), *self._conflicts.values()], key=str))
 
     @property
     def skips(self) -> tuple[Skip, ...]:
@@ -232,7 +235,9 @@ class StateBuilder:
 
     def build(self, *, nodeport_ips: tuple[str, ...] = ()) -> DesiredState:
         """The desired state now. Re-merges only services touched since the last build."""
-        for key in self._dirty:
+        dirty = self._dirty
+        self._dirty = set()
+        for key in dirty:
             merged = self._merge(key)
             old = self._merged.get(key)
             if old is not None and old == merged:
@@ -241,12 +246,47 @@ class StateBuilder:
                 self._merged[key] = merged
             else:
                 self._merged.pop(key, None)
-        self._dirty.clear()
+        self._claim(dirty)
         services: dict[ServicePortName, ServicePortState] = {}
-        for states in self._merged.values():
+        for key, states in self._merged.items():
+            if key in self._conflicts:
+                continue
             for st in states:
                 services[st.service.name] = st
         return DesiredState(services=services, nodeport_ips=nodeport_ips, problems=self.problems)
+
+    def _claim(self, dirty: set[Key]) -> None:
+        """Give each ClusterIP:port and NodePort to one Service only.
+
+        The API server forbids two Services sharing them, but a hand-written file or a race can
+        still hold such a pair, and the kernel would refuse the whole ruleset ("File exists").
+        The Service that claimed first keeps it (on a fresh start, the first in name order); the
+        other is skipped as invalid until the conflict goes away.
+        """
+        recheck = sorted(dirty | set(self._conflicts))
+        for key in recheck:
+            for claim in self._claims_of.pop(key, ()):
+                if self._claims.get(claim) == key:
+                    del self._claims[claim]
+            self._conflicts.pop(key, None)
+        for key in recheck:
+            wanted = []
+            for st in self._merged.get(key, ()):
+                sp = st.service
+                wanted.append((sp.cluster_ip, sp.name.protocol, sp.port))
+                if sp.node_port:
+                    wanted.append(("nodePort", sp.name.protocol, sp.node_port))
+            clash = next(((c, self._claims[c]) for c in wanted if self._claims.get(c, key) != key), None)
+            if clash is not None:
+                (what, proto, number), owner = clash
+                where = (f"NodePort {number}/{proto.upper()}" if what == "nodePort"
+                         else f"{what} port {number}/{proto.upper()}")
+                self._conflicts[key] = Problem(
+                    "Service", key[0], key[1], f"{where} is already used by Service {owner[0]}/{owner[1]}")
+                continue
+            for claim in wanted:
+                self._claims[claim] = key
+            self._claims_of[key] = wanted
 
 
 def nodeport_ips(

@@ -86,14 +86,15 @@ class Phases:
             tx.add_set(name, spec)
         for name, spec in self.declare_chains:
             tx.add_chain(name, spec)
-        for set_name, key in self.del_elements:
+        # Grouped by set (stable order inside each): runs on one set coalesce into one command.
+        for set_name, key in sorted(self.del_elements, key=lambda e: e[0]):
             tx.delete_element(set_name, key)
         for name, rules, existed in self.rewrite:
             if existed:
                 tx.flush_chain(name)
             for rule in rules:
                 tx.add_rule(name, rule)
-        for set_name, key, value in self.add_elements:
+        for set_name, key, value in sorted(self.add_elements, key=lambda e: e[0]):
             tx.add_element(set_name, key, value)
         for name in self.del_chains:
             tx.flush_chain(name)
