@@ -1,0 +1,278 @@
+"""pyproxy.render.nftables: service ports → nft chains, sets and map elements."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import pytest
+
+from pyproxy.config import ProxyConfig
+from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
+from pyproxy.render import nftables as r
+from pyproxy.render.naming import NFT_NAME_MAX, nft_endpoint_base, nft_service_base
+from tests.unit.helpers import sps, spn
+
+CFG = ProxyConfig()
+THREE = ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+
+
+def _service_chain(frag):
+    (name,) = [c for c in frag.chains if c.startswith("service-")]
+    return name, frag.chains[name]
+
+
+def _endpoint_chains(frag):
+    return {c: rules for c, rules in frag.chains.items() if c.startswith("endpoint-")}
+
+
+def test_three_endpoints_cascade():
+    st = sps(THREE)
+    frag = r.render_service(CFG, st)
+    name, rules = _service_chain(frag)
+    ep_chains = [f"endpoint-{nft_endpoint_base(st.service.name, ep)}" for ep in st.endpoints]
+    assert rules == (
+        f"numgen random mod 3 0 goto {ep_chains[0]}",
+        f"numgen random mod 2 0 goto {ep_chains[1]}",
+        f"goto {ep_chains[2]}",
+    )
+    assert set(_endpoint_chains(frag)) == set(ep_chains)
+    assert name == f"service-{nft_service_base(st.service.name)}"
+    # Readable names: the namespace, service, protocol and port name are in the chain name.
+    assert name.endswith("-test/web/tcp/http")
+
+
+def test_service_ips_element_and_cluster_ips():
+    st = sps(THREE, cluster_ip="10.96.0.10", port=80)
+    frag = r.render_service(CFG, st)
+    name, _ = _service_chain(frag)
+    assert frag.elements[("service-ips", "10.96.0.10 . tcp . 80")] == f"goto {name}"
+    assert frag.elements[("cluster-ips", "10.96.0.10")] == ""
+    assert not any(k[0].startswith("no-endpoint") for k in frag.elements)
+
+
+def test_endpoint_chain_has_hairpin_then_dnat():
+    st = sps(THREE, target_port=8080)
+    frag = r.render_service(CFG, st)
+    for ep in st.endpoints:
+        rules = frag.chains[f"endpoint-{nft_endpoint_base(st.service.name, ep)}"]
+        assert rules == (
+            f"ip saddr {ep.ip} jump mark-for-masquerade",
+            f"meta l4proto tcp dnat to {ep.ip}:8080",
+        )
+
+
+def test_single_endpoint_is_a_plain_goto():
+    st = sps(["10.244.1.1"])
+    _, rules = _service_chain(r.render_service(CFG, st))
+    assert len(rules) == 1 and rules[0].startswith("goto endpoint-")
+
+
+def test_only_usable_endpoints_get_chains():
+    svc = sps([]).service
+    eps = (Endpoint("10.244.1.1", 8080, ready=True), Endpoint("10.244.1.2", 8080, ready=False, serving=False))
+    frag = r.render_service(CFG, ServicePortState(svc, eps))
+    chains = _endpoint_chains(frag)
+    assert len(chains) == 1 and "10.244.1.1" in next(iter(chains))
+
+
+def test_affinity_sets_and_rules():
+    st = sps(THREE, affinity=60)
+    frag = r.render_service(CFG, st)
+    _, rules = _service_chain(frag)
+    assert len(frag.sets) == 3
+    for ep in st.endpoints:
+        base = nft_endpoint_base(st.service.name, ep)
+        aff, chain = f"affinity-{base}", f"endpoint-{base}"
+        assert frag.sets[aff] == "type ipv4_addr ; flags dynamic,timeout ; timeout 60s ;"
+        assert f"ip saddr @{aff} goto {chain}" in rules
+        ep_rules = frag.chains[chain]
+        assert ep_rules[0] == f"ip saddr {ep.ip} jump mark-for-masquerade"
+        assert f"update @{aff} {{ ip saddr }}" in ep_rules
+        # The client is remembered before the DNAT, which must come last.
+        assert ep_rules[-1] == f"meta l4proto tcp dnat to {ep.ip}:8080"
+    # Affinity lookups come before the random choice.
+    first_numgen = next(i for i, rule in enumerate(rules) if rule.startswith("numgen"))
+    assert all(rule.startswith("ip saddr @affinity-") for rule in rules[:first_numgen])
+    assert first_numgen == 3
+
+
+def test_no_affinity_no_sets():
+    assert r.render_service(CFG, sps(THREE)).sets == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "want"),
+    [
+        (ProxyConfig(cluster_cidrs=("10.244.0.0/16",)),
+         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"),
+        (ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16")),
+         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != { 10.244.0.0/16, 10.245.0.0/16 } jump mark-for-masquerade"),
+        (ProxyConfig(masquerade_all=True),
+         "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"),
+        (ProxyConfig(masquerade_all=True, cluster_cidrs=("10.244.0.0/16",)),
+         "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"),
+        (ProxyConfig(), None),
+    ],
+    ids=["one-cidr", "two-cidrs", "masquerade-all", "all-wins", "neither"],
+)
+def test_masquerade_rule(config, want):
+    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30)))
+    masq = [rule for rule in rules if rule.startswith("ip daddr")]
+    if want is None:
+        assert masq == []
+    else:
+        assert masq == [want]
+        assert rules[0] == want  # before affinity and the random choice
+
+
+def test_nodeport_external_chain():
+    st = sps(THREE, node_port=30080)
+    frag = r.render_service(CFG, st)
+    svc_chain, _ = _service_chain(frag)
+    ext = f"external-{nft_service_base(st.service.name)}"
+    assert frag.chains[ext] == ('jump mark-for-masquerade comment "test/web:http"', f"goto {svc_chain}")
+    assert frag.elements[("service-nodeports", "tcp . 30080")] == f"goto {ext}"
+
+
+def test_no_nodeport_no_external_chain():
+    frag = r.render_service(CFG, sps(THREE))
+    assert not any(c.startswith("external-") for c in frag.chains)
+    assert not any(k[0] == "service-nodeports" for k in frag.elements)
+
+
+@pytest.mark.parametrize("node_port", [0, 30081])
+def test_no_endpoints(node_port):
+    frag = r.render_service(CFG, sps([], node_port=node_port, cluster_ip="10.96.0.12", port=80))
+    assert frag.chains == {} and frag.sets == {}
+    want = {
+        ("cluster-ips", "10.96.0.12"): "",
+        ("no-endpoint-services", "10.96.0.12 . tcp . 80"): "goto reject-chain",
+    }
+    if node_port:
+        want[("no-endpoint-nodeports", "tcp . 30081")] = "goto reject-chain"
+    assert frag.elements == want
+
+
+def test_only_non_serving_endpoints_count_as_none():
+    svc = sps([]).service
+    st = ServicePortState(svc, (Endpoint("10.244.1.1", 8080, ready=False, serving=False),))
+    frag = r.render_service(CFG, st)
+    assert frag.chains == {}
+    assert ("no-endpoint-services", "10.96.0.10 . tcp . 80") in frag.elements
+
+
+@pytest.mark.parametrize("proto", ["udp", "sctp"])
+def test_other_protocols(proto):
+    st = sps(["10.244.1.1"], protocol=proto, port=53, target_port=5353, node_port=30053)
+    frag = r.render_service(CFG, st)
+    assert ("service-ips", f"10.96.0.10 . {proto} . 53") in frag.elements
+    assert ("service-nodeports", f"{proto} . 30053") in frag.elements
+    (ep_rules,) = _endpoint_chains(frag).values()
+    assert ep_rules[-1] == f"meta l4proto {proto} dnat to 10.244.1.1:5353"
+    assert f"/{proto}/" in _service_chain(frag)[0]
+    empty = r.render_service(CFG, sps([], protocol=proto, port=53, node_port=30053))
+    assert ("no-endpoint-services", f"10.96.0.10 . {proto} . 53") in empty.elements
+    assert ("no-endpoint-nodeports", f"{proto} . 30053") in empty.elements
+
+
+def test_masquerade_rule_names_the_protocol():
+    cfg = ProxyConfig(masquerade_all=True)
+    _, rules = _service_chain(r.render_service(cfg, sps(["10.244.1.1"], protocol="udp", port=53)))
+    assert rules[0] == "ip daddr 10.96.0.10 udp dport 53 jump mark-for-masquerade"
+
+
+def test_render_is_deterministic():
+    assert r.render_service(CFG, sps(THREE, affinity=5)) == r.render_service(CFG, sps(list(reversed(THREE)), affinity=5))
+
+
+def test_names_are_distinct_per_service_and_endpoint():
+    a = r.render_service(CFG, sps(THREE, name="a"))
+    b = r.render_service(CFG, sps(THREE, name="b"))
+    assert not set(a.chains) & set(b.chains)
+
+
+def test_long_names_are_truncated():
+    long = "x" * 253
+    st = sps(["10.244.1.1"], name=long, namespace="n" * 63, port_name="p" * 15)
+    frag = r.render_service(CFG, st)
+    assert all(len(c) <= NFT_NAME_MAX + len("endpoint-") for c in frag.chains)
+    assert all(c.endswith("...") for c in frag.chains)
+
+
+def test_endpoint_names_replace_ipv6_colons():
+    base = nft_endpoint_base(spn(), Endpoint("fd00::1", 80))
+    assert ":" not in base and "fd00..1" in base
+
+
+# -- the base fragment -----------------------------------------------------------------------
+
+
+def test_base_fragment():
+    cfg = ProxyConfig(masquerade_bit=14)
+    frag = r.render_base(cfg, DesiredState(nodeport_ips=("192.168.1.1", "192.168.1.2")))
+    assert frag.chain_specs == r.BASE_CHAINS
+    assert set(frag.chain_specs) <= set(frag.chains)
+    assert frag.sets == r.SETS
+    assert frag.elements == {("nodeport-ips", "192.168.1.1"): "", ("nodeport-ips", "192.168.1.2"): ""}
+    assert frag.chains["mark-for-masquerade"] == ("meta mark set meta mark or 0x4000",)
+    assert frag.chains["masquerading"][0] == "meta mark & 0x4000 == 0 return"
+    assert frag.chains["reject-chain"] == ("meta l4proto tcp reject with tcp reset", "reject")
+    # Every jump or goto in the base fragment lands on a chain it defines.
+    targets = {m for rules in frag.chains.values() for rule in rules
+               for m in re.findall(r"(?:jump|goto) (\S+)", rule)}
+    assert targets <= set(frag.chains)
+    # Every @set it uses is declared.
+    used = {m for rules in frag.chains.values() for rule in rules for m in re.findall(r"@(\S+)", rule)}
+    assert used <= set(frag.sets)
+
+
+@pytest.mark.parametrize(("bit", "mark"), [(0, "0x1"), (14, "0x4000"), (31, "0x80000000")])
+def test_masquerade_mark(bit, mark):
+    frag = r.render_base(ProxyConfig(masquerade_bit=bit), DesiredState())
+    assert frag.chains["mark-for-masquerade"] == (f"meta mark set meta mark or {mark}",)
+
+
+def test_render_full_orders_services_by_name():
+    svcs = {s.service.name: s for s in (sps(["10.244.1.1"], name=n) for n in ("c", "a", "b"))}
+    frags = r.render_full(CFG, DesiredState(services=svcs))
+    assert frags[0].chain_specs == r.BASE_CHAINS
+    names = [next(iter(k for k in f.elements if k[0] == "service-ips")) for f in frags[1:]]
+    chains = [next(c for c in f.chains if c.startswith("service-")) for f in frags[1:]]
+    assert [c.split("/")[1] for c in chains] == ["a", "b", "c"]
+    assert len(names) == 3
+
+
+# -- the random choice is uniform ------------------------------------------------------------
+
+_NUMGEN = re.compile(r"^numgen random mod (\d+) 0 goto (\S+)$")
+_GOTO = re.compile(r"^goto (\S+)$")
+
+
+def _choice_probabilities(rules: tuple[str, ...]) -> dict[str, Fraction]:
+    """Exact probability that a packet ends in each chain, walking the rules in order."""
+    reach = Fraction(1)
+    out: dict[str, Fraction] = {}
+    for rule in rules:
+        if m := _NUMGEN.match(rule):
+            p = reach * Fraction(1, int(m.group(1)))
+            out[m.group(2)] = out.get(m.group(2), Fraction(0)) + p
+            reach -= p
+        elif m := _GOTO.match(rule):
+            out[m.group(1)] = out.get(m.group(1), Fraction(0)) + reach
+            reach = Fraction(0)
+        else:
+            raise AssertionError(f"unexpected rule in the cascade: {rule!r}")
+    assert reach == 0, "some packets fall through the service chain"
+    return out
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_cascade_is_exactly_uniform(n):
+    st = sps([f"10.244.1.{i + 1}" for i in range(n)])
+    frag = r.render_service(CFG, st)
+    _, rules = _service_chain(frag)
+    probs = _choice_probabilities(rules)
+    assert set(probs) == set(_endpoint_chains(frag))
+    assert len(probs) == n
+    assert all(p == Fraction(1, n) for p in probs.values()), probs
