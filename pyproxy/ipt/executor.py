@@ -9,7 +9,7 @@ import subprocess
 from typing import Protocol
 
 from pyproxy.ipt.restore import TABLES, RestorePayload
-from pyproxy.nft.executor import netns_prefix
+from pyproxy.runcmd import netns_prefix
 
 BACKENDS = ("nft", "legacy")
 WAIT_SECONDS = "5"  # the xtables lock wait, as kube-proxy passes it

@@ -38,6 +38,8 @@ def canonical_ip(text: object) -> tuple[str, int]:
     v4 = _sloppy_v4(raw)
     if v4 is not None:
         return v4, 4
+    if "%" in raw:  # a zone ("fe80::1%eth0") is valid for sockets, not in the API
+        raise BadAddress(f"not an IP address: {text!r}")
     try:
         addr = ipaddress.IPv6Address(raw)
     except ValueError:
@@ -51,7 +53,7 @@ def canonical_cidr(text: object) -> tuple[str, int]:
         raise BadAddress(f"not a CIDR: {text!r}")
     addr_text, _, len_text = text.strip().partition("/")
     addr, family = canonical_ip(addr_text)
-    if not len_text.isdigit():
+    if not len_text.isascii() or not len_text.isdigit():
         raise BadAddress(f"not a CIDR: {text!r}")
     prefix = int(len_text, 10)
     try:

@@ -146,6 +146,7 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
     result = []
     seen: set[tuple[int, str]] = set()
     names: set[tuple[str, str]] = set()
+    node_ports: set[tuple[int, str]] = set()
     for i, item in enumerate(ports):
         item = _mapping(item, f"spec.ports[{i}]")
         port = _port(item.get("port"), f"spec.ports[{i}].port")
@@ -158,6 +159,10 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
             raise Invalid(f"spec.ports[{i}]: duplicate port {port}/{proto.upper()}")
         if (port_name, proto) in names:
             raise Invalid(f"spec.ports[{i}]: duplicate port name {port_name!r}")
+        if node_port and (node_port, proto) in node_ports:
+            raise Invalid(f"spec.ports[{i}]: duplicate nodePort {node_port}/{proto.upper()}")
+        if node_port:
+            node_ports.add((node_port, proto))
         seen.add((port, proto))
         names.add((port_name, proto))
         result.append(

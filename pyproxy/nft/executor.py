@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyproxy.nft.transaction import Op, Transaction
+from pyproxy.runcmd import netns_prefix
 
 
 class NftError(RuntimeError):
@@ -26,11 +27,6 @@ class NftExecutor(Protocol):
         """Delete a table if present; True if it was there."""
 
 
-def netns_prefix(netns: str | None) -> list[str]:
-    """argv prefix that runs a command in a named network namespace (tests and the lab)."""
-    return ["ip", "netns", "exec", netns] if netns else []
-
-
 class NftCli:
     """Runs ``nft -f -`` with the transaction on stdin, as knftables does."""
 
@@ -38,7 +34,7 @@ class NftCli:
         self.netns = netns
         self.binary = binary
 
-    def _nft(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _nft(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         if shutil.which(self.binary) is None:
             raise NftError(
                 f"{self.binary}: command not found; install the nftables package "
@@ -48,7 +44,6 @@ class NftCli:
             [*netns_prefix(self.netns), self.binary, *args],
             input=stdin,
             capture_output=True,
-            text=True,
             check=False,
         )
 
@@ -57,29 +52,29 @@ class NftCli:
             raise NftError(f"transaction not run: {tx.error}")
         if not tx.ops:
             return
-        proc = self._nft("-f", "-", stdin=tx.render())
+        proc = self._nft("-f", "-", stdin=tx.render_bytes())
         if proc.returncode != 0:
-            raise NftError(_first_lines(proc.stderr))
+            raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
 
     def check(self, tx: Transaction) -> None:
         """Ask nft whether the transaction would apply (``nft --check``), changing nothing."""
-        proc = self._nft("--check", "-f", "-", stdin=tx.render())
+        proc = self._nft("--check", "-f", "-", stdin=tx.render_bytes())
         if proc.returncode != 0:
-            raise NftError(_first_lines(proc.stderr))
+            raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
 
     def table_exists(self, family: str, table: str) -> bool:
         return self._nft("list", "table", family, table).returncode == 0
 
     def list_table(self, family: str, table: str) -> str:
         proc = self._nft("list", "table", family, table)
-        return proc.stdout if proc.returncode == 0 else ""
+        return proc.stdout.decode() if proc.returncode == 0 else ""
 
     def delete_table(self, family: str, table: str) -> bool:
         if not self.table_exists(family, table):
             return False
         proc = self._nft("delete", "table", family, table)
         if proc.returncode != 0:
-            raise NftError(_first_lines(proc.stderr))
+            raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
         return True
 
 
@@ -163,6 +158,9 @@ class FakeNft:
                 t.chains.setdefault(op.name, [])
                 if op.body:
                     t.chain_specs[op.name] = op.body
+                for rule in op.rules:
+                    self._check_refs(t, rule)
+                    t.chains[op.name].append(rule)
             elif op.verb == "flush":
                 self._need(op.name in t.chains, f"chain {op.name}")
                 t.chains[op.name] = []
@@ -174,10 +172,7 @@ class FakeNft:
                 t.chain_specs.pop(op.name, None)
         elif op.kind == "rule":
             self._need(op.name in t.chains, f"chain {op.name}")
-            for target in _REF.findall(op.body):
-                self._need(target in t.chains, f"chain {target} (in rule {op.body!r})")
-            for s in _SETREF.findall(op.body):
-                self._need(s in t.sets, f"set {s} (in rule {op.body!r})")
+            self._check_refs(t, op.body)
             t.chains[op.name].append(op.body)
         elif op.kind in ("set", "map"):
             if op.verb == "add":
@@ -202,6 +197,12 @@ class FakeNft:
             else:
                 self._need(op.body in elems, f"element {op.body} in {op.name}")
                 del elems[op.body]
+
+    def _check_refs(self, t: FakeTable, rule: str) -> None:
+        for target in _REF.findall(rule):
+            self._need(target in t.chains, f"chain {target} (in rule {rule!r})")
+        for name in _SETREF.findall(rule):
+            self._need(name in t.sets, f"set {name} (in rule {rule!r})")
 
     @staticmethod
     def _need(ok: bool, what: str) -> None:

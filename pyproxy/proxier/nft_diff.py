@@ -3,21 +3,27 @@
 Operations are emitted in phases across all fragments, so references always resolve inside
 the single atomic transaction:
 
-1. declare new sets and chains (rules and elements may then point at them);
+1. declare new sets and chains (rules and elements may then point at them), and re-declare
+   sets that rewritten rules name (nft only resolves ``@set`` from its cache or the script);
 2. delete map elements that are gone or changed (so they stop pointing at old chains);
-3. rewrite changed chains (flush, then add their rules) and fill new chains;
+3. rewrite changed chains (flush, then a declaration carrying the rules) and fill new ones;
 4. add new and changed elements;
-5. flush, then delete, chains that are gone; then delete sets that are gone.
+5. flush chains that are gone. They are *not* deleted here: a delete makes nft fetch the whole
+   table first (see ``pyproxy.nft.transaction``), so the proxier deletes flushed chains and
+   unused sets later, in a sync that pays that price anyway or once they are old enough.
+   A flushed, unreferenced chain does nothing to packets.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from pyproxy.nft.transaction import Transaction
 from pyproxy.render.fragments import NftFragment
 
 EMPTY = NftFragment()
+_SET_REF = re.compile(r"@([A-Za-z0-9_./-]+)")
 
 
 class NeedsFullSync(Exception):
@@ -28,13 +34,13 @@ class Phases:
     """Collects the operations of every fragment pair, then writes them phase by phase."""
 
     def __init__(self) -> None:
-        self.declare_sets: list[tuple[str, str]] = []
+        self.declare_sets: dict[str, str] = {}
         self.declare_chains: list[tuple[str, str]] = []
         self.del_elements: list[tuple[str, str]] = []
         self.rewrite: list[tuple[str, tuple[str, ...], bool]] = []
         self.add_elements: list[tuple[str, str, str]] = []
-        self.del_chains: list[str] = []
-        self.del_sets: list[tuple[str, str]] = []
+        self.gone_chains: list[str] = []
+        self.gone_sets: dict[str, str] = {}
 
     def diff(self, old: NftFragment | None, new: NftFragment | None) -> bool:
         """Queue what turns ``old`` into ``new``; True if anything differs."""
@@ -44,12 +50,12 @@ class Phases:
         for name, spec in new.sets.items():
             prev = old.sets.get(name)
             if prev is None:
-                self.declare_sets.append((name, spec))
+                self.declare_sets[name] = spec
             elif prev != spec:
                 raise NeedsFullSync(f"set {name} changed its type")
         for name, spec in old.sets.items():
             if name not in new.sets:
-                self.del_sets.append((name, spec))
+                self.gone_sets[name] = spec
         for name, rules in new.chains.items():
             spec = new.chain_specs.get(name, "")
             if name not in old.chains:
@@ -60,9 +66,14 @@ class Phases:
                     raise NeedsFullSync(f"chain {name} changed its hook")
                 if old.chains[name] != rules:
                     self.rewrite.append((name, rules, True))
+                else:
+                    continue
+            for ref in _SET_REF.findall(" ".join(rules)):
+                if ref in new.sets:
+                    self.declare_sets.setdefault(ref, new.sets[ref])
         for name in old.chains:
             if name not in new.chains:
-                self.del_chains.append(name)
+                self.gone_chains.append(name)
         for key, value in new.elements.items():
             prev = old.elements.get(key)
             if prev is None:
@@ -78,11 +89,11 @@ class Phases:
     def size(self) -> int:
         return (
             len(self.declare_sets) + len(self.declare_chains) + len(self.del_elements)
-            + len(self.rewrite) + len(self.add_elements) + len(self.del_chains) + len(self.del_sets)
+            + len(self.rewrite) + len(self.add_elements) + len(self.gone_chains) + len(self.gone_sets)
         )
 
     def write(self, tx: Transaction) -> None:
-        for name, spec in self.declare_sets:
+        for name, spec in self.declare_sets.items():
             tx.add_set(name, spec)
         for name, spec in self.declare_chains:
             tx.add_chain(name, spec)
@@ -92,27 +103,25 @@ class Phases:
         for name, rules, existed in self.rewrite:
             if existed:
                 tx.flush_chain(name)
-            for rule in rules:
-                tx.add_rule(name, rule)
+            if rules:
+                tx.add_chain(name, rules=rules)
         for set_name, key, value in sorted(self.add_elements, key=lambda e: e[0]):
             tx.add_element(set_name, key, value)
-        for name in self.del_chains:
-            tx.flush_chain(name)
-        for name in self.del_chains:
-            tx.delete_chain(name)
-        for name, spec in self.del_sets:
-            tx.delete_set(name, spec)
+        declared = {name for name, _ in self.declare_chains}
+        for name in self.gone_chains:
+            if name not in declared:  # gone from one fragment, wanted by another: keep it
+                tx.flush_chain(name)
 
 
 def full_transaction(fragments: Iterable[NftFragment], *, family: str, table: str,
-                     comment: str) -> Transaction:
+                     comment: str, set_specs: dict[str, str]) -> Transaction:
     """Replace the whole table in one transaction.
 
     ``add table`` then ``delete table`` then rebuild: the add makes the delete safe when the
     table is missing (nft 1.0.6 has no ``destroy``), and because it is one transaction, packets
     see the old ruleset until the new one is complete: a restart never drops traffic.
     """
-    tx = Transaction(family=family, table=table)
+    tx = Transaction(family=family, table=table, set_specs=set_specs)
     tx.add_table()
     tx.delete_table()
     tx.add_table(comment)

@@ -94,6 +94,11 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
         ),
     }
     elements = {("nodeport-ips", ip): "" for ip in state.nodeport_ips}
+    # Several ports (and, in a bad file, several Services) share one ClusterIP: the set is
+    # rendered here from all of them, not per service port, so an element exists exactly
+    # while some port uses it.
+    for sps in state.services.values():
+        elements[("cluster-ips", sps.service.cluster_ip)] = ""
     return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=dict(SETS), elements=elements)
 
 
@@ -105,7 +110,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     base = nft_service_base(spn)
     comment = f'comment "{spn}"'
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
-    elements: dict[tuple[str, str], str] = {("cluster-ips", svc.cluster_ip): ""}
+    elements: dict[tuple[str, str], str] = {}
     endpoints = sps.usable_endpoints
     if not endpoints:
         # No service chain at all: the filter hooks reject, so clients fail at once instead

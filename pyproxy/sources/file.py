@@ -22,11 +22,12 @@ def _flatten(doc: Any, where: str) -> Iterator[dict[str, Any]]:
         return
     if not isinstance(doc, dict):
         raise SourceError(f"{where}: expected a Kubernetes object (a mapping), got {type(doc).__name__}")
-    if doc.get("kind") == "List" or (doc.get("kind", "").endswith("List") and "items" in doc):
+    kind = doc.get("kind")
+    kind = kind if isinstance(kind, str) else ""  # a bad kind is ignored like an unknown one
+    if kind == "List" or (kind.endswith("List") and "items" in doc):
         items = doc.get("items") or []
         if not isinstance(items, list):
             raise SourceError(f"{where}: 'items' of a List must be a list")
-        kind = doc.get("kind", "")
         for i, item in enumerate(items):
             if isinstance(item, dict) and "kind" not in item and kind.endswith("List") and kind != "List":
                 # "ServiceList" items carry no kind of their own.

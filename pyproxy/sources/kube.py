@@ -1,0 +1,252 @@
+"""Read Services, EndpointSlices and our Node from the Kubernetes API: list, then watch.
+
+A :class:`Reflector` per resource does what client-go's reflector does, which no Python client
+does completely (kopf does not synthesize deletions after a relist):
+
+* a chunked LIST (``limit`` + ``continue``) that *replaces* the store, so objects deleted while
+  we were not watching disappear (the store computes the synthetic deletes);
+* a WATCH from the list's resourceVersion with bookmarks, so a quiet resource still advances
+  its resourceVersion and a reconnect does not need a relist;
+* a relist on 410 Gone (the resourceVersion is too old), and reconnects with exponential
+  backoff and jitter on any other error.
+
+We only ever GET: pyproxy never writes to a watched object. Authentication comes from a
+kubeconfig or the in-cluster service account, loaded by kubernetes_asyncio's config loader;
+requests go through aiohttp and are parsed as plain dicts (model objects would cost more
+than the whole sync at 10k services).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("pyproxy.kube")
+
+# kube-proxy's informers skip objects carrying either label (see model.parse).
+PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+
+
+class KubeError(RuntimeError):
+    """The API server could not be reached or refused us; the message says what to check."""
+
+
+class Gone(KubeError):
+    """410: our resourceVersion is too old; relist."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: str
+    path: str
+    """Collection path for all namespaces, e.g. ``/api/v1/services``."""
+    label_selector: str = ""
+    field_selector: str = ""
+
+
+SERVICES = Resource("Service", "/api/v1/services", label_selector=PROXY_LABEL_SELECTOR)
+ENDPOINT_SLICES = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices",
+                           label_selector=PROXY_LABEL_SELECTOR)
+
+
+def node_resource(name: str) -> Resource:
+    return Resource("Node", "/api/v1/nodes", field_selector=f"metadata.name={name}")
+
+
+class KubeClient:
+    """Minimal GET-only API client: JSON lists and streaming watches."""
+
+    def __init__(self, *, host: str, ssl_context: ssl.SSLContext | bool, headers: dict[str, str],
+                 user_agent: str = "pyproxy") -> None:
+        self.host = host.rstrip("/")
+        self._ssl = ssl_context
+        self._headers = {**headers, "User-Agent": user_agent, "Accept": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    async def from_config(cls, *, kubeconfig: str | None) -> KubeClient:
+        """From a kubeconfig file, or in-cluster (token + ``KUBERNETES_SERVICE_HOST``)."""
+        from kubernetes_asyncio import config as kconfig
+        from kubernetes_asyncio.client import Configuration
+
+        cfg = Configuration()
+        try:
+            if kubeconfig:
+                await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            else:
+                kconfig.load_incluster_config(client_configuration=cfg)
+        except (kconfig.ConfigException, OSError) as err:
+            where = kubeconfig or "the in-cluster service account"
+            raise KubeError(f"cannot load credentials from {where}: {err}; pass --kubeconfig "
+                            "or run in a pod with a service account") from None
+        headers = {}
+        for setting in cfg.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        if cfg.username and cfg.password and "authorization" not in {k.lower() for k in headers}:
+            import base64
+
+            token = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        ctx: ssl.SSLContext | bool
+        if cfg.host.startswith("https"):
+            ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
+            if not cfg.verify_ssl:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if cfg.cert_file:
+                ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        else:
+            ctx = False
+        return cls(host=cfg.host, ssl_context=ctx, headers=headers)
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=8),
+                timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=None),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def get(self, path: str, params: dict[str, str], *, timeout: float = 60) -> dict[str, Any]:
+        try:
+            async with self._sess().get(self.host + path, params=params,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                body = await resp.read()
+                if resp.status == 410:
+                    raise Gone("resourceVersion too old")
+                if resp.status != 200:
+                    raise KubeError(f"GET {path}: HTTP {resp.status}: {body[:300].decode(errors='replace')}")
+                return json.loads(body)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise KubeError(f"GET {path}: {type(err).__name__}: {err}") from None
+
+    async def watch(self, path: str, params: dict[str, str], on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Stream watch events to ``on_event`` until the server ends the watch."""
+        params = {**params, "watch": "1", "allowWatchBookmarks": "true"}
+        try:
+            async with self._sess().get(self.host + path, params=params) as resp:
+                if resp.status == 410:
+                    raise Gone("resourceVersion too old")
+                if resp.status != 200:
+                    body = await resp.read()
+                    raise KubeError(f"WATCH {path}: HTTP {resp.status}: {body[:300].decode(errors='replace')}")
+                buf = b""
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if line.strip():
+                            on_event(json.loads(line))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise KubeError(f"WATCH {path}: {type(err).__name__}: {err}") from None
+
+
+ReplaceFn = Callable[[str, list[dict[str, Any]]], None]
+EventFn = Callable[[str, str, dict[str, Any]], None]
+
+
+class Reflector:
+    """Keeps one resource's objects flowing into ``on_replace`` / ``on_event``."""
+
+    def __init__(self, client: KubeClient, resource: Resource, *, on_replace: ReplaceFn,
+                 on_event: EventFn, page_size: int = 500, watch_timeout: int = 300,
+                 max_backoff: float = 30.0) -> None:
+        self.client = client
+        self.resource = resource
+        self.on_replace = on_replace
+        self.on_event = on_event
+        self.page_size = page_size
+        self.watch_timeout = watch_timeout
+        self.max_backoff = max_backoff
+        self.synced = asyncio.Event()
+        self.resource_version = ""
+        self.relists = 0
+
+    def _params(self) -> dict[str, str]:
+        p = {}
+        if self.resource.label_selector:
+            p["labelSelector"] = self.resource.label_selector
+        if self.resource.field_selector:
+            p["fieldSelector"] = self.resource.field_selector
+        return p
+
+    async def list_all(self) -> None:
+        """Chunked LIST, then replace the store with exactly what the server has."""
+        items: list[dict[str, Any]] = []
+        cont = ""
+        while True:
+            params = {**self._params(), "limit": str(self.page_size)}
+            if cont:
+                params["continue"] = cont
+            page = await self.client.get(self.resource.path, params)
+            for item in page.get("items") or []:
+                item.setdefault("kind", self.resource.kind)  # list items carry no kind
+                items.append(item)
+            meta = page.get("metadata") or {}
+            cont = meta.get("continue") or ""
+            if not cont:
+                self.resource_version = meta.get("resourceVersion", "")
+                break
+        self.relists += 1
+        self.on_replace(self.resource.kind, items)
+        self.synced.set()
+        log.info("listed %d %s objects at resourceVersion %s", len(items), self.resource.kind,
+                 self.resource_version)
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(obj.get("message", "gone"))
+            raise KubeError(f"watch error: {obj.get('message', obj)}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.resource_version = rv
+        if kind == "BOOKMARK":
+            return
+        obj.setdefault("kind", self.resource.kind)
+        self.on_event(kind or "", self.resource.kind, obj)
+
+    async def run(self) -> None:
+        """Forever: list, watch, and recover. Cancel the task to stop."""
+        backoff = 0.5
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self.list_all()
+                    need_list = False
+                params = {**self._params(), "resourceVersion": self.resource_version,
+                          "timeoutSeconds": str(self.watch_timeout)}
+                await self.client.watch(self.resource.path, params, self._handle)
+                backoff = 0.5  # a watch that ended normally: reconnect at once
+            except Gone:
+                log.info("%s: resourceVersion %s expired, relisting", self.resource.kind, self.resource_version)
+                need_list = True
+            except KubeError as err:
+                delay = backoff * random.uniform(0.5, 1.5)
+                log.warning("%s: %s; retrying in %.1fs", self.resource.kind, err, delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, self.max_backoff)
+
+
+async def wait_synced(reflectors: list[Reflector]) -> None:
+    await asyncio.gather(*(r.synced.wait() for r in reflectors))
+
+
+__all__ = ["ENDPOINT_SLICES", "SERVICES", "KubeClient", "KubeError", "Reflector", "node_resource",
+           "wait_synced", "Awaitable"]
