@@ -70,6 +70,12 @@ class NftProxier:
                     if name not in state.services:
                         phases.diff(render.render_service(self.config, old), None)
                         changed += 1
+                for name, spec in phases.declare_sets.items():
+                    waiting = self._garbage.get(name)
+                    if waiting is not None and waiting[0] != spec:
+                        # "add set" keeps an existing set as it is: a set waiting for deletion
+                        # cannot come back with another timeout in place.
+                        raise NeedsFullSync(f"set {name} returns with another type or timeout")
             except NeedsFullSync as why:
                 log.info("full sync needed: %s", why)
                 full = True

@@ -113,21 +113,25 @@ def test_ip_in_cidrs(ip, cidrs, want):
     assert ip_in_cidrs(ip, cidrs) is want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG ipaddr.py:42: ipaddress.IPv6Address accepts a scope id, so 'fe80::1%eth0' is "
-    "returned as a 'canonical' IPv6 address; the API (Go's parser) rejects zones",
-)
-def test_ipv6_scope_id_is_rejected():
+@pytest.mark.parametrize("text", ["fe80::1%eth0", "fe80::1%1", "::1%lo"])
+def test_ipv6_scope_id_is_rejected(text):
+    # Sockets accept a zone; the API (Go's parser) does not.
     with pytest.raises(BadAddress):
-        canonical_ip("fe80::1%eth0")
+        canonical_ip(text)
+    with pytest.raises(BadAddress):
+        canonical_cidr(text + "/128")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG ipaddr.py:54: the prefix length is checked with str.isdigit, which accepts "
-    "non-ASCII digits, so '10.0.0.0/٨' parses as /8 (the address part refuses them)",
-)
-def test_cidr_prefix_with_non_ascii_digit_is_rejected():
+def test_ipv6_without_zone_is_still_accepted():
+    assert canonical_ip("fe80::1") == ("fe80::1", 6)
+
+
+@pytest.mark.parametrize("prefix", ["\u0668", "1\u0666", "\uff18", "\u00b2"])
+def test_cidr_prefix_with_non_ascii_digit_is_rejected(prefix):
+    # str.isdigit accepts Arabic-Indic, full-width and superscript digits; the API does not.
     with pytest.raises(BadAddress):
-        canonical_cidr("10.0.0.0/٨")
+        canonical_cidr("10.0.0.0/" + prefix)
+
+
+def test_cidr_prefix_with_ascii_digits_is_still_accepted():
+    assert canonical_cidr("10.0.0.0/8")[0] == "10.0.0.0/8"

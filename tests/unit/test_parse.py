@@ -194,6 +194,19 @@ def test_duplicate_port_message_names_port_and_protocol():
         parse_service(_svc(ports=[{"name": "a", "port": 80}, {"name": "b", "port": 80, "protocol": "TCP"}]))
 
 
+def test_duplicate_node_port_inside_one_service_is_invalid():
+    with pytest.raises(Invalid, match=r"spec\.ports\[1\]: duplicate nodePort 30080/TCP"):
+        parse_service(_svc(type="NodePort", ports=[{"name": "a", "port": 80, "nodePort": 30080},
+                                                   {"name": "b", "port": 81, "nodePort": 30080}]))
+
+
+def test_same_node_port_on_two_protocols_is_fine():
+    ports = parse_service(_svc(type="NodePort", ports=[
+        {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 30053}]))
+    assert [(p.node_port, p.name.protocol) for p in ports] == [(30053, "udp"), (30053, "tcp")]
+
+
 def test_same_port_number_on_two_protocols_is_fine():
     ports = parse_service(_svc(ports=[{"name": "dns", "port": 53, "protocol": "UDP"},
                                       {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]))

@@ -1,15 +1,19 @@
-"""NftProxier against FakeNft: full syncs, diffs, deletions and failure recovery."""
+"""NftProxier against FakeNft: full syncs, diffs, deletions, deferred deletion (garbage) and
+failure recovery."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 
 import pytest
 
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
-from pyproxy.nft.executor import FakeNft
+from pyproxy.nft.executor import FakeNft, FakeTable
+from pyproxy.proxier import nftables as nft_proxier
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.nftables import NftProxier
 from pyproxy.render.nftables import SETS
@@ -21,9 +25,42 @@ NODE = sc.node("node-1", ["192.168.1.1"])
 TCP = [sc.port(8080, name="http")]
 
 
-def _proxier(config: ProxyConfig = CFG) -> tuple[NftProxier, FakeNft]:
+# A gc_period no test outlives: garbage goes only with a sync that deletes something anyway.
+LATER = 3600.0
+
+
+def _proxier(config: ProxyConfig = CFG, *, gc_period: float = 0.0) -> tuple[NftProxier, FakeNft]:
+    """gc_period=0 (the default here): what is gone is deleted in the same sync, so the fake's
+    table can be compared with a fresh full sync."""
     fake = FakeNft()
-    return NftProxier(config=config, executor=fake), fake
+    return NftProxier(config=config, executor=fake, gc_period=gc_period), fake
+
+
+_CHAIN_REF = re.compile(r"(?:goto|jump) ([A-Za-z0-9_./-]+)")
+_SET_REF = re.compile(r"@([A-Za-z0-9_./-]+)")
+
+
+def _referenced(table: FakeTable) -> set[str]:
+    """Chains and sets named by some rule or map element."""
+    texts = [rule for rules in table.chains.values() for rule in rules]
+    texts += [value for elems in table.elements.values() for value in elems.values()]
+    return {name for text in texts for name in (*_CHAIN_REF.findall(text), *_SET_REF.findall(text))}
+
+
+def _minus_garbage(proxier: NftProxier, table: FakeTable) -> FakeTable:
+    """``table`` without the proxier's garbage, after checking the garbage is harmless: every
+    garbage chain is empty, and nothing refers to a garbage chain or set."""
+    assert not set(proxier.garbage) & _referenced(table)
+    for name in proxier.garbage:
+        if name in table.chains:
+            assert table.chains[name] == [], name
+        else:
+            assert name in table.sets, name
+    def keep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in proxier.garbage}
+
+    return dataclasses.replace(table, chains=keep(table.chains), chain_specs=keep(table.chain_specs),
+                               sets=keep(table.sets), elements=keep(table.elements))
 
 
 def _fresh_table(state: DesiredState, config: ProxyConfig = CFG):
@@ -83,8 +120,8 @@ def test_identical_resync_from_the_same_builder_sends_nothing():
     assert (result.full, result.operations, result.changed_services) == (False, 0, 0)
 
 
-def test_one_endpoint_change_among_1000_services_is_small():
-    proxier, fake = _proxier()
+def _one_endpoint_change_among_1000_services(gc_period: float):
+    proxier, fake = _proxier(gc_period=gc_period)
     builder = StateBuilder(node_name="node-1")
     objs = many_services(1000)
     builder.replace_all(objs)
@@ -102,7 +139,42 @@ def test_one_endpoint_change_among_1000_services_is_small():
     assert not result.full
     assert result.changed_services == 1
     assert 0 < result.operations <= 20
+    return proxier, fake, state
+
+
+def test_one_endpoint_change_among_1000_services_is_small():
+    proxier, fake, state = _one_endpoint_change_among_1000_services(0)
     assert fake.dump() == _fresh_table(state)
+    assert proxier.garbage == []
+    # gc_period=0: the old endpoint's chain is flushed and deleted in this very sync.
+    tx = fake.transactions[-1]
+    assert tx.has_deletes
+    deletes = [line for line in tx.render().splitlines() if line.startswith("delete ")]
+    assert len(deletes) == 1 and deletes[0].startswith("delete chain ip pyproxy endpoint-")
+    assert "/svc-500/" in deletes[0] and "10.101.2.1" in deletes[0]
+
+
+def test_one_endpoint_change_among_1000_services_makes_nft_skip_the_table_fetch():
+    # With deletion deferred, the script holds only declarations and flushes: nft (1.0.x)
+    # fetches the whole table before "add rule", "add element" and any "delete", not before these.
+    proxier, fake, state = _one_endpoint_change_among_1000_services(LATER)
+    tx = fake.transactions[-1]
+    text = tx.render()
+    assert not tx.has_deletes
+    lines = text.splitlines()
+    assert lines and not any(line.startswith(("delete ", "add rule ", "add element ")) for line in lines)
+    assert all(line.startswith(("add chain ip pyproxy ", "flush chain ip pyproxy ")) for line in lines)
+    # The new endpoint's chain is declared with its rules, the service chain rewritten in place.
+    assert any(line.startswith("add chain ip pyproxy endpoint-") and "dnat to 10.200.0.1:8080" in line
+               for line in lines)
+    (svc_chain,) = [line.split()[4] for line in lines
+                    if line.startswith("flush chain ip pyproxy service-") and "/svc-500/" in line]
+    assert f"add chain ip pyproxy {svc_chain} {{ " in text
+    # The old endpoint's chain is flushed, left for later, and harmless until then.
+    (gone,) = proxier.garbage
+    assert "/svc-500/" in gone and "10.101.2.1" in gone
+    assert f"flush chain ip pyproxy {gone}" in lines
+    assert _minus_garbage(proxier, fake.dump()) == _fresh_table(state)
 
 
 def _sync_both(before: list, after: list, config: ProxyConfig = CFG, nodeport_before=(), nodeport_after=()):
@@ -156,21 +228,35 @@ def test_incremental_sync_matches_a_fresh_full_sync(before, after):
     assert fake.dump() == fresh
 
 
+@pytest.mark.parametrize(("before", "after"), TRANSITIONS.values(), ids=TRANSITIONS.keys())
+def test_incremental_sync_with_deferred_deletion(before, after):
+    # Whatever is left for later is flushed and unreferenced; the rest is what a full sync makes.
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build(before))
+    state = build(after)
+    result = proxier.sync(state)
+    assert not result.full and result.operations > 0
+    tx = fake.transactions[-1]
+    if tx.has_deletes:  # paying for the table fetch anyway: the garbage went too
+        assert proxier.garbage == []
+    assert _minus_garbage(proxier, fake.dump()) == _fresh_table(state)
+
+
 MULTI_PORT = [
     sc.service("multi", "10.96.0.20", [sc.port(80, name="http"), sc.port(443, name="https")]),
     sc.endpoint_slice("multi", ["10.244.3.1"], [sc.port(8080, name="http"), sc.port(8443, name="https")]),
 ]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=SyncFailed,
-    reason="BUG render/nftables.py render_service + proxier/nft_diff.py Phases.diff: every port "
-    "of a Service renders the same ('cluster-ips', ClusterIP) element, so deleting a multi-port Service "
-    "deletes that element twice in one transaction; nft refuses (ENOENT) and the partial sync fails",
-)
 def test_deleting_a_multi_port_service():
+    # Both ports used to own the ('cluster-ips', ClusterIP) element: deleted twice, nft refused.
     result, fake, fresh = _sync_both(MULTI_PORT + _other(), _other())
+    assert not result.full and result.changed_services == 2
     assert fake.dump() == fresh
+    assert fake.dump().elements["cluster-ips"] == {"10.96.0.11": ""}
+    deletes = [line for line in fake.transactions[1].render().splitlines()
+               if line.startswith("delete element ip pyproxy cluster-ips")]
+    assert deletes == ["delete element ip pyproxy cluster-ips { 10.96.0.20 }"]
 
 
 SHARED_IP = {
@@ -183,32 +269,28 @@ SHARED_IP = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG render/nftables.py render_service + proxier/nft_diff.py Phases.diff: each service "
-    "port owns a copy of the shared ('cluster-ips', ClusterIP) element, so removing one port (or "
-    "one of two Services sharing the IP) deletes the element although another port still uses "
-    "the ClusterIP; the kernel then differs from a full sync",
-)
 @pytest.mark.parametrize(("before", "after"), SHARED_IP.values(), ids=SHARED_IP.keys())
 def test_removing_one_user_of_a_shared_cluster_ip(before, after):
     result, fake, fresh = _sync_both(before, after)
+    assert not result.full and result.changed_services == 1
     assert fake.dump() == fresh
+    assert fake.dump().elements["cluster-ips"] == {"10.96.0.20": ""}
+    assert "cluster-ips" not in fake.transactions[1].render()  # the element was not touched
 
 
-@pytest.mark.xfail(
-    strict=True, raises=SyncFailed,
-    reason="BUG parse.py parse_service / state.py StateBuilder._claim: duplicate nodePort inside "
-    "one Service is not refused; both ports add 'tcp . 30080' to service-nodeports with "
-    "different verdicts, and nft refuses the WHOLE ruleset (every Service stops being updated)",
-)
 def test_duplicate_nodeport_inside_one_service_does_not_break_the_ruleset():
     dup = sc.service("dup", "10.96.0.50", [sc.port(80, name="a", node_port=30080),
                                            sc.port(81, name="b", node_port=30080)], svc_type="NodePort")
     dup_slice = sc.endpoint_slice("dup", ["10.244.5.1"], [sc.port(80, name="a"), sc.port(81, name="b")])
     proxier, fake = _proxier()
-    proxier.sync(build([*_web(), dup, dup_slice]))
-    assert "10.96.0.10 . tcp . 80" in fake.dump().elements["service-ips"]
+    state = build([*_web(), dup, dup_slice])
+    assert [(p.name, p.reason) for p in state.problems] == [
+        ("dup", "spec.ports[1]: duplicate nodePort 30080/TCP")]
+    proxier.sync(state)
+    table = fake.dump()
+    assert set(table.elements["service-ips"]) == {"10.96.0.10 . tcp . 80"}
+    assert table.elements["service-nodeports"] == {}
+    assert "10.96.0.50" not in table.elements["cluster-ips"]
 
 
 def test_multi_port_service_full_sync_has_one_cluster_ip_element():
@@ -344,3 +426,178 @@ def test_full_sync_counts_every_service(n):
     for i in range(n):
         objs.extend(service_objects(i))
     assert proxier.sync(build(objs)).changed_services == n
+
+
+# -- deferred deletion (garbage) -------------------------------------------------------------
+
+
+def _endpoint_chain(table: FakeTable, ip: str) -> str:
+    (name,) = [c for c in table.chains if c.startswith("endpoint-") and f"__{ip}/" in c]
+    return name
+
+
+def test_gc_period_defaults_to_a_minute():
+    assert NftProxier(config=CFG, executor=FakeNft()).gc_period == 60
+
+
+def test_removed_endpoint_chain_is_flushed_and_left_for_later():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build([*_web(), *_other()]))
+    gone = _endpoint_chain(fake.dump(), "10.244.1.2")
+    state = build([*_web(("10.244.1.1",)), *_other()])
+    result = proxier.sync(state)
+    assert not result.full and result.changed_services == 1
+    tx = fake.transactions[-1]
+    assert not tx.has_deletes and "delete" not in tx.render()
+    assert f"flush chain ip pyproxy {gone}" in tx.render().splitlines()
+    assert proxier.garbage == [gone]
+    table = fake.dump()
+    assert table.chains[gone] == []  # still there, empty
+    assert gone not in _referenced(table)  # and nothing leads to it
+    assert _minus_garbage(proxier, table) == _fresh_table(state)
+
+
+def test_a_later_sync_that_deletes_anything_deletes_the_garbage_too():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build([*_web(), *_other()]))
+    gone = [_endpoint_chain(fake.dump(), "10.244.1.2")]
+    proxier.sync(build([*_web(("10.244.1.1",)), *_other()]))
+    # A sync that deletes nothing (an endpoint added elsewhere) leaves the garbage alone...
+    proxier.sync(build([*_web(("10.244.1.1",)), *_other(),
+                        sc.service("third", "10.96.0.12", [sc.port(80, name="http")]),
+                        sc.endpoint_slice("third", ["10.244.4.1"], TCP)]))
+    assert not fake.transactions[-1].has_deletes
+    assert proxier.garbage == gone
+    # ...and one that shrinks the service chain of "web" to nothing adds more garbage.
+    proxier.sync(build([*_web(()), *_other(), sc.service("third", "10.96.0.12", [sc.port(80, name="http")]),
+                        sc.endpoint_slice("third", ["10.244.4.1"], TCP)]))
+    assert fake.transactions[-1].has_deletes  # the service-ips element of web went
+    assert proxier.garbage == []
+    # A service removed: its elements are deleted, and so are the garbage chains.
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build([*_web(), *_other()]))
+    gone = _endpoint_chain(fake.dump(), "10.244.1.2")
+    proxier.sync(build([*_web(("10.244.1.1",)), *_other()]))
+    assert proxier.garbage == [gone]
+    other_chains = [c for c in fake.dump().chains if "/other/" in c]
+    assert len(other_chains) == 2  # service and endpoint chain
+    state = build(_web(("10.244.1.1",)))
+    proxier.sync(state)
+    tx = fake.transactions[-1]
+    lines = tx.render().splitlines()
+    assert tx.has_deletes
+    assert "delete element ip pyproxy service-ips { 10.96.0.11 . udp . 53 }" in lines
+    assert f"delete chain ip pyproxy {gone}" in lines
+    # The other service's chains went in the same sync: flushed first, deleted after.
+    for chain in other_chains:
+        assert lines.index(f"flush chain ip pyproxy {chain}") < lines.index(f"delete chain ip pyproxy {chain}")
+    assert proxier.garbage == []
+    assert gone not in fake.dump().chains
+    assert fake.dump() == _fresh_table(state)
+
+
+def test_gc_period_zero_leaves_nothing_behind():
+    proxier, fake = _proxier(gc_period=0)
+    proxier.sync(build(_web(affinity=30)))
+    old = fake.dump()
+    gone = _endpoint_chain(old, "10.244.1.2")
+    state = build(_web(("10.244.1.1",), affinity=30))
+    proxier.sync(state)
+    tx = fake.transactions[-1]
+    lines = tx.render().splitlines()
+    assert f"delete chain ip pyproxy {gone}" in lines
+    assert f"delete set ip pyproxy affinity-{gone.removeprefix('endpoint-')}" in lines
+    assert proxier.garbage == []
+    assert gone not in fake.dump().chains
+    assert fake.dump() == _fresh_table(state)
+
+
+def test_endpoint_back_before_collection_is_revived_not_deleted():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build([*_web(affinity=30), *_other()]))
+    table = fake.dump()
+    gone = _endpoint_chain(table, "10.244.1.2")
+    rules = list(table.chains[gone])
+    aff = f"affinity-{gone.removeprefix('endpoint-')}"
+    assert aff in table.sets
+    proxier.sync(build([*_web(("10.244.1.1",), affinity=30), *_other()]))
+    assert proxier.garbage == sorted([gone, aff])
+    # The endpoint comes back: its chain is filled again, not deleted, and is garbage no more.
+    state = build([*_web(affinity=30), *_other()])
+    proxier.sync(state)
+    tx = fake.transactions[-1]
+    assert "delete" not in tx.render()
+    assert proxier.garbage == []
+    table = fake.dump()
+    assert table.chains[gone] == rules
+    assert gone in _referenced(table) and aff in _referenced(table)
+    assert table == _fresh_table(state)
+    # A later deleting sync does not take it away.
+    state = build(_web(affinity=30))
+    proxier.sync(state)
+    assert fake.transactions[-1].has_deletes
+    assert fake.dump().chains[gone] == rules
+    assert fake.dump() == _fresh_table(state)
+
+
+def test_garbage_older_than_gc_period_is_deleted_by_the_next_sync(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(nft_proxier.time, "monotonic", lambda: now[0])
+    proxier, fake = _proxier(gc_period=60)
+    proxier.sync(build(_web()))
+    gone = _endpoint_chain(fake.dump(), "10.244.1.2")
+    state = build(_web(("10.244.1.1",)))
+    proxier.sync(state)
+    assert proxier.garbage == [gone]
+    runs = len(fake.transactions)
+    now[0] += 59
+    assert proxier.sync(state).operations == 0  # not old enough: nothing to do
+    assert len(fake.transactions) == runs and proxier.garbage == [gone]
+    now[0] += 1
+    result = proxier.sync(state)  # nothing changed, but the garbage is due
+    assert not result.full and result.changed_services == 0 and result.operations == 1
+    assert fake.transactions[-1].render() == f"delete chain ip pyproxy {gone}\n"
+    assert proxier.garbage == [] and fake.dump() == _fresh_table(state)
+    assert proxier.sync(state).operations == 0
+
+
+def test_removed_affinity_sets_wait_as_garbage():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build([*_web(affinity=60), *_other()]))
+    aff = sorted(s for s in fake.dump().sets if s.startswith("affinity-"))
+    assert len(aff) == 2
+    state = build([*_web(), *_other()])
+    proxier.sync(state)
+    assert not fake.transactions[-1].has_deletes
+    assert proxier.garbage == aff
+    assert _minus_garbage(proxier, fake.dump()) == _fresh_table(state)
+    state = build(_web())
+    proxier.sync(state)  # deletes the other service's elements, and the sets
+    assert proxier.garbage == [] and fake.dump() == _fresh_table(state)
+
+
+def test_a_full_sync_starts_without_garbage():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build(_web()))
+    proxier.sync(build(_web(("10.244.1.1",))))
+    assert len(proxier.garbage) == 1
+    fake.fail_next = "boom"
+    state = build(_web(("10.244.1.1", "10.244.1.3")))
+    with pytest.raises(SyncFailed):
+        proxier.sync(state)
+    assert len(proxier.garbage) == 1  # the kernel kept the old ruleset, garbage included
+    assert proxier.sync(state).full
+    assert proxier.garbage == [] and fake.dump() == _fresh_table(state)
+
+
+def test_affinity_set_back_from_the_garbage_with_another_timeout():
+    proxier, fake = _proxier(gc_period=LATER)
+    proxier.sync(build(_web(affinity=60)))
+    proxier.sync(build(_web()))
+    assert len(proxier.garbage) == 2
+    state = build(_web(affinity=120))
+    # "add set" would keep the waiting set's 60s timeout: the proxier rebuilds instead.
+    assert proxier.sync(state).full
+    specs = [spec for name, spec in fake.dump().sets.items() if name.startswith("affinity-")]
+    assert len(specs) == 2
+    assert all("timeout 120s" in spec for spec in specs), specs

@@ -47,8 +47,11 @@ def test_service_ips_element_and_cluster_ips():
     frag = r.render_service(CFG, st)
     name, _ = _service_chain(frag)
     assert frag.elements[("service-ips", "10.96.0.10 . tcp . 80")] == f"goto {name}"
-    assert frag.elements[("cluster-ips", "10.96.0.10")] == ""
+    # cluster-ips is the base fragment's, rendered from all services (shared ClusterIPs).
+    assert not any(k[0] == "cluster-ips" for k in frag.elements)
     assert not any(k[0].startswith("no-endpoint") for k in frag.elements)
+    base = r.render_base(CFG, DesiredState(services={st.service.name: st}))
+    assert base.elements[("cluster-ips", "10.96.0.10")] == ""
 
 
 def test_endpoint_chain_has_hairpin_then_dnat():
@@ -146,12 +149,14 @@ def test_no_endpoints(node_port):
     frag = r.render_service(CFG, sps([], node_port=node_port, cluster_ip="10.96.0.12", port=80))
     assert frag.chains == {} and frag.sets == {}
     want = {
-        ("cluster-ips", "10.96.0.12"): "",
         ("no-endpoint-services", "10.96.0.12 . tcp . 80"): "goto reject-chain",
     }
     if node_port:
         want[("no-endpoint-nodeports", "tcp . 30081")] = "goto reject-chain"
     assert frag.elements == want
+    # Even without endpoints the ClusterIP is listed (the base fragment renders it).
+    base = r.render_base(CFG, DesiredState(services={spn(): sps([], cluster_ip="10.96.0.12")}))
+    assert ("cluster-ips", "10.96.0.12") in base.elements
 
 
 def test_only_non_serving_endpoints_count_as_none():
@@ -225,6 +230,19 @@ def test_base_fragment():
     # Every @set it uses is declared.
     used = {m for rules in frag.chains.values() for rule in rules for m in re.findall(r"@(\S+)", rule)}
     assert used <= set(frag.sets)
+
+
+def test_base_fragment_lists_each_cluster_ip_once():
+    # Two ports of one Service, and another Service sharing the ClusterIP on another port.
+    svcs = [sps(["10.244.1.1"], port_name="http", port=80, cluster_ip="10.96.0.20"),
+            sps(["10.244.1.1"], port_name="https", port=443, cluster_ip="10.96.0.20"),
+            sps(["10.244.1.2"], name="twin", port=8000, cluster_ip="10.96.0.20"),
+            sps([], name="empty", cluster_ip="10.96.0.21")]
+    frag = r.render_base(CFG, DesiredState(services={s.service.name: s for s in svcs},
+                                           nodeport_ips=("192.168.1.1",)))
+    assert frag.elements == {("cluster-ips", "10.96.0.20"): "", ("cluster-ips", "10.96.0.21"): "",
+                             ("nodeport-ips", "192.168.1.1"): ""}
+    assert not any(k[0] == "cluster-ips" for s in svcs for k in r.render_service(CFG, s).elements)
 
 
 @pytest.mark.parametrize(("bit", "mark"), [(0, "0x1"), (14, "0x4000"), (31, "0x80000000")])

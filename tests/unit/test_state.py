@@ -294,16 +294,22 @@ def test_wrongly_typed_fields_are_problems_not_crashes():
     assert [p.name for p in b.build().problems] == ["weird"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG state.py StateBuilder.replace_all (the final problem purge): it records the problem of a Service without "
-    "metadata.name under ('', '<no name>') and then deletes it as 'gone' because that key "
-    "is never in `seen`; a nameless object in the file is silently ignored",
-)
 def test_nameless_service_is_reported_by_replace_all():
     nameless = {"kind": "Service", "metadata": {}, "spec": {}}
     b = _builder([_web(), nameless])
-    assert [p.kind for p in b.build().problems] == ["Service"]
+    (problem,) = b.build().problems
+    assert (problem.kind, problem.name) == ("Service", "<no name>") and "metadata.name" in problem.reason
+    assert set(b.build().services) == {HTTP}
+    # Still in the file: still reported. Gone from the file: forgotten.
+    b.replace_all([_web(), nameless])
+    assert [(p.kind, p.name) for p in b.build().problems] == [("Service", "<no name>")]
+    b.replace_all([_web()])
+    assert b.build().problems == ()
+
+
+def test_nameless_slice_is_reported_by_replace_all():
+    b = _builder([_web(), {"kind": "EndpointSlice", "metadata": {"namespace": "test"}}])
+    assert [(p.kind, p.name) for p in b.build().problems] == [("EndpointSlice", "<no name>")]
 
 
 def test_nameless_service_is_reported_by_upsert():
@@ -379,26 +385,26 @@ def test_bad_node_is_a_problem_and_fixed_node_clears_it():
     assert b.node is not None and b.node.addresses == ("192.168.1.1",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG state.py StateBuilder.replace_all only tracks Services and EndpointSlices; when the "
-    "Node object disappears from the source, builder.node keeps its old addresses (NodePorts "
-    "stay on them instead of falling back to the interfaces)",
-)
 def test_node_removed_from_source_is_forgotten():
     b = _builder([sc.node("node-1", ["192.168.1.1"])])
-    b.replace_all([])
+    assert nodeport_ips(node=b.node, interface_ips=("10.0.0.1",), cidrs=()) == ("192.168.1.1",)
+    b.replace_all([_web()])
+    assert b.node is None
+    # NodePorts fall back to the interface addresses.
+    assert nodeport_ips(node=b.node, interface_ips=("10.0.0.1",), cidrs=()) == ("10.0.0.1",)
+
+
+def test_node_replaced_by_another_nodes_object_is_forgotten():
+    b = _builder([sc.node("node-1", ["192.168.1.1"])])
+    b.replace_all([sc.node("node-2", ["192.168.1.2"])])
     assert b.node is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG state.py StateBuilder.replace_all/_upsert_node: Node problems are keyed ('Node', ('', 'node')) and replace_all "
-    "never clears them, so removing a malformed Node leaves its problem reported forever",
-)
 def test_problem_of_removed_node_is_cleared():
     bad = {"kind": "Node", "metadata": {"name": "node-1"}, "status": {"addresses": "x"}}
     b = _builder([bad])
+    b.replace_all([bad])  # still there: still reported
+    assert [(p.kind, p.name) for p in b.build().problems] == [("Node", "node-1")]
     b.replace_all([])
     assert b.build().problems == ()
 
@@ -501,13 +507,6 @@ def test_conflict_resolves_when_the_loser_moves():
     assert _names(state) == ["a", "b"] and state.problems == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG state.py StateBuilder._claim: the owner and the loser are re-checked together in "
-    "name order whenever the owner is dirty, so an endpoint change of the owner 'zeta' hands "
-    "its ClusterIP:port to the conflicting 'alpha' (the docstring says the first claimer keeps "
-    "it); traffic silently moves to another Service",
-)
 def test_owner_keeps_its_port_when_its_endpoints_change():
     b = _builder(_svc_at("zeta"))
     b.build()
@@ -519,17 +518,21 @@ def test_owner_keeps_its_port_when_its_endpoints_change():
     state = b.build()
     assert _names(state) == ["zeta"]
     assert [p.name for p in state.problems] == ["alpha"]
+    (zeta,) = state.services.values()
+    assert [e.ip for e in zeta.endpoints] == ["10.244.1.1", "10.244.1.2"]
+    # The loser changing does not take the port over either.
+    b.replace_all([*zeta2, *_svc_at("alpha", ep="10.244.9.8")])
+    assert _names(b.build()) == ["zeta"]
+    # Once the owner lets go of the port, the other Service gets it.
+    b.replace_all([*_svc_at("zeta", ip="10.96.0.99"), *_svc_at("alpha", ep="10.244.9.8")])
+    state = b.build()
+    assert _names(state) == ["alpha", "zeta"] and state.problems == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG parse.py parse_service / state.py StateBuilder._claim: two ports of ONE Service "
-    "with the same nodePort and protocol are accepted (the API refuses them); both ports render "
-    "the same service-nodeports key with different verdicts and nft refuses the whole ruleset",
-)
 def test_duplicate_nodeport_inside_one_service_is_a_problem():
     dup = sc.service("dup", "10.96.0.50", [sc.port(80, name="a", node_port=30080),
                                            sc.port(81, name="b", node_port=30080)], svc_type="NodePort")
     state = _builder([*_svc_at("good"), dup]).build()
     assert _names(state) == ["good"]
-    assert [p.name for p in state.problems] == ["dup"]
+    (problem,) = state.problems
+    assert problem.name == "dup" and "duplicate nodePort 30080/TCP" in problem.reason
