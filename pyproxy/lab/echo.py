@@ -73,8 +73,35 @@ def main() -> None:
                         help="TCP and UDP port to serve (repeatable)")
     parser.add_argument("--http-port", type=int, action="append", default=[],
                         help="port answering HTTP/1.0 requests with the same line (for curl)")
+    parser.add_argument("--address", help="with --gateway: wait for eth0 in this (fresh) network "
+                        "namespace, give it this IP/prefix and a default route, then serve; used by "
+                        "the lab's pod runner, which starts us under 'unshare --net'")
+    parser.add_argument("--gateway")
     args = parser.parse_args()
+    if args.address:
+        _configure_eth0(args.address, args.gateway)
     asyncio.run(serve(args.name, args.host, args.port, args.http_port))
+
+
+def _configure_eth0(address: str, gateway: str | None, timeout: float = 20.0) -> None:
+    """Bring up lo and eth0 (moved in by the pod runner) with an address and default route."""
+    import time
+
+    from pyroute2 import IPRoute
+
+    ip, _, prefix = address.partition("/")
+    deadline = time.monotonic() + timeout
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        while not ipr.link_lookup(ifname="eth0"):
+            if time.monotonic() > deadline:
+                raise SystemExit("echo: eth0 never appeared in this network namespace")
+            time.sleep(0.02)
+        idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=idx, address=ip, prefixlen=int(prefix or 24))
+        ipr.link("set", index=idx, state="up")
+        if gateway:
+            ipr.route("add", dst="default", gateway=gateway)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""The API-watching daemon: reflectors → store → sync loop, plus the health and metrics servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyproxy.config import ProxyConfig
+from pyproxy.health import ProxyHealth, health_app, metrics_app, start_site
+from pyproxy.proxier.base import Proxier
+from pyproxy.runner import Periods, SyncRunner
+from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
+
+log = logging.getLogger("pyproxy.daemon")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the daemon connects and paces itself."""
+
+    kubeconfig: str | None = None
+    """Kubeconfig file; None means the in-cluster service account."""
+    iptables_backend: str = "auto"
+    """iptables mode only: nft, legacy or auto."""
+    min_sync_period: float = 0.1
+    """Least seconds between two syncs (changes meanwhile are batched)."""
+    sync_period: float = 30.0
+    """Sync at least this often (seconds), even without changes."""
+    full_sync_period: float = 3600.0
+    """Rewrite the whole ruleset this often (seconds)."""
+    healthz_bind_address: str = "0.0.0.0:10256"
+    """/healthz and /livez; empty disables."""
+    metrics_bind_address: str = "127.0.0.1:10249"
+    """/metrics; empty disables."""
+
+
+async def serve(config: ProxyConfig, settings: Settings, *,
+                make_proxier: Callable[..., Proxier]) -> None:
+    """Run until SIGTERM or SIGINT. Rules stay in the kernel afterwards."""
+    from pyproxy.hostnet import interface_ipv4s
+
+    proxier = make_proxier(config, iptables_backend=settings.iptables_backend)
+    health = ProxyHealth(timeout=2 * settings.sync_period)
+    runner = SyncRunner(
+        proxier=proxier, config=config, health=health, interface_ips=interface_ipv4s(),
+        periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
+                        full_sync=settings.full_sync_period),
+    )
+    client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
+    reflectors = [
+        Reflector(client, resource, on_replace=runner.on_replace, on_event=runner.on_event)
+        for resource in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname))
+    ]
+    sites = []
+    if settings.healthz_bind_address:
+        sites.append(await start_site(health_app(health), settings.healthz_bind_address))
+    if settings.metrics_bind_address:
+        sites.append(await start_site(metrics_app(config.mode), settings.metrics_bind_address))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(r.run(), name=f"reflector-{r.resource.kind}") for r in reflectors]
+    synced = asyncio.ensure_future(wait_synced(reflectors))
+    tasks.append(asyncio.create_task(runner.run(synced), name="sync-loop"))
+    log.info("watching the API as node %s in %s mode", config.hostname, config.mode)
+    done_waiter = asyncio.ensure_future(stop.wait())
+    finished, _ = await asyncio.wait([done_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in finished:
+        if task is not done_waiter and task.exception():
+            log.error("%s stopped: %r", task.get_name(), task.exception())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for site in sites:
+        await site.cleanup()
+    await client.close()

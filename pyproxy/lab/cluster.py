@@ -1,0 +1,388 @@
+"""A real multi-node cluster in network namespaces: etcd, kube-apiserver and
+kube-controller-manager (EndpointSlice controllers only), built from Go modules by
+``e2e/build-k8s.sh``; nodes with pod bridges and host-gw routes; a pod runner per node.
+
+::
+
+    <tag>-cp      192.168.60.1    etcd (127.0.0.1), kube-apiserver :6443, kube-controller-manager,
+                                  and the underlay bridge "under" every node is plugged into
+    <tag>-n1..nN  192.168.60.1X   pod bridge cbr0 10.244.X.1/24; routes to the other nodes' pod CIDRs
+                                  via their node IPs (flannel host-gw); the lab kubelet; pyproxy
+    <tag>-ext     192.168.60.200  an external client for NodePorts
+
+Every address lives in namespaces the lab creates. ``pyproxy lab up|down|status`` drives it;
+the e2e tests use :class:`ClusterLab` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_ROOT = Path(os.environ.get("PYPROXY_LAB_DIR", "/run/pyproxy-lab"))
+CP_IP = "192.168.60.1"
+EXT_IP = "192.168.60.200"
+SERVICE_CIDR = "10.96.0.0/16"
+CLUSTER_CIDR = "10.244.0.0/16"
+API_PORT = 6443
+
+
+def node_ip(i: int) -> str:
+    return f"192.168.60.{10 + i}"
+
+
+def pod_cidr(i: int) -> str:
+    return f"10.244.{i}.0/24"
+
+
+def ns_run(ns: str | None, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 120)
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    return subprocess.run([*prefix, *argv], check=False, **kw)
+
+
+def build_binaries() -> Path:
+    """Build (or reuse from the cache) the upstream binaries; return their directory."""
+    proc = subprocess.run(["bash", str(REPO / "e2e" / "build-k8s.sh")], capture_output=True, text=True,
+                          timeout=5400)
+    if proc.returncode != 0:
+        raise RuntimeError(f"e2e/build-k8s.sh failed:\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class ClusterLab:
+    name: str = "lab"
+    nodes: int = 2
+    tag: str = ""
+    bin_dir: str = ""
+    dir: str = ""
+    admin_token: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+
+    # -- naming --------------------------------------------------------------------------
+    @property
+    def cp_ns(self) -> str:
+        return f"{self.tag}-cp"
+
+    @property
+    def ext_ns(self) -> str:
+        return f"{self.tag}-ext"
+
+    def node_ns(self, i: int) -> str:
+        return f"{self.tag}-n{i}"
+
+    def node_name(self, i: int) -> str:
+        return f"node-{i}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def admin_kubeconfig(self) -> str:
+        """For use inside the cp namespace (server 127.0.0.1)."""
+        return str(self.path / "admin.kubeconfig")
+
+    @property
+    def node_admin_kubeconfig(self) -> str:
+        """For use inside node namespaces (server 192.168.60.1)."""
+        return str(self.path / "admin-node.kubeconfig")
+
+    def bin(self, name: str) -> str:
+        return str(Path(self.bin_dir) / name)
+
+    # -- state file ----------------------------------------------------------------------
+    def save(self) -> None:
+        (self.path / "state.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, name: str) -> ClusterLab:
+        path = STATE_ROOT / name / "state.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no lab named {name!r} is up (no {path}); run 'pyproxy lab up'")
+        return cls(**json.loads(path.read_text()))
+
+    # -- bring up ------------------------------------------------------------------------
+    @classmethod
+    def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None) -> ClusterLab:
+        if (STATE_ROOT / name / "state.json").exists():
+            raise RuntimeError(f"lab {name!r} is already up; run 'pyproxy lab down --name {name}' first")
+        lab = cls(name=name, nodes=nodes, tag=f"pxl{secrets.token_hex(2)}",
+                  bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
+                  admin_token=secrets.token_hex(16))
+        lab.path.mkdir(parents=True, exist_ok=True)
+        lab.save()
+        try:
+            lab._network()
+            lab._certs()
+            lab._control_plane()
+            lab._register_nodes()
+            for i in range(1, nodes + 1):
+                lab._start_kubelet(i)
+            lab.save()
+        except BaseException:
+            lab.down()
+            raise
+        return lab
+
+    def _new_ns(self, name: str) -> None:
+        netns.create(name)
+        self.namespaces.append(name)
+        self.save()
+        with IPRoute(netns=name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def _sysctl(self, ns: str, key: str, value: str) -> None:
+        ns_run(ns, ["sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}"])
+
+    def _network(self) -> None:
+        self._new_ns(self.cp_ns)
+        with IPRoute(netns=self.cp_ns) as ipr:
+            ipr.link("add", ifname="under", kind="bridge")
+            br = ipr.link_lookup(ifname="under")[0]
+            ipr.addr("add", index=br, address=CP_IP, prefixlen=24)
+            ipr.link("set", index=br, state="up")
+        self._sysctl(self.cp_ns, "net.ipv4.ip_forward", "1")
+        attach = [(self.node_ns(i), node_ip(i)) for i in range(1, self.nodes + 1)] + [(self.ext_ns, EXT_IP)]
+        for k, (ns, ip) in enumerate(attach):
+            self._new_ns(ns)
+            with IPRoute(netns=self.cp_ns) as ipr:
+                host_if = f"u{k}"
+                ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+                idx = ipr.link_lookup(ifname=host_if)[0]
+                ipr.link("set", index=idx, master=ipr.link_lookup(ifname="under")[0], state="up")
+            with IPRoute(netns=ns) as ipr:
+                idx = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=idx, address=ip, prefixlen=24)
+                ipr.link("set", index=idx, state="up")
+                ipr.route("add", dst="default", gateway=CP_IP)
+        for i in range(1, self.nodes + 1):
+            ns = self.node_ns(i)
+            with IPRoute(netns=ns) as ipr:
+                ipr.link("add", ifname="cbr0", kind="bridge")
+                br = ipr.link_lookup(ifname="cbr0")[0]
+                ipr.addr("add", index=br, address=pod_cidr(i).replace(".0/24", ".1"), prefixlen=24)
+                ipr.link("set", index=br, state="up")
+                for j in range(1, self.nodes + 1):
+                    if j != i:  # flannel host-gw: the other nodes' pod CIDRs via their node IPs
+                        ipr.route("add", dst=pod_cidr(j), gateway=node_ip(j))
+            for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1")):
+                self._sysctl(ns, key, value)
+
+    def _certs(self) -> None:
+        d = self.path
+
+        def ossl(*args: str) -> None:
+            proc = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=d)
+            if proc.returncode != 0:
+                raise RuntimeError(f"openssl {' '.join(args)}: {proc.stderr}")
+
+        ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "7", "-subj", "/CN=pyproxy-lab-ca")
+        san = (f"subjectAltName=IP:{CP_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,"
+               "DNS:kubernetes.default.svc,DNS:localhost")
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
+             "-subj", "/CN=kube-apiserver", "-addext", san)
+        ossl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "apiserver.crt", "-days", "7", "-copy_extensions", "copy")
+        ossl("genrsa", "-out", "sa.key", "2048")
+        (d / "tokens.csv").write_text(f'{self.admin_token},admin,admin,"system:masters"\n')
+        for path, server in ((self.admin_kubeconfig, f"https://127.0.0.1:{API_PORT}"),
+                             (self.node_admin_kubeconfig, f"https://{CP_IP}:{API_PORT}")):
+            Path(path).write_text(kubeconfig(server=server, ca=str(d / "ca.crt"), token=self.admin_token,
+                                             user="admin"))
+
+    def _spawn(self, key: str, ns: str, argv: list[str]) -> None:
+        log = open(self.path / f"{key}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pids[key] = proc.pid
+        self.save()
+
+    def _wait(self, what: str, check: Any, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"lab: {what} not ready after {timeout:.0f}s; see the logs in {self.path}")
+
+    def start_etcd(self) -> None:
+        d = self.path
+        self._spawn("etcd", self.cp_ns, [
+            self.bin("etcd"), "--data-dir", str(d / "etcd"), "--name", "lab",
+            "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
+            "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+            "--initial-cluster", "lab=http://127.0.0.1:2380", "--unsafe-no-fsync", "--log-level", "warn"])
+
+    def start_apiserver(self) -> None:
+        d = self.path
+        self._spawn("kube-apiserver", self.cp_ns, [
+            self.bin("kube-apiserver"), "--etcd-servers=http://127.0.0.1:2379",
+            "--bind-address=0.0.0.0", f"--secure-port={API_PORT}", f"--advertise-address={CP_IP}",
+            f"--tls-cert-file={d / 'apiserver.crt'}", f"--tls-private-key-file={d / 'apiserver.key'}",
+            f"--client-ca-file={d / 'ca.crt'}", f"--token-auth-file={d / 'tokens.csv'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={d / 'sa.key'}", f"--service-account-signing-key-file={d / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
+            "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"])
+
+    def api_ready(self) -> bool:
+        return self.kubectl("get", "--raw", "/readyz", check=False).returncode == 0
+
+    def _control_plane(self) -> None:
+        self.start_etcd()
+        self._wait("etcd", lambda: ns_run(self.cp_ns, ["sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/2379"]).returncode == 0)
+        self.start_apiserver()
+        self._wait("kube-apiserver", self.api_ready, timeout=120)
+        self._spawn("kube-controller-manager", self.cp_ns, [
+            self.bin("kube-controller-manager"), f"--kubeconfig={self.admin_kubeconfig}",
+            "--controllers=endpointslice-controller,endpointslice-mirroring-controller",
+            "--leader-elect=false", "--use-service-account-credentials=false",
+            "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-service-endpoint-syncs=10",
+            "--secure-port=0", "--v=1"])
+
+    def _register_nodes(self) -> None:
+        for i in range(1, self.nodes + 1):
+            node = {"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": self.node_name(i), "labels": {
+                        "kubernetes.io/hostname": self.node_name(i),
+                        "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"}},
+                    "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i)]}}
+            self.kubectl_apply([node])
+            status = {"status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)},
+                                               {"type": "Hostname", "address": self.node_name(i)}],
+                                 "conditions": [{"type": "Ready", "status": "True",
+                                                 "reason": "KubeletReady", "message": "lab kubelet"}]}}
+            self.kubectl("patch", "node", self.node_name(i), "--subresource=status", "--type=merge",
+                         "-p", json.dumps(status))
+
+    def _start_kubelet(self, i: int) -> None:
+        self._spawn(f"kubelet-{i}", self.node_ns(i), [
+            sys.executable, "-m", "pyproxy.lab.kubelet", "--kubeconfig", self.node_admin_kubeconfig,
+            "--node", self.node_name(i), "--pod-cidr", pod_cidr(i), "--state-dir", str(self.path / f"node-{i}")])
+
+    # -- using it ------------------------------------------------------------------------
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = ns_run(self.cp_ns, [self.bin("kubectl"), f"--kubeconfig={self.admin_kubeconfig}", *args],
+                      input=stdin)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def kubectl_apply(self, objects: list[dict[str, Any]]) -> None:
+        self.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
+    def pod_pid(self, namespace: str, name: str, timeout: float = 30) -> int:
+        """PID of a running pod's process (enter its network with nsenter -t PID -n)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for f in self.path.glob(f"node-*/pods/{namespace}_{name}.json"):
+                return int(json.loads(f.read_text())["pid"])
+            time.sleep(0.1)
+        raise RuntimeError(f"pod {namespace}/{name} is not running")
+
+    def stop(self, key: str, sig: int = signal.SIGTERM) -> None:
+        pid = self.pids.pop(key, None)
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.save()
+
+    def down(self) -> None:
+        for key in sorted(self.pids, key=lambda k: (k.startswith("etcd"), k.startswith("kube-apiserver"))):
+            self.stop(key)
+        for ns in reversed(self.namespaces):
+            try:
+                netns.remove(ns)
+            except OSError:
+                pass
+        self.namespaces.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "tag": self.tag, "nodes": self.nodes,
+                "processes": {k: ("running" if _alive(p) else "dead") for k, p in self.pids.items()},
+                "api": "ready" if self.api_ready() else "not ready"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kubeconfig(*, server: str, ca: str, token: str, user: str) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": user}}],
+    }, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyproxy lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--name", default="lab")
+    parser.add_argument("--nodes", type=int, default=2)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0 or sys.platform != "linux":
+        print("pyproxy lab: needs root on Linux (network namespaces); run it with sudo", file=sys.stderr)
+        return 2
+    if args.action == "up":
+        lab = ClusterLab.up(name=args.name, nodes=args.nodes)
+        print(json.dumps(lab.status(), indent=1))
+        print(f"kubectl: ip netns exec {lab.cp_ns} {lab.bin('kubectl')} --kubeconfig {lab.admin_kubeconfig} ...")
+        return 0
+    try:
+        lab = ClusterLab.load(args.name)
+    except FileNotFoundError as err:
+        print(f"pyproxy lab: {err}", file=sys.stderr)
+        return 0 if args.action == "down" else 1
+    if args.action == "down":
+        lab.down()
+        print(f"lab {args.name} is down")
+    else:
+        print(json.dumps(lab.status(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
