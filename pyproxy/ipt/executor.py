@@ -65,19 +65,19 @@ class IptablesCli:
         self.backend = backend
         self.netns = netns
 
-    def _run(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
         if shutil.which(argv[0]) is None:
             raise IptablesError(
                 f"{argv[0]}: command not found; install the iptables package (apt-get install iptables)"
             )
-        return subprocess.run(
-            [*netns_prefix(self.netns), *argv], input=stdin, capture_output=True, text=True, check=False
-        )
+        proc = subprocess.run([*netns_prefix(self.netns), *argv], input=stdin, capture_output=True, check=False)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                           proc.stderr.decode(errors="replace"))
 
     def restore(self, payload: RestorePayload) -> None:
         if not payload:
             return
-        proc = self._run([_bin(self.backend, "-restore"), "--noflush", "-w", WAIT_SECONDS], payload.render())
+        proc = self._run([_bin(self.backend, "-restore"), "--noflush", "-w", WAIT_SECONDS], payload.render_bytes())
         if proc.returncode != 0:
             raise IptablesError(proc.stderr.strip() or f"iptables-restore exited {proc.returncode}")
 

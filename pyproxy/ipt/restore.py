@@ -30,16 +30,27 @@ class RestorePayload:
         return sum(len(r) + 1 for r in self.rewrite.values()) + 2 * len(self.delete)
 
     def render(self) -> str:
-        out: list[str] = []
+        return self.render_bytes().decode()
+
+    def render_bytes(self) -> bytes:
+        """The iptables-restore input. Built in one bytearray: at 10k services it is ~45 MB,
+        and lines joined at the end would need about twice that at the peak."""
+        buf = bytearray()
         for table in TABLES:
             rewrite = sorted(k[1] for k in self.rewrite if k[0] == table)
             delete = sorted(k[1] for k in self.delete if k[0] == table)
             if not rewrite and not delete:
                 continue
-            out.append(f"*{table}")
-            out.extend(f":{chain} - [0:0]" for chain in rewrite + delete)
+            buf += f"*{table}\n".encode()
+            for chain in rewrite + delete:
+                buf += f":{chain} - [0:0]\n".encode()
             for chain in rewrite:
-                out.extend(f"-A {chain} {rule}" for rule in self.rewrite[(table, chain)])
-            out.extend(f"-X {chain}" for chain in delete)
-            out.append("COMMIT")
-        return "\n".join(out) + ("\n" if out else "")
+                prefix = f"-A {chain} ".encode()
+                for rule in self.rewrite[(table, chain)]:
+                    buf += prefix
+                    buf += rule.encode()
+                    buf += b"\n"
+            for chain in delete:
+                buf += f"-X {chain}\n".encode()
+            buf += b"COMMIT\n"
+        return bytes(buf)

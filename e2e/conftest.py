@@ -1,0 +1,54 @@
+"""The e2e fixtures: one real cluster (pyproxy.lab.cluster) for the session, pyproxy on every
+node in each proxy mode. Needs root and the upstream binaries (built and cached by
+e2e/build-k8s.sh on first use; a cold build takes ~15 min on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from e2e.harness import ProxyFleet, install_chart, sa_kubeconfig
+from pyproxy.lab.cluster import ClusterLab
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "nft", "iptables", "curl", "nsenter", "unshare", "openssl", "go"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[ClusterLab]:
+    why = _missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"e2e cannot run in CI: {why}")
+        pytest.skip(why)
+    cluster = ClusterLab.up(name=f"e2e{os.getpid()}", nodes=2)
+    try:
+        cluster.kubectl("create", "namespace", "e2e")
+        install_chart(cluster)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def sa_config(lab: ClusterLab) -> str:
+    return sa_kubeconfig(lab)
+
+
+@pytest.fixture(scope="module", params=["nftables", "iptables"])
+def fleet(request: pytest.FixtureRequest, lab: ClusterLab, sa_config: str) -> Iterator[ProxyFleet]:
+    f = ProxyFleet(lab=lab, mode=request.param, kubeconfig=sa_config)
+    try:
+        f.start_all()
+        yield f
+    finally:
+        f.stop_all()

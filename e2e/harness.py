@@ -1,0 +1,157 @@
+"""Helpers for the e2e tests: pyproxy on every lab node, workloads, and probes from pods/nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyproxy.lab.cluster import CLUSTER_CIDR, CP_IP, REPO, ClusterLab, kubeconfig, node_ip, ns_run
+
+SA = "pyproxy"
+SA_NAMESPACE = "kube-system"
+
+
+def helm(lab: ClusterLab, *args: str) -> subprocess.CompletedProcess[str]:
+    return ns_run(lab.cp_ns, [lab.bin("helm"), "--kubeconfig", lab.admin_kubeconfig, *args])
+
+
+def install_chart(lab: ClusterLab) -> None:
+    proc = helm(lab, "upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
+                "--set", f"apiServer.host={CP_IP}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm install: {proc.stderr}")
+
+
+def sa_kubeconfig(lab: ClusterLab) -> str:
+    """A kubeconfig for node namespaces that authenticates as the chart's ServiceAccount."""
+    token = lab.kubectl("create", "token", SA, "-n", SA_NAMESPACE, "--duration", "2h").stdout.strip()
+    path = lab.path / "pyproxy-sa.kubeconfig"
+    path.write_text(kubeconfig(server=f"https://{CP_IP}:6443", ca=str(lab.path / "ca.crt"),
+                               token=token, user="system:serviceaccount:kube-system:pyproxy"))
+    return str(path)
+
+
+@dataclass
+class ProxyFleet:
+    """pyproxy running in every node namespace, as the DaemonSet would run it."""
+
+    lab: ClusterLab
+    mode: str
+    kubeconfig: str
+    procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, i: int) -> None:
+        log = open(self.lab.path / f"pyproxy-{i}.log", "ab")  # noqa: SIM115
+        argv = ["ip", "netns", "exec", self.lab.node_ns(i), sys.executable, "-m", "pyproxy", "run",
+                "--kubeconfig", self.kubeconfig, "--hostname-override", self.lab.node_name(i),
+                "--cluster-cidr", CLUSTER_CIDR, "--proxy-mode", self.mode, "--v", "1"]
+        self.procs[i] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_all(self) -> None:
+        for i in range(1, self.lab.nodes + 1):
+            self.start(i)
+        for i in range(1, self.lab.nodes + 1):
+            self.wait_healthy(i)
+
+    def wait_healthy(self, i: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = ns_run(self.lab.node_ns(i), ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                                 "http://127.0.0.1:10256/healthz"])
+            if proc.stdout.strip() == "200" and self.lab.path.joinpath(f"pyproxy-{i}.log").read_text().count("synced"):
+                return
+            if self.procs[i].poll() is not None:
+                raise RuntimeError(f"pyproxy on node {i} exited: "
+                                   f"{self.lab.path.joinpath(f'pyproxy-{i}.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise RuntimeError(f"pyproxy on node {i} not healthy after {timeout}s")
+
+    def kill(self, i: int, sig: int = 9) -> None:
+        proc = self.procs.pop(i)
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for i in list(self.procs):
+            self.kill(i, 15)
+        for i in range(1, self.lab.nodes + 1):
+            ns_run(self.lab.node_ns(i), [sys.executable, "-m", "pyproxy", "cleanup"])
+
+
+def pod(name: str, node: str, *, labels: dict[str, str], namespace: str = "e2e") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "echo", "image": "pyproxy-lab/echo",
+                                     "ports": [{"name": "http", "containerPort": 8081},
+                                               {"name": "line", "containerPort": 8080}]}]}}
+
+
+def service(name: str, selector: dict[str, str], *, namespace: str = "e2e", node_port: int | None = None,
+            affinity: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"selector": selector, "type": "NodePort" if node_port else "ClusterIP",
+                            "ports": [{"name": "http", "port": 80, "targetPort": 8081, "protocol": "TCP",
+                                       **({"nodePort": node_port} if node_port else {})}]}
+    if affinity:
+        spec["sessionAffinity"] = "ClientIP"
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+def cluster_ip(lab: ClusterLab, name: str, namespace: str = "e2e") -> str:
+    return lab.kubectl("get", "svc", name, "-n", namespace, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+
+
+def wait_ready_endpoints(lab: ClusterLab, service_name: str, count: int, namespace: str = "e2e",
+                         timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    ready = -1
+    while time.monotonic() < deadline:
+        out = lab.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                          f"kubernetes.io/service-name={service_name}", "-o", "json").stdout
+        ready = sum(1 for s in json.loads(out)["items"] for e in s.get("endpoints") or []
+                    if (e.get("conditions") or {}).get("ready"))
+        if ready == count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{service_name}: {ready} ready endpoints, want {count}")
+
+
+def curl(lab: ClusterLab, url: str, *, pod_pid: int | None = None, node: int | None = None,
+         ext: bool = False, source: str | None = None, timeout: float = 2) -> str:
+    """One curl from a pod (by its PID), a node, or the external client; returns its output."""
+    argv = ["curl", "-sS", "--max-time", str(timeout), url]
+    if source:
+        argv[1:1] = ["--interface", source]
+    if pod_pid is not None:
+        proc = subprocess.run(["nsenter", "-t", str(pod_pid), "-n", *argv], capture_output=True, text=True,
+                              timeout=timeout + 5)
+    else:
+        ns = lab.ext_ns if ext else lab.node_ns(node or 1)
+        proc = ns_run(ns, argv, timeout=timeout + 5)
+    return (proc.stdout or proc.stderr).strip()
+
+
+def answers(lab: ClusterLab, url: str, n: int, **where: Any) -> list[str]:
+    """The pod names that answered n requests (errors kept as their text)."""
+    return [curl(lab, url, **where).split(" ")[0] for _ in range(n)]
+
+
+def wait_for(what: str, check: Any, timeout: float = 30, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+__all__ = ["Path", "node_ip"]

@@ -1,0 +1,165 @@
+"""curl through ClusterIPs and NodePorts of a real cluster, with pyproxy programming every node
+from the API, in both proxy modes (the ``fleet`` fixture)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from e2e.harness import (
+    ProxyFleet,
+    answers,
+    cluster_ip,
+    curl,
+    pod,
+    service,
+    wait_for,
+    wait_ready_endpoints,
+)
+from pyproxy.lab.cluster import EXT_IP, ClusterLab, node_ip
+
+
+def _deploy(lab: ClusterLab, app: str, replicas: int, **svc_kw) -> str:
+    """A Deployment-like set of pods spread over the nodes, and its Service."""
+    pods = [pod(f"{app}-{k}", lab.node_name(1 + k % lab.nodes), labels={"app": app}) for k in range(replicas)]
+    lab.kubectl_apply([service(app, {"app": app}, **svc_kw), *pods])
+    wait_ready_endpoints(lab, app, replicas)
+    return cluster_ip(lab, app)
+
+
+def _delete(lab: ClusterLab, app: str) -> None:
+    lab.kubectl("delete", "svc,pods", "-n", "e2e", "-l", f"app={app}", "--wait=false", check=False)
+    lab.kubectl("delete", "svc", app, "-n", "e2e", "--ignore-not-found", "--wait=false", check=False)
+
+
+def _client_pods(lab: ClusterLab) -> dict[int, int]:
+    """One client pod per node (not a backend): node index → pod PID."""
+    objs = [pod(f"client-{i}", lab.node_name(i), labels={"role": "client"}) for i in range(1, lab.nodes + 1)]
+    lab.kubectl_apply(objs)
+    return {i: lab.pod_pid("e2e", f"client-{i}") for i in range(1, lab.nodes + 1)}
+
+
+def test_clusterip_from_every_pod_and_node_reaches_all_backends(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"web-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 3)
+    clients = _client_pods(lab)
+    backends = {f"{app}-{k}" for k in range(3)}
+    try:
+        for i, pid in clients.items():
+            got = wait_for(f"all backends from client-{i}",
+                           lambda: backends <= set(answers(lab, f"http://{cip}/", 30, pod_pid=pid)) or None)
+            assert got
+            # Pod to ClusterIP keeps the pod's own address (no masquerade inside the cluster).
+            seen = {curl(lab, f"http://{cip}/", pod_pid=pid).split(" ")[1] for _ in range(5)}
+            pod_ip = lab.kubectl("get", "pod", f"client-{i}", "-n", "e2e", "-o",
+                                 "jsonpath={.status.podIP}").stdout.strip()
+            assert seen == {pod_ip}
+        for i in range(1, lab.nodes + 1):
+            assert backends <= set(answers(lab, f"http://{cip}/", 40, node=i)), f"from node {i}"
+    finally:
+        _delete(lab, app)
+
+
+def test_scaling_is_reflected(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"scale-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 2)
+    try:
+        lab.kubectl_apply([pod(f"{app}-{k}", lab.node_name(1 + k % lab.nodes), labels={"app": app})
+                           for k in range(2, 4)])
+        wait_ready_endpoints(lab, app, 4)
+        want = {f"{app}-{k}" for k in range(4)}
+        wait_for("scaled up", lambda: set(answers(lab, f"http://{cip}/", 40, node=1)) >= want or None)
+        lab.kubectl("delete", "pod", f"{app}-0", f"{app}-1", "-n", "e2e", "--wait=true", "--timeout=30s")
+        wait_ready_endpoints(lab, app, 2)
+        remaining = {f"{app}-2", f"{app}-3"}
+        wait_for("scaled down", lambda: set(answers(lab, f"http://{cip}/", 30, node=2)) == remaining or None)
+    finally:
+        _delete(lab, app)
+
+
+def test_nodeport_from_external_client(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"np-{fleet.mode[:3]}"
+    port = 30100 if fleet.mode == "nftables" else 30101
+    _deploy(lab, app, 2, node_port=port)
+    try:
+        for i in range(1, lab.nodes + 1):
+            url = f"http://{node_ip(i)}:{port}/"
+            got = wait_for(f"nodeport on node {i}",
+                           lambda: {a for a in answers(lab, url, 30, ext=True)} >= {f"{app}-0", f"{app}-1"} or None)
+            assert got
+            seen = {curl(lab, url, ext=True).split(" ")[1] for _ in range(5)}
+            assert EXT_IP not in seen  # masqueraded: the backend sees a node, not the client
+    finally:
+        _delete(lab, app)
+
+
+def test_client_ip_affinity(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"sticky-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 3, affinity=300)
+    clients = _client_pods(lab)
+    try:
+        for pid in clients.values():
+            first = wait_for("service up", lambda: curl(lab, f"http://{cip}/", pod_pid=pid).split(" ")[0]
+                             if "sticky" in curl(lab, f"http://{cip}/", pod_pid=pid) else None)
+            assert set(answers(lab, f"http://{cip}/", 15, pod_pid=pid)) == {first}
+    finally:
+        _delete(lab, app)
+
+
+def test_deleted_service_refuses_connections(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"gone-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 1)
+    wait_for("service up", lambda: app in curl(lab, f"http://{cip}/", node=1))
+    lab.kubectl("delete", "pods", "-n", "e2e", "-l", f"app={app}", "--wait=true", "--timeout=30s")
+    # No endpoints left: refused at once, not a timeout.
+    out = wait_for("refused", lambda: (o := curl(lab, f"http://{cip}/", node=1)) if "Couldn't connect" in o
+                   or "refused" in o.lower() else None)
+    assert out
+    _delete(lab, app)
+
+
+def test_kill_9_and_restart_drops_no_connection(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"stable-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 2)
+    clients = _client_pods(lab)
+    pid = clients[1]
+    wait_for("service up", lambda: app in curl(lab, f"http://{cip}/", pod_pid=pid))
+    loop = subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", f"{cip}:80",
+         "--count", "800", "--timeout", "2", "--deadline", "60"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        fleet.kill(1, 9)  # no goodbye: rules stay in the kernel
+        time.sleep(1)
+        fleet.start(1)
+        fleet.wait_healthy(1)
+        out, _ = loop.communicate(timeout=90)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+    import json
+
+    data = json.loads(out)
+    assert data["errors"] == {}, data["errors"]
+    assert len(data["answers"]) == 800
+    _delete(lab, app)
+
+
+def test_apiserver_restart(lab: ClusterLab, fleet: ProxyFleet):
+    app = f"api-{fleet.mode[:3]}"
+    cip = _deploy(lab, app, 1)
+    wait_for("service up", lambda: f"{app}-0" in curl(lab, f"http://{cip}/", node=2))
+    lab.stop("kube-apiserver")
+    # Rules keep serving while the API is down.
+    assert set(answers(lab, f"http://{cip}/", 10, node=2)) == {f"{app}-0"}
+    lab.start_apiserver()
+    wait_for("apiserver", lab.api_ready, timeout=90)
+    lab.kubectl_apply([pod(f"{app}-1", lab.node_name(1), labels={"app": app})])
+    wait_ready_endpoints(lab, app, 2)
+    # A change made after the API came back is programmed (the watch reconnected).
+    wait_for("new endpoint programmed",
+             lambda: {f"{app}-0", f"{app}-1"} <= set(answers(lab, f"http://{cip}/", 30, node=2)) or None,
+             timeout=60)
+    _delete(lab, app)

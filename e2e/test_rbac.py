@@ -1,0 +1,47 @@
+"""The chart installs into the real API server and grants pyproxy exactly what it needs."""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e.harness import helm
+from pyproxy.lab.cluster import REPO, ClusterLab
+
+AS = "--as=system:serviceaccount:kube-system:pyproxy"
+
+ALLOWED = [
+    ("list", "services"), ("watch", "services"),
+    ("list", "endpointslices.discovery.k8s.io"), ("watch", "endpointslices.discovery.k8s.io"),
+    ("list", "nodes"), ("watch", "nodes"),
+    ("create", "events"), ("patch", "events"), ("create", "events.events.k8s.io"),
+]
+DENIED = [
+    ("get", "services"), ("update", "services"), ("patch", "services"), ("delete", "services"),
+    ("create", "endpointslices.discovery.k8s.io"), ("patch", "nodes"), ("update", "nodes/status"),
+    ("get", "secrets"), ("list", "secrets"), ("list", "pods"), ("delete", "events"), ("list", "configmaps"),
+]
+
+
+def test_chart_lints(lab: ClusterLab):
+    proc = helm(lab, "lint", str(REPO / "charts" / "pyproxy"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("verb", "resource"), ALLOWED)
+def test_service_account_can(lab: ClusterLab, verb: str, resource: str):
+    out = lab.kubectl("auth", "can-i", verb, resource, AS, "-A", check=False).stdout.strip()
+    assert out == "yes", (verb, resource, out)
+
+
+@pytest.mark.parametrize(("verb", "resource"), DENIED)
+def test_service_account_cannot(lab: ClusterLab, verb: str, resource: str):
+    out = lab.kubectl("auth", "can-i", verb, resource, AS, "-A", check=False).stdout.strip()
+    assert out == "no", (verb, resource, out)
+
+
+def test_chart_objects_are_in_the_api(lab: ClusterLab):
+    ds = lab.kubectl("get", "daemonset", "pyproxy", "-n", "kube-system", "-o", "json").stdout
+    assert '"hostNetwork": true' in ds
+    assert '"NET_ADMIN"' in ds and '"NET_RAW"' in ds and '"privileged": false' in ds
+    assert '"system-node-critical"' in ds
+    assert lab.kubectl("get", "configmap", "pyproxy-config", "-n", "kube-system").returncode == 0
