@@ -107,16 +107,24 @@ def test_client_ip_affinity(lab: ClusterLab, fleet: ProxyFleet):
         _delete(lab, app)
 
 
-def test_deleted_service_refuses_connections(lab: ClusterLab, fleet: ProxyFleet):
+def _refused(text: str) -> bool:
+    return "Couldn't connect" in text or "refused" in text.lower()
+
+
+def test_deleted_endpoints_refuse_and_deleted_service_stops(lab: ClusterLab, fleet: ProxyFleet):
     app = f"gone-{fleet.mode[:3]}"
     cip = _deploy(lab, app, 1)
     wait_for("service up", lambda: app in curl(lab, f"http://{cip}/", node=1))
     lab.kubectl("delete", "pods", "-n", "e2e", "-l", f"app={app}", "--wait=true", "--timeout=30s")
-    # No endpoints left: refused at once, not a timeout.
-    out = wait_for("refused", lambda: (o := curl(lab, f"http://{cip}/", node=1)) if "Couldn't connect" in o
-                   or "refused" in o.lower() else None)
-    assert out
-    _delete(lab, app)
+    # No endpoints left: refused at once (a reset), not a timeout.
+    wait_for("refused", lambda: _refused(curl(lab, f"http://{cip}/", node=1)))
+    t0 = time.monotonic()
+    assert _refused(curl(lab, f"http://{cip}/", node=1, timeout=3))
+    assert time.monotonic() - t0 < 1.5
+    lab.kubectl("delete", "svc", app, "-n", "e2e", "--wait=true")
+    # The Service is gone: its rules are gone, nothing answers on the old ClusterIP.
+    wait_for("service removed", lambda: not _refused(out := curl(lab, f"http://{cip}/", node=1, timeout=1))
+             and app not in out)
 
 
 def test_kill_9_and_restart_drops_no_connection(lab: ClusterLab, fleet: ProxyFleet):
@@ -127,7 +135,7 @@ def test_kill_9_and_restart_drops_no_connection(lab: ClusterLab, fleet: ProxyFle
     wait_for("service up", lambda: app in curl(lab, f"http://{cip}/", pod_pid=pid))
     loop = subprocess.Popen(
         ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", f"{cip}:80",
-         "--count", "800", "--timeout", "2", "--deadline", "60"],
+         "--count", "800", "--timeout", "2", "--deadline", "60", "--http"],
         stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)

@@ -15,7 +15,8 @@ import time
 from collections import Counter
 
 
-def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeout: float) -> tuple[str, str] | str:
+def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeout: float,
+               http: bool = False) -> tuple[str, str] | str:
     """One attempt: ``(pod, seen_ip)`` or an error word (refused, timeout, unreachable, ...)."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as s:
@@ -27,6 +28,15 @@ def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeo
             if proto == "udp":
                 s.send(b"hello\n")
                 data = s.recv(512)
+            elif http:
+                s.sendall(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                data = data.split(b"\r\n\r\n", 1)[-1]
             else:
                 data = b""
                 while not data.endswith(b"\n"):
@@ -54,6 +64,7 @@ def main() -> None:
     parser.add_argument("--source", action="append", default=[],
                         help="source address to bind (repeatable: attempts rotate over them)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
+    parser.add_argument("--http", action="store_true", help="speak HTTP/1.0 (the echo's --http-port)")
     parser.add_argument("--deadline", type=float, default=60.0, help="stop after this many seconds")
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
@@ -68,7 +79,7 @@ def main() -> None:
             break
         t0 = time.monotonic()
         result = probe_once((host, int(port)), proto=args.proto, source=sources[i % len(sources)],
-                            timeout=args.timeout)
+                            timeout=args.timeout, http=args.http)
         durations.append(time.monotonic() - t0)
         if isinstance(result, tuple):
             answers.append([*result, sources[i % len(sources)]])

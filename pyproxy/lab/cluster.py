@@ -250,7 +250,7 @@ class ClusterLab:
 
     def _control_plane(self) -> None:
         self.start_etcd()
-        self._wait("etcd", lambda: ns_run(self.cp_ns, ["sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/2379"]).returncode == 0)
+        self._wait("etcd", lambda: "true" in ns_run(self.cp_ns, ["curl", "-s", "http://127.0.0.1:2379/health"]).stdout)
         self.start_apiserver()
         self._wait("kube-apiserver", self.api_ready, timeout=120)
         self._spawn("kube-controller-manager", self.cp_ns, [

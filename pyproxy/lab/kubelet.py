@@ -54,8 +54,9 @@ class LabClient(KubeClient):
     async def send(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
                    content_type: str = "application/merge-patch+json") -> int:
         data = json.dumps(body).encode() if body is not None else None
+        headers = {**await self._auth_headers(), "Content-Type": content_type}
         async with self._sess().request(method, self.host + path, params=params or {}, data=data,
-                                        headers={"Content-Type": content_type}) as resp:
+                                        headers=headers) as resp:
             await resp.read()
             return resp.status
 
@@ -127,19 +128,8 @@ class Kubelet:
             argv += [a for p in http_ports for a in ("--http-port", str(p))]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
             host_if = "vp" + hashlib.sha1(uid.encode()).hexdigest()[:11]
-            await asyncio.sleep(0.05)
-            with IPRoute() as ipr:
-                for _ in range(100):  # until unshare has made the namespace
-                    try:
-                        ipr.link("add", ifname=host_if, kind="veth",
-                                 peer={"ifname": "eth0", "net_ns_pid": proc.pid})
-                        break
-                    except Exception:  # noqa: BLE001 - netns not there yet
-                        await asyncio.sleep(0.05)
-                idx = ipr.link_lookup(ifname=host_if)[0]
-                ipr.link("set", index=idx, master=ipr.link_lookup(ifname=self.bridge)[0], state="up")
-            subprocess.run(["ip", "link", "set", "dev", host_if, "type", "bridge_slave", "hairpin", "on"],
-                           check=False, capture_output=True)
+            # pyroute2's synchronous API runs its own event loop: keep it off ours.
+            await asyncio.to_thread(self._plug, host_if, proc.pid)
             assert proc.stdout is not None
             line = await asyncio.to_thread(proc.stdout.readline)
             if line.strip() != "ready":
@@ -158,6 +148,21 @@ class Kubelet:
             log.error("pod %s/%s failed to start: %s", ns, name, err)
         finally:
             self.starting.discard(uid)
+
+    def _plug(self, host_if: str, pid: int) -> None:
+        """veth: eth0 into the pod's namespace, the other end into the node's pod bridge."""
+        with IPRoute() as ipr:
+            for _ in range(200):  # until unshare has made the namespace
+                try:
+                    ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_pid": pid})
+                    break
+                except Exception:  # noqa: BLE001 - the namespace is not there yet
+                    time.sleep(0.02)
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=self.bridge)[0], state="up")
+        # Hairpin, as the bridge CNI sets it: a pod reaching itself through its Service.
+        subprocess.run(["ip", "link", "set", "dev", host_if, "type", "bridge_slave", "hairpin", "on"],
+                       check=False, capture_output=True)
 
     async def _terminate(self, pod: dict[str, Any], grace: float) -> None:
         meta = pod["metadata"]
@@ -182,9 +187,7 @@ class Kubelet:
                 run.proc.kill()
         if run.proc.stdout:
             run.proc.stdout.close()
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=run.host_if):
-                ipr.link("del", ifname=run.host_if)
+        # The pod's namespace died with its process, and the veth pair with it.
         self.free.append(run.ip)
         (self.state_dir / f"{run.namespace}_{run.name}.json").unlink(missing_ok=True)
         log.info("pod %s/%s stopped", run.namespace, run.name)

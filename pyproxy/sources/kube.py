@@ -65,10 +65,13 @@ class KubeClient:
     """Minimal GET-only API client: JSON lists and streaming watches."""
 
     def __init__(self, *, host: str, ssl_context: ssl.SSLContext | bool, headers: dict[str, str],
-                 user_agent: str = "pyproxy") -> None:
+                 user_agent: str = "pyproxy", auth: Callable[[], Awaitable[dict[str, str]]] | None = None) -> None:
         self.host = host.rstrip("/")
         self._ssl = ssl_context
         self._headers = {**headers, "User-Agent": user_agent, "Accept": "application/json"}
+        self._auth = auth
+        """Fresh auth headers per request: in-cluster tokens are rotated on disk, and exec
+        plugins hand out short-lived ones; kubernetes_asyncio's refresh hooks handle both."""
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -87,11 +90,17 @@ class KubeClient:
             where = kubeconfig or "the in-cluster service account"
             raise KubeError(f"cannot load credentials from {where}: {err}; pass --kubeconfig "
                             "or run in a pod with a service account") from None
-        headers = {}
-        for setting in cfg.auth_settings().values():
-            if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
-        if cfg.username and cfg.password and "authorization" not in {k.lower() for k in headers}:
+        async def auth() -> dict[str, str]:
+            if cfg.refresh_api_key_hook is not None:
+                await cfg.refresh_api_key_hook(cfg)
+            out = {}
+            for setting in (await cfg.auth_settings()).values():
+                if setting.get("in") == "header" and setting.get("value"):
+                    out[setting["key"]] = setting["value"]
+            return out
+
+        headers: dict[str, str] = {}
+        if cfg.username and cfg.password:
             import base64
 
             token = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
@@ -106,7 +115,7 @@ class KubeClient:
                 ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         else:
             ctx = False
-        return cls(host=cfg.host, ssl_context=ctx, headers=headers)
+        return cls(host=cfg.host, ssl_context=ctx, headers=headers, auth=auth)
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -120,9 +129,12 @@ class KubeClient:
         if self._session is not None:
             await self._session.close()
 
+    async def _auth_headers(self) -> dict[str, str]:
+        return await self._auth() if self._auth is not None else {}
+
     async def get(self, path: str, params: dict[str, str], *, timeout: float = 60) -> dict[str, Any]:
         try:
-            async with self._sess().get(self.host + path, params=params,
+            async with self._sess().get(self.host + path, params=params, headers=await self._auth_headers(),
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 body = await resp.read()
                 if resp.status == 410:
@@ -137,7 +149,8 @@ class KubeClient:
         """Stream watch events to ``on_event`` until the server ends the watch."""
         params = {**params, "watch": "1", "allowWatchBookmarks": "true"}
         try:
-            async with self._sess().get(self.host + path, params=params) as resp:
+            async with self._sess().get(self.host + path, params=params,
+                                        headers=await self._auth_headers()) as resp:
                 if resp.status == 410:
                     raise Gone("resourceVersion too old")
                 if resp.status != 200:
