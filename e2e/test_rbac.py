@@ -45,3 +45,21 @@ def test_chart_objects_are_in_the_api(lab: ClusterLab):
     assert '"NET_ADMIN"' in ds and '"NET_RAW"' in ds and '"privileged": false' in ds
     assert '"system-node-critical"' in ds
     assert lab.kubectl("get", "configmap", "pyproxy-config", "-n", "kube-system").returncode == 0
+
+
+def test_manifests_are_rendered_from_the_chart(lab: ClusterLab, tmp_path):
+    import subprocess
+
+    committed = (REPO / "manifests" / "pyproxy.yaml").read_text()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "render-manifests.sh"), lab.bin("helm")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert (REPO / "manifests" / "pyproxy.yaml").read_text() == committed, \
+            "manifests/pyproxy.yaml is stale: run scripts/render-manifests.sh and commit it"
+    finally:
+        (REPO / "manifests" / "pyproxy.yaml").write_text(committed)
+    # The API server accepts every object (server-side dry run runs validation and admission).
+    text = committed.replace("API_SERVER_HOST", "192.0.2.10")
+    out = lab.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
+    assert out.returncode == 0, out.stderr
