@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The main job in one command: install what is needed, build a one-node cluster out of network
-# namespaces, let pyproxy program it (nftables, then iptables) and show curl going through it.
+# The main job in one command: install what is needed, build (or reuse) the upstream control
+# plane from Go modules, bring up a two-node cluster in network namespaces, install pyproxy's
+# chart into it, run pyproxy on every node and show curl reaching a ClusterIP and a NodePort.
+#   bash demo.sh                               # the real-cluster demo (needs root, Linux)
+#   python3 -m pyproxy.lab.quickdemo           # one node, objects from a file, no control plane
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "$(uname -s)" != Linux ]; then echo "demo.sh: needs Linux (network namespaces)" >&2; exit 2; fi
+if [ "$(id -u)" -ne 0 ]; then echo "demo.sh: needs root to create network namespaces: sudo bash demo.sh" >&2; exit 2; fi
 bash scripts/setup.sh
 exec python3 -m pyproxy.lab.demo "$@"

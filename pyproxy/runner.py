@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
@@ -41,6 +41,10 @@ FINE_PROGRAMMING = Histogram(
 )
 LAST_QUEUED = Gauge("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                     "The last time a sync of proxy rules was queued")
+ENDPOINT_CHANGES_TOTAL = Counter("kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                                 "Cumulative proxy rules Endpoint changes")
+SERVICE_CHANGES_TOTAL = Counter("kubeproxy_sync_proxy_rules_service_changes_total",
+                                "Cumulative proxy rules Service changes")
 ENDPOINT_CHANGES = Gauge("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes")
 SERVICE_CHANGES = Gauge("kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes")
 
@@ -83,6 +87,9 @@ class SyncRunner:
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         self.builder.replace_kind(kind, objects)
+        if kind == "Node":
+            ours = [o for o in objects if (o.get("metadata") or {}).get("name") == self.config.hostname]
+            self.health.node_deleting = bool(ours and (ours[0].get("metadata") or {}).get("deletionTimestamp"))
         self._changed(kind)
 
     def on_event(self, event: str, kind: str, obj: dict[str, Any]) -> None:
@@ -102,6 +109,8 @@ class SyncRunner:
     def _changed(self, kind: str) -> None:
         if kind in self._pending:
             self._pending[kind] += 1
+            (ENDPOINT_CHANGES_TOTAL if kind == "EndpointSlice" else SERVICE_CHANGES_TOTAL).inc()
+            (ENDPOINT_CHANGES if kind == "EndpointSlice" else SERVICE_CHANGES).set(self._pending[kind])
         self.health.queued()
         LAST_QUEUED.set(time.time())
         self._wake.set()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in nft:nftables iptables-nft-restore:iptables iptables-legacy-restore:iptables conntrack:conntrack ip:iproute2 curl:curl; do
+for tool in nft:nftables iptables-nft-restore:iptables iptables-legacy-restore:iptables conntrack:conntrack ip:iproute2 curl:curl openssl:openssl nsenter:util-linux; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -15,4 +15,5 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
+command -v go >/dev/null 2>&1 || echo "setup: go not found: the real-cluster lab (e2e, demo) builds upstream binaries with Go >= 1.26" >&2
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

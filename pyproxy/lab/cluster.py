@@ -75,6 +75,9 @@ class ClusterLab:
     admin_token: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
+    owner_pid: int = 0
+    """The process that brought the lab up, for labs that die with it (tests, benchmarks);
+    0 for a lab meant to outlive its creator (``pyproxy lab up``)."""
 
     # -- naming --------------------------------------------------------------------------
     @property
@@ -121,12 +124,25 @@ class ClusterLab:
 
     # -- bring up ------------------------------------------------------------------------
     @classmethod
-    def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None) -> ClusterLab:
+    def reap_orphans(cls) -> None:
+        """Take down labs whose owning process is gone (a test run that was killed)."""
+        for state in STATE_ROOT.glob("*/state.json"):
+            try:
+                lab = cls(**json.loads(state.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if lab.owner_pid and not _alive(lab.owner_pid):
+                lab.down()
+
+    @classmethod
+    def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None,
+           owned: bool = True) -> ClusterLab:
+        cls.reap_orphans()
         if (STATE_ROOT / name / "state.json").exists():
             raise RuntimeError(f"lab {name!r} is already up; run 'pyproxy lab down --name {name}' first")
         lab = cls(name=name, nodes=nodes, tag=f"pxl{secrets.token_hex(2)}",
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
-                  admin_token=secrets.token_hex(16))
+                  admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0)
         lab.path.mkdir(parents=True, exist_ok=True)
         lab.save()
         try:
@@ -367,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pyproxy lab: needs root on Linux (network namespaces); run it with sudo", file=sys.stderr)
         return 2
     if args.action == "up":
-        lab = ClusterLab.up(name=args.name, nodes=args.nodes)
+        lab = ClusterLab.up(name=args.name, nodes=args.nodes, owned=False)
         print(json.dumps(lab.status(), indent=1))
         print(f"kubectl: ip netns exec {lab.cp_ns} {lab.bin('kubectl')} --kubeconfig {lab.admin_kubeconfig} ...")
         return 0

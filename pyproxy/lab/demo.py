@@ -1,11 +1,13 @@
-"""The demo: a one-node cluster in network namespaces, pyproxy programming it, curl using it.
+"""The main demo: a real cluster in network namespaces, pyproxy on every node, curl through it.
 
-    sudo python -m pyproxy.lab.demo          # or: bash demo.sh (installs what it needs first)
+    sudo python -m pyproxy.lab.demo       # or: bash demo.sh (installs what it needs first)
 
-It builds the lab (a node, three pods, an external client), loads ``examples/demo.yaml``
-with ``pyproxy run --once`` in each proxy mode, and shows curl reaching a ClusterIP from a pod,
-a NodePort from outside, ClientIP affinity, and a service without endpoints refusing at once.
-Everything happens inside namespaces it creates and removes.
+Builds (or reuses from the cache) upstream kube-apiserver, kube-controller-manager, kubectl,
+etcd and helm; brings up a two-node lab (``pyproxy lab``); installs the Helm chart into the
+API server; runs pyproxy on each node with the chart's ServiceAccount token, in nftables mode
+and then in iptables mode; deploys three echo pods behind a NodePort Service and curls the
+ClusterIP from a pod on each node, from each node, and the NodePort from an external client.
+Everything is torn down at the end.
 """
 
 from __future__ import annotations
@@ -14,19 +16,9 @@ import os
 import platform
 import shutil
 import sys
-from pathlib import Path
+import time
 
-from pyproxy.lab.netns import Topology, ns_exec
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
-
-
-def _curl(topo: Topology, ns: str, url: str, *, source: str | None = None) -> str:
-    argv = ["curl", "-sS", "--max-time", "2", url]
-    if source:
-        argv[1:1] = ["--interface", source]
-    proc = ns_exec(ns, argv)
-    return (proc.stdout or proc.stderr).strip()
+NODES = 2
 
 
 def _preflight() -> str | None:
@@ -34,7 +26,7 @@ def _preflight() -> str | None:
         return "the demo needs Linux (network namespaces, nftables, iptables)"
     if os.geteuid() != 0:
         return "the demo needs root to create network namespaces: run it with sudo"
-    for tool in ("ip", "nft", "iptables", "curl"):
+    for tool in ("ip", "nft", "iptables", "curl", "go", "openssl", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} is missing: run 'bash scripts/setup.sh' (or 'bash demo.sh') first"
     return None
@@ -45,34 +37,63 @@ def main() -> int:
     if problem:
         print(f"pyproxy demo: {problem}", file=sys.stderr)
         return 2
-    source = os.environ.get("PYPROXY_DEMO_FILE", str(EXAMPLE))
-    # pod0 and pod1 are the demo's backends (10.244.1.10, .11); pod2 is a client pod.
-    with Topology.create(pods=3, client_sources=2) as topo:
-        client_pod = topo.pod("pod2")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from e2e.harness import (
+        ProxyFleet,
+        answers,
+        cluster_ip,
+        curl,
+        install_chart,
+        pod,
+        sa_kubeconfig,
+        service,
+        wait_for,
+        wait_ready_endpoints,
+    )
+    from pyproxy.lab.cluster import ClusterLab, build_binaries, node_ip
+
+    print("building (or reusing) upstream kube-apiserver, kube-controller-manager, kubectl, etcd, helm;\n"
+          "the first time this takes ~15 minutes on 2 cores ...", flush=True)
+    t0 = time.monotonic()
+    bin_dir = build_binaries()
+    print(f"  binaries in {bin_dir} ({time.monotonic() - t0:.0f}s)")
+    lab = ClusterLab.up(name=f"demo{os.getpid()}", nodes=NODES, bin_dir=str(bin_dir))
+    try:
+        print(f"\nlab up: etcd, kube-apiserver, kube-controller-manager in {lab.cp_ns}; nodes "
+              + ", ".join(f"{lab.node_name(i)} ({node_ip(i)})" for i in range(1, NODES + 1)))
+        print(lab.kubectl("get", "nodes", "-o", "wide").stdout)
+        lab.kubectl("create", "namespace", "e2e")
+        install_chart(lab)
+        print("helm install pyproxy charts/pyproxy -n kube-system: done")
+        config = sa_kubeconfig(lab)
+        objs = [service("web", {"app": "web"}, node_port=30080)]
+        objs += [pod(f"web-{k}", lab.node_name(1 + k % NODES), labels={"app": "web"}) for k in range(3)]
+        objs += [pod(f"client-{i}", lab.node_name(i), labels={"role": "client"}) for i in range(1, NODES + 1)]
+        lab.kubectl_apply(objs)
+        wait_ready_endpoints(lab, "web", 3)
+        cip = cluster_ip(lab, "web")
+        print(lab.kubectl("get", "pods,svc,endpointslices", "-n", "e2e", "-o", "wide").stdout)
         for mode in ("nftables", "iptables"):
-            print(f"\n=== proxy mode: {mode} ===")
-            proc = topo.pyproxy("run", "--once", "--source-file", source, "--hostname-override",
-                                "node-a", "--cluster-cidr", topo.cluster_cidr, "--proxy-mode", mode)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                return 1
-            print(proc.stderr.strip().splitlines()[-1])
-            print(f"\n$ curl http://10.96.0.10/   (from {client_pod.name}, {client_pod.ip}; six new connections)")
-            for _ in range(6):
-                print("  answered by:", _curl(topo, client_pod.ns, "http://10.96.0.10/"))
-            print(f"\n$ curl http://{topo.node_ip}:30080/   (NodePort, from the external client)")
-            for _ in range(3):
-                print("  answered by:", _curl(topo, topo.client_ns, f"http://{topo.node_ip}:30080/"))
-            print("\n$ curl http://10.96.0.20/   (ClientIP affinity: one client keeps its backend)")
-            for src in topo.client_sources:
-                answers = {_curl(topo, topo.client_ns, "http://10.96.0.20/", source=src) for _ in range(4)}
-                print(f"  client {src}: {' | '.join(sorted(answers))}")
-            print("\n$ curl http://10.96.0.30/   (a service with no endpoints)")
-            print("  ", _curl(topo, client_pod.ns, "http://10.96.0.30/"))
-            cleanup = topo.pyproxy("cleanup")
-            print(cleanup.stderr.strip().splitlines()[-1] if cleanup.stderr.strip() else "cleaned up")
-    print("\nThe pod's own address reached the backends (no NAT inside the cluster); the NodePort and\n"
-          "external traffic arrived from the node (10.244.1.1, masqueraded). See README.md.")
+            print(f"=== pyproxy in {mode} mode on every node (ServiceAccount token, as the DaemonSet) ===")
+            fleet = ProxyFleet(lab=lab, mode=mode, kubeconfig=config)
+            fleet.start_all()
+            try:
+                wait_for("the service", lambda: "web-" in curl(lab, f"http://{cip}/", node=1))
+                for i in range(1, NODES + 1):
+                    pid = lab.pod_pid("e2e", f"client-{i}")
+                    print(f"$ curl http://{cip}/   from pod client-{i} on {lab.node_name(i)}:")
+                    print("   " + "\n   ".join(curl(lab, f"http://{cip}/", pod_pid=pid) for _ in range(4)))
+                for i in range(1, NODES + 1):
+                    seen = sorted(set(answers(lab, f"http://{cip}/", 12, node=i)))
+                    print(f"$ curl http://{cip}/   x12 from {lab.node_name(i)}: answered by {', '.join(seen)}")
+                print(f"$ curl http://{node_ip(1)}:30080/   from the external client:")
+                print("   " + curl(lab, f"http://{node_ip(1)}:30080/", ext=True))
+            finally:
+                fleet.stop_all()
+        print("\npods saw each other's own addresses through the ClusterIP (no NAT inside the cluster);"
+              "\nnode and external traffic arrived masqueraded. See README.md.")
+    finally:
+        lab.down()
     return 0
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,9 +82,10 @@ class KubeClient:
         from kubernetes_asyncio.client import Configuration
 
         cfg = Configuration()
+        loader = None
         try:
             if kubeconfig:
-                await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+                loader = await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
             else:
                 kconfig.load_incluster_config(client_configuration=cfg)
         except (kconfig.ConfigException, OSError) as err:
@@ -91,9 +93,10 @@ class KubeClient:
             raise KubeError(f"cannot load credentials from {where}: {err}; pass --kubeconfig "
                             "or run in a pod with a service account") from None
         async def auth() -> dict[str, str]:
-            if cfg.refresh_api_key_hook is not None:
-                await cfg.refresh_api_key_hook(cfg)
-            out = {}
+            if loader is not None:
+                # Re-runs an exec plugin whose token has expired (cheap otherwise).
+                await loader.load_and_set(cfg)
+            out = {}  # auth_settings() runs the in-cluster token refresh hook itself
             for setting in (await cfg.auth_settings()).values():
                 if setting.get("in") == "header" and setting.get("value"):
                     out[setting["key"]] = setting["value"]
@@ -142,6 +145,8 @@ class KubeClient:
                 if resp.status != 200:
                     raise KubeError(f"GET {path}: HTTP {resp.status}: {body[:300].decode(errors='replace')}")
                 return json.loads(body)
+        except ValueError as err:  # not JSON: a proxy's error page, a truncated body
+            raise KubeError(f"GET {path}: response is not JSON: {err}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             raise KubeError(f"GET {path}: {type(err).__name__}: {err}") from None
 
@@ -162,7 +167,11 @@ class KubeClient:
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
                         if line.strip():
-                            on_event(json.loads(line))
+                            try:
+                                event = json.loads(line)
+                            except ValueError as err:
+                                raise KubeError(f"WATCH {path}: event is not JSON: {err}") from None
+                            on_event(event)
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             raise KubeError(f"WATCH {path}: {type(err).__name__}: {err}") from None
 
@@ -187,6 +196,7 @@ class Reflector:
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.relists = 0
+        self._events = 0
 
     def _params(self) -> dict[str, str]:
         p = {}
@@ -220,6 +230,7 @@ class Reflector:
                  self.resource_version)
 
     def _handle(self, event: dict[str, Any]) -> None:
+        self._events += 1
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
@@ -245,8 +256,16 @@ class Reflector:
                     need_list = False
                 params = {**self._params(), "resourceVersion": self.resource_version,
                           "timeoutSeconds": str(self.watch_timeout)}
+                started = time.monotonic()
+                self._events = 0
                 await self.client.watch(self.resource.path, params, self._handle)
-                backoff = 0.5  # a watch that ended normally: reconnect at once
+                if time.monotonic() - started < 1.0 and not self._events:
+                    # A watch the server ends at once with nothing in it (a misbehaving proxy,
+                    # an overloaded server): do not reconnect in a tight loop.
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, self.max_backoff)
+                else:
+                    backoff = 0.5
             except Gone:
                 log.info("%s: resourceVersion %s expired, relisting", self.resource.kind, self.resource_version)
                 need_list = True

@@ -1,0 +1,456 @@
+"""SyncRunner: waits for the caches, batches changes, syncs periodically, retries failures and
+measures network programming latency; against NftProxier + FakeNft (no kernel, no root).
+
+Each test runs its own event loop with ``asyncio.run`` and cancels the loop task at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from pyproxy import runner as runner_mod
+from pyproxy.config import ProxyConfig
+from pyproxy.health import ProxyHealth
+from pyproxy.nft.executor import FakeNft
+from pyproxy.proxier.base import SyncResult
+from pyproxy.proxier.nftables import NftProxier
+from pyproxy.runner import TRIGGER_ANNOTATION, Periods, SyncRunner
+from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, Reflector, node_resource, wait_synced
+from tests import scenario as sc
+from tests.unit.test_reflector import (
+    GONE_EVENT,
+    NODE_PATH,
+    SLICE_PATH,
+    SVC_PATH,
+    FakeApi,
+    Reply,
+    ev,
+    page,
+    until,
+)
+
+CFG = ProxyConfig(hostname="node-1")
+TCP = [sc.port(8080, name="http")]
+FAST = Periods(min_sync=0.01, sync=0.2)
+
+
+def web_service(name: str = "web", ip: str = "10.96.0.10") -> dict[str, Any]:
+    return sc.service(name, ip, [sc.port(80, name="http")])
+
+
+def web_slice(ips: list[str], name: str = "web", trigger: str | None = None) -> dict[str, Any]:
+    obj = sc.endpoint_slice(name, ips, TCP)
+    if trigger is not None:
+        obj["metadata"]["annotations"] = {TRIGGER_ANNOTATION: trigger}
+    return obj
+
+
+NODE = sc.node("node-1", ["192.168.1.1"])
+
+
+class Rig:
+    """A SyncRunner over NftProxier + FakeNft, with every proxier sync recorded."""
+
+    def __init__(self, periods: Periods = FAST, *, timeout: float = 60.0) -> None:
+        self.fake = FakeNft()
+        self.proxier = NftProxier(config=CFG, executor=self.fake)
+        self.health = ProxyHealth(timeout=timeout)
+        self.runner = SyncRunner(proxier=self.proxier, config=CFG, periods=periods, health=self.health)
+        self.calls: list[float] = []
+        """monotonic time of every proxier.sync call, failed ones included."""
+        self.results: list[SyncResult] = []
+        self.failures = 0
+        inner = self.proxier.sync
+
+        def sync(state: Any) -> SyncResult:
+            self.calls.append(time.monotonic())
+            try:
+                result = inner(state)
+            except Exception:
+                self.failures += 1
+                raise
+            self.results.append(result)
+            return result
+
+        self.proxier.sync = sync  # type: ignore[method-assign]
+
+    def feed_all(self, ips: list[str] | None = None) -> None:
+        self.runner.on_replace("Service", [web_service()])
+        self.runner.on_replace("EndpointSlice", [web_slice(ips or ["10.244.1.5"])])
+        self.runner.on_replace("Node", [NODE])
+
+    async def start(self, synced: bool = True) -> tuple[asyncio.Task[None], asyncio.Future[None]]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if synced:
+            fut.set_result(None)
+        return asyncio.create_task(self.runner.run(fut)), fut
+
+    # what the fake kernel holds
+    def table(self) -> Any:
+        return self.fake.tables.get(("ip", "pyproxy"))
+
+    def service_ips(self) -> set[str]:
+        """ClusterIP ports programmed: with endpoints (service-ips) or without (rejected)."""
+        t = self.table()
+        if t is None:
+            return set()
+        return set(t.elements.get("service-ips", {})) | set(t.elements.get("no-endpoint-services", {}))
+
+    def dnat_targets(self) -> set[str]:
+        t = self.table()
+        if t is None:
+            return set()
+        return {rule.rsplit("dnat to ", 1)[1] for rules in t.chains.values() for rule in rules
+                if "dnat to " in rule}
+
+
+async def stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def run(main: Any, timeout: float = 5.0) -> None:
+    asyncio.run(asyncio.wait_for(main(), timeout))
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def rfc3339(ts: datetime) -> str:
+    """As the EndpointSlice controller writes it: seconds, UTC, ``Z``."""
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- first sync -----------------------------------------------------------------------------------
+
+def test_no_sync_before_caches_synced_then_exactly_one_full_sync() -> None:
+    async def main() -> None:
+        rig = Rig()
+        task, synced = await rig.start(synced=False)
+        rig.feed_all()
+        await asyncio.sleep(0.3)  # longer than min_sync and sync: still nothing
+        assert rig.runner.syncs == 0
+        assert rig.calls == []
+        assert rig.fake.transactions == []
+        assert rig.health.last_queued > 0 and rig.health.last_updated == 0
+
+        synced.set_result(None)
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        await asyncio.sleep(0.05)
+        assert rig.runner.syncs == 1 and len(rig.calls) == 1
+        assert rig.results[0].full
+        assert rig.service_ips() == {"10.96.0.10 . tcp . 80"}
+        assert rig.dnat_targets() == {"10.244.1.5:8080"}
+        assert rig.table().elements["nodeport-ips"] == {"192.168.1.1": ""}  # from our Node object
+        assert rig.health.last_updated > 0
+        assert rig.health.last_queued == 0
+        assert rig.health.healthy()
+        await stop(task)
+
+    run(main)
+
+
+def test_pending_change_gauges_count_until_the_sync() -> None:
+    async def main() -> None:
+        rig = Rig()
+        total_before = sample("kubeproxy_sync_proxy_rules_endpoint_changes_total")
+        task, synced = await rig.start(synced=False)
+        rig.runner.on_replace("Service", [web_service()])
+        for i in range(3):
+            rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice([f"10.244.1.{i + 1}"]))
+        rig.runner.on_replace("Node", [NODE])
+        assert sample("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 3
+        assert sample("kubeproxy_sync_proxy_rules_service_changes_pending") == 1
+        assert sample("kubeproxy_sync_proxy_rules_endpoint_changes_total") == total_before + 3
+        queued = sample("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")
+        assert abs(queued - time.time()) < 5
+        synced.set_result(None)
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        assert sample("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
+        assert sample("kubeproxy_sync_proxy_rules_service_changes_pending") == 0
+        await stop(task)
+
+    run(main)
+
+
+# -- batching and periods -------------------------------------------------------------------------
+
+def test_a_burst_of_events_within_min_sync_makes_few_syncs() -> None:
+    async def main() -> None:
+        rig = Rig(Periods(min_sync=0.25, sync=10.0))
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        for i in range(20):  # ~20-40 ms in all: well within one min_sync
+            rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice([f"10.244.2.{i + 1}"]))
+            await asyncio.sleep(0.001)
+        await until(lambda: rig.dnat_targets() == {"10.244.2.20:8080"}, "the last endpoint")
+        await asyncio.sleep(0.3)  # room for any straggler sync
+        syncs = rig.runner.syncs - 1
+        assert 1 <= syncs <= 2, syncs
+        assert len(rig.calls) == rig.runner.syncs
+        gaps = [b - a for a, b in zip(rig.calls, rig.calls[1:])]
+        assert all(g >= 0.25 * 0.95 for g in gaps), gaps  # never closer than min_sync
+        assert rig.health.last_queued == 0
+        await stop(task)
+
+    run(main)
+
+
+def test_periodic_sync_without_changes_is_a_cheap_no_op() -> None:
+    async def main() -> None:
+        rig = Rig(FAST)
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        first_update = rig.health.last_updated
+        transactions = len(rig.fake.transactions)
+        await asyncio.sleep(0.75)  # sync=0.2: about three periodic syncs
+        assert 2 <= rig.runner.syncs - 1 <= 5, rig.runner.syncs
+        assert len(rig.fake.transactions) == transactions  # nothing sent to the kernel
+        assert all(r.operations == 0 and not r.full for r in rig.results[1:])
+        assert rig.health.last_updated > first_update
+        await stop(task)
+
+    run(main)
+
+
+def test_full_sync_period_forces_a_full_rewrite() -> None:
+    async def main() -> None:
+        rig = Rig(Periods(min_sync=0.01, sync=0.05, full_sync=0.3))
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: sum(r.full for r in rig.results) >= 2, "a second full sync", timeout=2)
+        await stop(task)
+        assert rig.results[0].full
+        assert not all(r.full for r in rig.results)  # partial syncs in between
+        later_full = next(i for i, r in enumerate(rig.results) if i and r.full)
+        assert rig.calls[later_full] - rig.calls[0] >= 0.3 * 0.95
+        assert rig.service_ips() == {"10.96.0.10 . tcp . 80"}
+
+    run(main)
+
+
+# -- store updates reach the kernel ---------------------------------------------------------------
+
+def test_events_and_relists_reach_the_kernel() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+
+        rig.runner.on_event("ADDED", "Service", web_service("db", "10.96.0.20"))
+        await until(lambda: "10.96.0.20 . tcp . 80" in rig.service_ips(), "the added service")
+
+        # A relist without "web": the store deletes it (a delete missed while not watching).
+        rig.runner.on_replace("Service", [web_service("db", "10.96.0.20")])
+        await until(lambda: rig.service_ips() == {"10.96.0.20 . tcp . 80"}, "web removed by the relist")
+
+        rig.runner.on_event("DELETED", "Service", web_service("db", "10.96.0.20"))
+        await until(lambda: rig.service_ips() == set(), "db removed by the watch")
+        assert rig.table() is not None  # the table stays; only the service rules go
+        await stop(task)
+
+    run(main)
+
+
+def test_node_events_set_node_deleting() -> None:
+    rig = Rig()
+    deleting = json.loads(json.dumps(NODE))
+    deleting["metadata"]["deletionTimestamp"] = "2024-05-01T12:00:00Z"
+    rig.runner.on_event("MODIFIED", "Node", deleting)
+    assert rig.health.node_deleting
+    assert rig.health.body(time.time())["nodeEligible"] is False
+    rig.runner.on_event("MODIFIED", "Node", NODE)
+    assert not rig.health.node_deleting
+    # Another kind's deletionTimestamp is not ours.
+    svc = web_service()
+    svc["metadata"]["deletionTimestamp"] = "2024-05-01T12:00:00Z"
+    rig.runner.on_event("MODIFIED", "Service", svc)
+    assert not rig.health.node_deleting
+
+
+def test_node_listed_with_deletion_timestamp_sets_node_deleting() -> None:
+    rig = Rig()
+    deleting = json.loads(json.dumps(NODE))
+    deleting["metadata"]["deletionTimestamp"] = "2024-05-01T12:00:00Z"
+    rig.runner.on_replace("Node", [deleting])
+    assert rig.health.node_deleting
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+FINE = "pyproxy_network_programming_duration_seconds"
+KUBE = "kubeproxy_network_programming_duration_seconds"
+
+
+def test_trigger_time_annotation_is_observed_once_after_the_sync() -> None:
+    async def main() -> None:
+        rig = Rig()
+        # Listed slices carry old trigger times: not a change we programmed, not observed.
+        rig.runner.on_replace("Service", [web_service()])
+        rig.runner.on_replace("EndpointSlice", [web_slice(["10.244.1.5"], trigger="2020-01-01T00:00:00Z")])
+        rig.runner.on_replace("Node", [NODE])
+        count0, sum0, kube0 = sample(FINE + "_count"), sample(FINE + "_sum"), sample(KUBE + "_count")
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        assert sample(FINE + "_count") == count0
+
+        trigger = datetime.now(timezone.utc) - timedelta(seconds=2)
+        rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice(["10.244.1.6"], trigger=rfc3339(trigger)))
+        await until(lambda: rig.runner.syncs == 2, "the second sync")
+        assert rig.dnat_targets() == {"10.244.1.6:8080"}
+        assert sample(FINE + "_count") == count0 + 1
+        assert sample(KUBE + "_count") == kube0 + 1
+        observed = sample(FINE + "_sum") - sum0
+        assert 2.0 <= observed < 4.0, observed  # now - trigger (seconds precision)
+
+        # Unparseable or future (clock skew) trigger times are not observed.
+        rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice(["10.244.1.7"], trigger="yesterday"))
+        rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice(
+            ["10.244.1.8"], trigger=rfc3339(datetime.now(timezone.utc) + timedelta(hours=1))))
+        await until(lambda: rig.dnat_targets() == {"10.244.1.8:8080"}, "the last change")
+        await asyncio.sleep(0.02)
+        assert sample(FINE + "_count") == count0 + 1
+        await stop(task)
+
+    run(main)
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+def test_failed_sync_is_retried_as_a_full_sync_and_stays_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.25))  # 0.25 s retry
+
+    async def main() -> None:
+        rig = Rig(timeout=10.0)
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        failures0 = sample("kubeproxy_sync_proxy_rules_nftables_sync_failures_total")
+        count0 = sample(FINE + "_count")
+
+        rig.fake.fail_next = "boom"
+        trigger = rfc3339(datetime.now(timezone.utc) - timedelta(seconds=1))
+        rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice(["10.244.3.1"], trigger=trigger))
+        queued_at = rig.health.last_queued
+        assert queued_at > 0
+        await until(lambda: rig.failures == 1, "the failed sync")
+        await asyncio.sleep(0.05)  # inside the 0.25 s retry delay
+        assert rig.runner.syncs == 1  # failures do not count
+        assert rig.dnat_targets() == {"10.244.1.5:8080"}  # the kernel kept the old rules
+        assert rig.health.last_queued == queued_at  # still pending since the change
+        assert not rig.health.healthy(now=queued_at + 10.0)
+        assert sample("kubeproxy_sync_proxy_rules_nftables_sync_failures_total") == failures0 + 1
+        assert sample(FINE + "_count") == count0  # not programmed yet: no latency
+
+        await until(lambda: rig.runner.syncs == 2, "the retry")
+        assert rig.failures == 1
+        assert rig.results[-1].full  # after a failure, everything is rewritten
+        assert rig.calls[-1] - rig.calls[-2] >= 0.2
+        assert rig.dnat_targets() == {"10.244.3.1:8080"}
+        assert rig.health.last_queued == 0
+        assert rig.health.healthy(now=queued_at + 10.0)
+        assert sample(FINE + "_count") == count0 + 1  # observed once, after the successful retry
+        await stop(task)
+
+    run(main)
+
+
+# -- wired to reflectors and a fake API server ----------------------------------------------------
+
+def test_reflectors_feed_the_runner_end_to_end() -> None:
+    async def main() -> None:
+        async with FakeApi() as api:
+            node_gate = asyncio.Event()
+            svc_gone = asyncio.Event()
+            api.add_list(SVC_PATH, page([web_service("web"), web_service("old", "10.96.0.30")], rv="10"),
+                         page([web_service("web")], rv="20"))
+            api.add_watch(SVC_PATH, Reply(status=GONE_EVENT.status, events=GONE_EVENT.events, gate=svc_gone))
+            api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="10"))
+            trigger = rfc3339(datetime.now(timezone.utc) - timedelta(seconds=1))
+            api.add_watch(SLICE_PATH, Reply(events=[0.2, ev("MODIFIED", web_slice(["10.244.1.9"], trigger=trigger))],
+                                            hold=True))
+            api.add_list(NODE_PATH, Reply(body=page([NODE], rv="10"), gate=node_gate))
+
+            rig = Rig()
+            client = api.client()
+            refl = [Reflector(client, res, on_replace=rig.runner.on_replace, on_event=rig.runner.on_event)
+                    for res in (SERVICES, ENDPOINT_SLICES, node_resource("node-1"))]
+            tasks = [asyncio.create_task(r.run()) for r in refl]
+            task = asyncio.create_task(rig.runner.run(asyncio.ensure_future(wait_synced(refl))))
+            try:
+                await until(lambda: refl[0].synced.is_set() and refl[1].synced.is_set(), "two caches")
+                await asyncio.sleep(0.05)
+                assert rig.calls == []  # the Node cache is not synced yet
+                count0 = sample(FINE + "_count")
+                node_gate.set()
+                await until(lambda: rig.runner.syncs >= 1, "the first sync")
+                assert rig.service_ips() == {"10.96.0.10 . tcp . 80", "10.96.0.30 . tcp . 80"}
+                await until(lambda: rig.dnat_targets() == {"10.244.1.9:8080"}, "the watched slice")
+                assert sample(FINE + "_count") == count0 + 1
+                svc_gone.set()
+                await until(lambda: rig.service_ips() == {"10.96.0.10 . tcp . 80"}, "old removed by the relist")
+                assert refl[0].relists == 2
+            finally:
+                for t in [*tasks, task]:
+                    await stop(t)
+                await client.close()
+            assert {q.method for q in api.requests} == {"GET"}
+
+    run(main)
+
+
+def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyproxy import daemon, hostnet
+
+    monkeypatch.setattr(hostnet, "interface_ipv4s", lambda: ("127.0.0.1", "192.168.9.9"))
+    fake = FakeNft()
+
+    def make_proxier(config: ProxyConfig, **_: Any) -> NftProxier:
+        return NftProxier(config=config, executor=fake)
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "t",
+                "clusters": [{"name": "c", "cluster": {"server": api.host}}],
+                "users": [{"name": "u", "user": {"token": "tok"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
+            api.add_list(SVC_PATH, page([web_service()], rv="1"))
+            api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
+            api.add_list(NODE_PATH, page([], rv="1"))  # no Node object: interface addresses
+            settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
+                                       healthz_bind_address="127.0.0.1:0", metrics_bind_address="")
+            serve = asyncio.create_task(daemon.serve(ProxyConfig(hostname="node-1"), settings,
+                                                     make_proxier=make_proxier))
+            await until(lambda: fake.transactions or serve.done(), "the first sync", timeout=3)
+            assert not serve.done(), serve.exception()
+            os.kill(os.getpid(), signal.SIGTERM)  # serve installed its handler before syncing
+            await asyncio.wait_for(serve, 2)
+
+            t = fake.tables[("ip", "pyproxy")]  # rules stay in place on exit
+            assert set(t.elements["service-ips"]) == {"10.96.0.10 . tcp . 80"}
+            assert t.elements["nodeport-ips"] == {"192.168.9.9": ""}  # loopback left out
+            assert {q.method for q in api.requests} == {"GET"}
+            assert all(q.headers["Authorization"] == "Bearer tok" for q in api.requests)
+            assert {q.path for q in api.requests} == {SVC_PATH, SLICE_PATH, NODE_PATH}
+            node_list = next(q for q in api.requests if q.path == NODE_PATH)
+            assert node_list.query["fieldSelector"] == "metadata.name=node-1"
+
+    run(main)
