@@ -37,7 +37,7 @@ PROXIES = (
     ("kube-proxy", "nftables"),
     ("kube-proxy", "iptables"),
 )
-NS = "bench"
+NS = "bench"  # the namespace of the current size (set per size: no namespace controller runs)
 TARGET = "probe"
 
 
@@ -175,10 +175,14 @@ def _cleanup_node(lab: Any, i: int) -> None:
     ns_run(lab.node_ns(i), [lab.bin("kube-proxy"), "--cleanup", "--v=0"])
 
 
-def run_size(lab: Any, size: int, changes: int, endpoints: int) -> list[dict[str, Any]]:
+def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | None) -> list[dict[str, Any]]:
     from pyproxy.lab.cluster import ns_run
 
-    lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=300s", check=False)
+    if previous:
+        # The lab runs no namespace controller: empty the previous size's namespace by hand.
+        for kind in ("services", "endpointslices", "pods"):
+            ns_run(lab.cp_ns, [lab.bin("kubectl"), f"--kubeconfig={lab.admin_kubeconfig}", "delete", kind,
+                               "--all", "-n", previous, "--wait=false"], timeout=1800)
     lab.kubectl("create", "namespace", NS)
     pods = []
     for name, node in (("pod-a", 1), ("pod-b", 2)):
@@ -197,7 +201,8 @@ def run_size(lab: Any, size: int, changes: int, endpoints: int) -> list[dict[str
     t_load = time.monotonic()
     load = ns_run(lab.cp_ns, [sys.executable, "-m", "bench.latency", "apiload", "--kubeconfig",
                               lab.admin_kubeconfig, "--count", str(size), "--endpoints", str(endpoints),
-                              "--target-ip", pods[0]], timeout=3600, cwd=str(Path(__file__).resolve().parents[1]))
+                              "--target-ip", pods[0], "--namespace", NS], timeout=3600,
+                  cwd=str(Path(__file__).resolve().parents[1]))
     if load.returncode != 0:
         raise RuntimeError(f"apiload failed: {load.stderr[-2000:]}")
     print(f"  created {size} services in {time.monotonic() - t_load:.0f}s", file=sys.stderr, flush=True)
@@ -224,7 +229,7 @@ def run_size(lab: Any, size: int, changes: int, endpoints: int) -> list[dict[str
     lat: dict[int, list[float]] = {i: [] for i in procs}
     if changes:
         writer_p = subprocess.Popen(["ip", "netns", "exec", lab.cp_ns, sys.executable, "-m", "bench.latency",
-                                     "writer", "--kubeconfig", lab.admin_kubeconfig],
+                                     "writer", "--kubeconfig", lab.admin_kubeconfig, "--namespace", NS],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                     cwd=str(Path(__file__).resolve().parents[1]))
         names = {pods[0]: "pod-a", pods[1]: "pod-b"}
@@ -288,8 +293,10 @@ def main() -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--endpoints", type=int, default=10)
     p.add_argument("--target-ip", required=True)
+    p.add_argument("--namespace", required=True)
     p = sub.add_parser("writer")
     p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--namespace", required=True)
     p = sub.add_parser("prober")
     p.add_argument("--target", required=True)
     parser.add_argument("--sizes", default="1000,10000", help="service counts; latency only at the first")
@@ -297,10 +304,13 @@ def main() -> int:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    global NS
     if args.cmd == "apiload":
+        NS = args.namespace
         asyncio.run(apiload(args.kubeconfig, args.count, args.endpoints, args.target_ip))
         return 0
     if args.cmd == "writer":
+        NS = args.namespace
         asyncio.run(writer(args.kubeconfig))
         return 0
     if args.cmd == "prober":
@@ -310,15 +320,20 @@ def main() -> int:
 
     lab = ClusterLab.up(name=f"bench{os.getpid()}", nodes=len(PROXIES))
     rows: list[dict[str, Any]] = []
+    previous = None
     try:
         for k, size in enumerate(int(s) for s in args.sizes.split(",")):
             print(f"{size} services ...", file=sys.stderr, flush=True)
-            rows += run_size(lab, size, args.changes if k == 0 else 0, args.endpoints)
+            NS = f"bench-{size}"
+            rows += run_size(lab, size, args.changes if k == 0 else 0, args.endpoints, previous)
+            previous = NS
+            # Print as we go: a later size failing must not lose the earlier rows.
+            print(_fmt(rows), file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
         lab.down()
     print(_fmt(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
