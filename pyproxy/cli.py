@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pyproxy import __version__, metrics
 from pyproxy.config import PROXY_MODES, ProxyConfig
+from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder, nodeport_ips
@@ -219,12 +220,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
-                      first_delay: float = 1.0, max_delay: float = 30.0) -> bool:
+                      first_delay: float = 1.0, max_delay: float = 30.0,
+                      cleaner: ConntrackCleaner | None = None) -> bool:
     """Sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
             record(proxier.sync(state))
+            if cleaner is not None:
+                cleaner.after_sync(state)
             return True
         except SyncFailed as err:
             log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
@@ -244,8 +248,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = FileSource(args.source_file, config)
     state = source.load()
     proxier = make_proxier(config, iptables_backend=args.iptables_backend)
+    cleaner = ConntrackCleaner()
     if args.once:
-        if sync_with_retries(proxier, state, attempts=max(1, args.retries)):
+        if sync_with_retries(proxier, state, attempts=max(1, args.retries), cleaner=cleaner):
             return 0
         print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
               "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
@@ -268,6 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if pending and now >= next_try:
                 try:
                     record(proxier.sync(state))
+                    cleaner.after_sync(state)
                     pending, delay = False, 1.0
                 except SyncFailed as err:
                     next_try = now + delay * random.uniform(0.8, 1.2)

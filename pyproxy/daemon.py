@@ -45,7 +45,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     proxier = make_proxier(config, iptables_backend=settings.iptables_backend)
     health = ProxyHealth(timeout=2 * settings.sync_period)
     runner = SyncRunner(
-        proxier=proxier, config=config, health=health,
+        proxier=proxier, config=config, health=health, clean_conntrack=True,
         # pyroute2's synchronous API runs an event loop of its own: not on ours.
         interface_ips=await asyncio.to_thread(interface_ipv4s),
         periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
+from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
 from pyproxy.model.state import StateBuilder, nodeport_ips
 from pyproxy.proxier.base import Proxier, SyncFailed, record
@@ -72,13 +73,15 @@ class SyncRunner:
     """Owns the store and the proxier; reflectors feed it, the loop syncs."""
 
     def __init__(self, *, proxier: Proxier, config: ProxyConfig, periods: Periods,
-                 health: ProxyHealth, interface_ips: tuple[str, ...] = ()) -> None:
+                 health: ProxyHealth, interface_ips: tuple[str, ...] = (),
+                 clean_conntrack: bool = False) -> None:
         self.proxier = proxier
         self.config = config
         self.periods = periods
         self.health = health
         self.builder = StateBuilder(node_name=config.hostname)
         self.interface_ips = interface_ips
+        self.cleaner: ConntrackCleaner | None = ConntrackCleaner() if clean_conntrack else None
         self._wake = asyncio.Event()
         self._pending_triggers: list[float] = []
         self._pending = {"Service": 0, "EndpointSlice": 0}
@@ -122,6 +125,13 @@ class SyncRunner:
         return self.builder.build(nodeport_ips=nodeport_ips(
             node=node, interface_ips=ifaces, cidrs=self.config.nodeport_addresses))
 
+    def _sync_and_clean(self, state):  # type: ignore[no-untyped-def]
+        """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
+        result = self.proxier.sync(state)
+        if self.cleaner is not None:
+            self.cleaner.after_sync(state)
+        return result
+
     async def run(self, caches_synced: asyncio.Future[Any] | asyncio.Task[Any]) -> None:
         """Sync forever, starting once ``caches_synced`` is done."""
         await caches_synced
@@ -152,7 +162,7 @@ class SyncRunner:
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
             try:
-                result = await asyncio.to_thread(self.proxier.sync, state)
+                result = await asyncio.to_thread(self._sync_and_clean, state)
             except SyncFailed as err:
                 # Still not applied: pending since the oldest change (or now, for a full resync).
                 earlier = [t for t in (queued_at, self.health.last_queued) if t]

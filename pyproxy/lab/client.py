@@ -56,6 +56,23 @@ def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeo
     return parts[0], parts[1]
 
 
+def udp_stream(target: tuple[str, int], *, seconds: float, interval: float) -> None:
+    """One UDP socket (one source port, so one conntrack entry) sending every ``interval``
+    for ``seconds``; prints a JSON line per reply: monotonic time and who answered."""
+    end = time.monotonic() + seconds
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(target)
+        s.settimeout(interval)
+        while time.monotonic() < end:
+            try:
+                s.send(b"ping\n")
+                data = s.recv(512)
+                print(json.dumps({"t": time.monotonic(), "pod": data.decode().split()[0]}), flush=True)
+            except (socket.timeout, ConnectionRefusedError):
+                print(json.dumps({"t": time.monotonic(), "pod": None}), flush=True)
+            time.sleep(interval)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", required=True, help="IP:PORT")
@@ -66,8 +83,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
     parser.add_argument("--http", action="store_true", help="speak HTTP/1.0 (the echo's --http-port)")
     parser.add_argument("--deadline", type=float, default=60.0, help="stop after this many seconds")
+    parser.add_argument("--udp-stream", type=float, metavar="SECONDS",
+                        help="instead: keep one UDP socket sending for this long (see udp_stream)")
+    parser.add_argument("--interval", type=float, default=0.05)
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
+    if args.udp_stream:
+        udp_stream((host, int(port)), seconds=min(args.udp_stream, 60), interval=args.interval)
+        return
     answers = []
     errors: Counter[str] = Counter()
     durations = []

@@ -1,0 +1,107 @@
+"""Stale UDP conntrack cleanup, through netlink (pyroute2), as kube-proxy's CleanStaleEntries.
+
+UDP has no connection to close: a client that keeps sending from the same port keeps its
+conntrack entry alive, and with it the NAT decision made when the entry was created. So when
+a UDP service's backend goes away (or the service had no endpoints, so packets were not
+DNATed at all), the client keeps talking to nothing until it goes quiet for the UDP timeout.
+After a sync, delete every UDP entry whose original destination is a service IP and port (or a
+NodePort) and whose reply source is not a serving endpoint of that service: the next packet
+creates a fresh entry that goes through the new rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from prometheus_client import Counter, Histogram
+
+from pyproxy.model.objects import DesiredState
+
+log = logging.getLogger("pyproxy.conntrack")
+
+DELETED = Counter("kubeproxy_conntrack_reconciler_deleted_entries_total",
+                  "Cumulative conntrack flows deleted by conntrack reconciler")
+DURATION = Histogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                     "ReconcileConntrackFlowsLatency latency in seconds",
+                     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
+
+Serving = dict[tuple[str, int], frozenset[str]]
+"""(service IP, port) or ("nodeport", port) → the IPs of serving endpoints."""
+
+
+def udp_serving(state: DesiredState) -> Serving:
+    """What a UDP flow may legitimately be answered by, per service address (from the state).
+
+    Serving endpoints, whatever the traffic policy or topology, as upstream does: an entry to
+    an endpoint that still serves is left alone even if it is no longer the preferred one.
+    """
+    out: dict[tuple[str, int], set[str]] = {}
+    for sps in state.services.values():
+        svc = sps.service
+        if svc.name.protocol != "udp":
+            continue
+        ips = {e.ip for e in sps.endpoints if e.serving}
+        out.setdefault((svc.cluster_ip, svc.port), set()).update(ips)
+        if svc.node_port:
+            out.setdefault(("nodeport", svc.node_port), set()).update(ips)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
+    """Indexes of entries to delete; each entry is (orig dst IP, orig dst port, reply src IP)."""
+    doomed = []
+    for i, (dst, port, reply_src) in enumerate(entries):
+        allowed = serving.get((dst, port))
+        if allowed is None:
+            allowed = serving.get(("nodeport", port))
+            if allowed is None:
+                continue  # not service traffic
+        if reply_src not in allowed:
+            doomed.append(i)
+    return doomed
+
+
+def clean(serving: Serving) -> int:
+    """Delete stale UDP entries in this network namespace; return how many."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    if not serving:
+        return 0
+    t0 = time.perf_counter()
+    deleted = 0
+    with Conntrack() as ct:
+        entries = list(ct.dump_entries(tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_UDP)))
+        keys = [(e.tuple_orig.daddr, e.tuple_orig.dport, e.tuple_reply.saddr) for e in entries]
+        for i in stale(keys, serving):
+            try:
+                ct.delete(entries[i])
+                deleted += 1
+            except OSError:
+                pass  # gone already (expired or deleted by another cleaner)
+    DELETED.inc(deleted)
+    DURATION.observe(time.perf_counter() - t0)
+    if deleted:
+        log.info("deleted %d stale UDP conntrack entries", deleted)
+    return deleted
+
+
+class ConntrackCleaner:
+    """Runs :func:`clean` after syncs that changed what UDP services may be answered by."""
+
+    def __init__(self) -> None:
+        self._last: Serving | None = None
+
+    def after_sync(self, state: DesiredState) -> int:
+        serving = udp_serving(state)
+        if serving == self._last:
+            return 0
+        try:
+            deleted = clean(serving)
+        except OSError as err:  # no conntrack support here: nothing to clean
+            log.warning("conntrack cleanup skipped: %s", err)
+            return 0
+        self._last = serving
+        return deleted

@@ -1,0 +1,61 @@
+"""Which UDP conntrack entries are stale (pure part of pyproxy.conntrack)."""
+
+from __future__ import annotations
+
+from pyproxy.conntrack import ConntrackCleaner, stale, udp_serving
+from tests import scenario as sc
+from tests.unit.helpers import build
+
+UDP = [sc.port(5353, name="dns", protocol="UDP")]
+
+
+def _state(ips, *, node_port=None, conditions=None):
+    return build([
+        sc.service("dns", "10.96.0.53", [sc.port(53, name="dns", protocol="UDP", node_port=node_port)],
+                   svc_type="NodePort" if node_port else "ClusterIP"),
+        sc.endpoint_slice("dns", list(ips), UDP, conditions=conditions),
+        sc.service("web", "10.96.0.80", [sc.port(80, name="http")]),
+        sc.endpoint_slice("web", ["10.244.1.9"], [sc.port(8080, name="http")]),
+    ])
+
+
+def test_serving_endpoints_per_udp_service_address():
+    serving = udp_serving(_state(["10.244.1.1", "10.244.1.2"], node_port=30053))
+    assert serving == {("10.96.0.53", 53): frozenset({"10.244.1.1", "10.244.1.2"}),
+                       ("nodeport", 30053): frozenset({"10.244.1.1", "10.244.1.2"})}
+
+
+def test_tcp_services_are_not_cleaned():
+    assert ("10.96.0.80", 80) not in udp_serving(_state(["10.244.1.1"]))
+
+
+def test_serving_terminating_endpoints_still_count():
+    serving = udp_serving(_state(["10.244.1.1"], conditions={"ready": False, "serving": True, "terminating": True}))
+    assert serving[("10.96.0.53", 53)] == {"10.244.1.1"}
+    gone = udp_serving(_state(["10.244.1.1"], conditions={"ready": False, "serving": False, "terminating": True}))
+    assert gone[("10.96.0.53", 53)] == frozenset()
+
+
+def test_stale_entries():
+    serving = udp_serving(_state(["10.244.1.2"], node_port=30053))
+    entries = [
+        ("10.96.0.53", 53, "10.244.1.1"),    # to a backend that is gone: stale
+        ("10.96.0.53", 53, "10.244.1.2"),    # to the live backend: kept
+        ("10.96.0.53", 53, "10.96.0.53"),    # made while there were no endpoints (not DNATed): stale
+        ("10.96.0.53", 54, "10.244.1.1"),    # another port of that IP: not a service port, kept
+        ("192.168.1.1", 30053, "10.244.1.1"),  # NodePort to a gone backend: stale
+        ("192.168.1.1", 30053, "10.244.1.2"),  # NodePort to the live backend: kept
+        ("8.8.8.8", 53, "8.8.8.8"),          # not service traffic: kept
+    ]
+    assert stale(entries, serving) == [0, 2, 4]
+
+
+def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
+    calls = []
+    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving: calls.append(serving) or 0)
+    cleaner = ConntrackCleaner()
+    cleaner.after_sync(_state(["10.244.1.1"]))
+    cleaner.after_sync(_state(["10.244.1.1"]))
+    assert len(calls) == 1
+    cleaner.after_sync(_state(["10.244.1.2"]))
+    assert len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {"10.244.1.2"}
