@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="this node's name: picks the Node object for NodePort addresses "
                        "(default: the host name)")
         p.add_argument("--proxy-mode", choices=PROXY_MODES, default="nftables",
-                       help="kernel backend to program (default: nftables)")
+                       help="nftables (default) or iptables: the kernel balances; userspace: the "
+                       "kernel redirects to pyproxy, which copies bytes (for comparison; the client "
+                       "IP is lost, a refused backend is retried)")
         p.add_argument("--cluster-cidr", metavar="CIDRS", default="",
                        help="comma-separated pod network CIDRs; ClusterIP traffic from outside "
                        "them is masqueraded, pod traffic keeps its source IP")
@@ -144,6 +146,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
 def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
                  netns: str | None = None) -> Proxier:
     """The proxier for ``config.mode`` with its real executor."""
+    if config.mode == "userspace":
+        from pyproxy.nft.executor import NftCli
+        from pyproxy.userspace.proxier import UserspaceProxier
+
+        return UserspaceProxier(config=config, executor=NftCli(netns=netns))
     if config.mode == "iptables":
         from pyproxy.ipt.executor import IptablesCli, detect_backend
         from pyproxy.proxier.iptables import IptProxier
@@ -210,6 +217,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         from pyproxy.proxier.iptables import IptProxier
 
         text = IptProxier(config=config, executor=FakeIptables()).render_text(state)
+    elif config.mode == "userspace":
+        raise UsageError("render shows kernel rulesets; userspace mode's redirects depend on the "
+                         "ports its relays get at run time (use nftables or iptables)")
     else:
         from pyproxy.nft.executor import FakeNft
         from pyproxy.proxier.nftables import NftProxier
@@ -247,6 +257,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.min_sync_period = 1.0
     source = FileSource(args.source_file, config)
     state = source.load()
+    if args.once and config.mode == "userspace":
+        raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
+                         "process; run without --once")
     proxier = make_proxier(config, iptables_backend=args.iptables_backend)
     cleaner = ConntrackCleaner()
     if args.once:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROXY_MODES = ("nftables", "iptables")
+PROXY_MODES = ("nftables", "iptables", "userspace")
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class ProxyConfig:
     """What the renderers need to know besides the Services and endpoints."""
 
     mode: str = "nftables"
-    """Which kernel backend to program: ``nftables`` (default) or ``iptables``."""
+    """``nftables`` (default) or ``iptables``; ``userspace`` redirects to pyproxy's own relays."""
 
     hostname: str = ""
     """This node's name (``--hostname-override``); picks the Node object and local endpoints."""

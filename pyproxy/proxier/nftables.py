@@ -44,7 +44,9 @@ class NftProxier:
 
     def render_text(self, state: DesiredState) -> str:
         return full_transaction(
-            render.render_full(self.config, state), family=self.family, table=self.table,
+            [render.render_base(self.config, state),
+             *(self._render_service(state.services[k]) for k in sorted(state.services))],
+            family=self.family, table=self.table,
             comment=TABLE_COMMENT, set_specs=render.SETS,
         ).render()
 
@@ -63,12 +65,12 @@ class NftProxier:
                     new_applied[name] = sps
                     if old is not None and (old is sps or old == sps):
                         continue
-                    old_frag = render.render_service(self.config, old) if old is not None else None
-                    if phases.diff(old_frag, render.render_service(self.config, sps)):
+                    old_frag = self._render_service(old) if old is not None else None
+                    if phases.diff(old_frag, self._render_service(sps)):
                         changed += 1
                 for name, old in self._applied.items():
                     if name not in state.services:
-                        phases.diff(render.render_service(self.config, old), None)
+                        phases.diff(self._render_service(old), None)
                         changed += 1
                 for name, spec in phases.declare_sets.items():
                     waiting = self._garbage.get(name)
@@ -83,7 +85,7 @@ class NftProxier:
             new_applied = dict(state.services)
             changed = len(new_applied)
             tx = full_transaction(
-                [base, *(render.render_service(self.config, new_applied[n]) for n in sorted(new_applied))],
+                [base, *(self._render_service(new_applied[n]) for n in sorted(new_applied))],
                 family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=render.SETS,
             )
             garbage: dict[str, tuple[str, float]] = {}
@@ -110,6 +112,10 @@ class NftProxier:
             full=full, operations=len(tx.ops), changed_services=changed,
             render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
+
+    def _render_service(self, sps: ServicePortState) -> NftFragment:
+        """One service port's fragment (the userspace mode renders redirects instead)."""
+        return render.render_service(self.config, sps)
 
     def _collect(self, phases: Phases, tx: Transaction) -> dict[str, tuple[str, float]]:
         """Update the garbage list and, when due, append its deletion to ``tx``; return the

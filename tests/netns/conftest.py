@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from pyproxy.lab.netns import Topology, ns_exec
 from tests import scenario as sc
 
 MODES = ["nftables", "iptables-nft", "iptables-legacy"]
+ALL_MODES = [*MODES, "userspace"]
 NODE = "node-1"
 
 WEB_IP, SELF_IP, EMPTY_IP, DNS_IP, STICKY_IP = (
@@ -67,36 +71,82 @@ def base_objects(topo: Topology) -> list[dict]:
 
 
 def mode_flags(mode: str) -> list[str]:
-    if mode == "nftables":
-        return ["--proxy-mode", "nftables"]
+    if mode in ("nftables", "userspace"):
+        return ["--proxy-mode", mode]
     return ["--proxy-mode", "iptables", "--iptables-backend", mode.split("-", 1)[1]]
 
 
 class Programmed:
-    """Rules loaded by ``pyproxy run --once`` into the node namespace for one mode."""
+    """Rules loaded by ``pyproxy run --once`` into the node namespace for one mode. Userspace
+    mode cannot be run once (its relays live in the process), so there ``pyproxy run`` keeps
+    running in the background and follows the file; ``apply`` waits for it to sync."""
 
     def __init__(self, topo: Topology, mode: str, path: Path) -> None:
         self.topo = topo
         self.mode = mode
         self.path = path
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = path.with_suffix(".log")
+
+    @property
+    def userspace(self) -> bool:
+        return self.mode == "userspace"
+
+    def flags(self, *extra: str) -> list[str]:
+        return ["--source-file", str(self.path), "--hostname-override", NODE, "--cluster-cidr",
+                self.topo.cluster_cidr, *mode_flags(self.mode), *extra]
 
     def apply(self, objects: list[dict], *extra: str) -> str:
+        if self.userspace:
+            return self._apply_background(objects, *extra)
         self.path.write_text(sc.dump(objects))
-        proc = self.topo.pyproxy("run", "--once", "--source-file", str(self.path),
-                                 "--hostname-override", NODE, "--cluster-cidr", self.topo.cluster_cidr,
-                                 *mode_flags(self.mode), *extra)
+        proc = self.topo.pyproxy("run", "--once", *self.flags(*extra))
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
+    def _syncs(self) -> int:
+        return self.log.read_text().count("synced ") if self.log.exists() else 0
 
-@pytest.fixture(params=MODES)
+    def _apply_background(self, objects: list[dict], *extra: str) -> str:
+        before = self._syncs()
+        if self.proc is not None and extra != self._extra:
+            self.stop()
+            before = 0
+        self.path.write_text(sc.dump(objects))
+        if self.proc is None:
+            self._extra = extra
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.topo.node_ns, sys.executable, "-m", "pyproxy", "run",
+                 "--min-sync-period", "0.1", *self.flags(*extra)],
+                stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), text=True)  # noqa: SIM115
+        deadline = time.monotonic() + 20
+        while self._syncs() <= before:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"no sync after writing the file:\n{self.log.read_text()}"
+            time.sleep(0.05)
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+@pytest.fixture(params=ALL_MODES)
 def programmed(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -> Iterator[Programmed]:
     cleanup = topo.pyproxy("cleanup")
     assert cleanup.returncode == 0, cleanup.stderr
     prog = Programmed(topo, request.param, tmp_path / "cluster.yaml")
-    prog.apply(base_objects(topo))
-    yield prog
-    cleanup = topo.pyproxy("cleanup")
-    assert cleanup.returncode == 0, cleanup.stderr
-    # Conntrack entries would carry one mode's NAT decisions into the next test.
-    ns_exec(topo.node_ns, ["conntrack", "-F"])
+    try:
+        prog.apply(base_objects(topo))
+        yield prog
+    finally:
+        prog.stop()
+        cleanup = topo.pyproxy("cleanup")
+        assert cleanup.returncode == 0, cleanup.stderr
+        # Conntrack entries would carry one mode's NAT decisions into the next test.
+        ns_exec(topo.node_ns, ["conntrack", "-F"])

@@ -20,6 +20,7 @@ from tests.netns.conftest import (
     Programmed,
     base_objects,
 )
+from tests import scenario as sc
 from tests.stats import chi_square_uniform
 
 pytestmark = pytest.mark.netns
@@ -37,8 +38,9 @@ def test_clusterip_spreads_uniformly_and_keeps_pod_source(programmed: Programmed
     assert set(counts) == set(BACKENDS), counts
     stat, p = chi_square_uniform(counts, BACKENDS)
     assert p > 0.001, f"split {dict(counts)} is not uniform (chi2={stat:.1f}, p={p:.2g})"
-    # Pod to ClusterIP inside the cluster CIDR: no NAT of the source (Kubernetes network model).
-    assert probe.seen_ips == {client.ip}
+    # Pod to ClusterIP inside the cluster CIDR: no NAT of the source (Kubernetes network model);
+    # the userspace mode cannot keep it: its relay makes the connection to the backend.
+    assert probe.seen_ips == ({topo.bridge_ip} if programmed.userspace else {client.ip})
 
 
 def test_udp_clusterip_reaches_every_backend(programmed: Programmed):
@@ -47,7 +49,7 @@ def test_udp_clusterip_reaches_every_backend(programmed: Programmed):
     probe = topo.probe(client.ns, f"{DNS_IP}:53", proto="udp", count=60)
     assert probe.errors == {}
     assert set(probe.pods) == set(BACKENDS)
-    assert probe.seen_ips == {client.ip}
+    assert probe.seen_ips == ({topo.bridge_ip} if programmed.userspace else {client.ip})
 
 
 def test_nodeport_from_external_client_is_masqueraded(programmed: Programmed):
@@ -123,3 +125,23 @@ def test_client_ip_affinity_pins_then_expires(programmed: Programmed):
     # Once expired each source picks at random again: all twelve keep their backend with
     # probability 3^-12 if affinity really expired, and always if it did not.
     assert any(after[s] != first[s] for s in sources), (first, after)
+
+
+def test_userspace_retries_a_refusing_backend(programmed: Programmed):
+    """The one thing the userspace mode does that the kernel modes cannot: a backend that refuses
+    the connection is skipped and the next one tried, so clients never see the failure."""
+    topo = programmed.topo
+    objects = base_objects(topo)
+    for obj in objects:
+        if obj["metadata"]["name"] == "web-a":
+            # pod1 answers on 8080 only: its endpoint on 9999 refuses every connection.
+            obj["ports"] = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    objects.append(sc.endpoint_slice("web", [topo.pod("pod1").ip], [sc.port(9999, name="http")], suffix="b"))
+    programmed.apply(objects)
+    probe = topo.probe(topo.pod("pod3").ns, f"{WEB_IP}:80", count=60)
+    if programmed.userspace:
+        assert probe.errors == {}
+        assert set(probe.pods) == {"pod0", "pod1", "pod2"}
+    else:
+        # The kernel picks an endpoint before any packet reaches it: about 1 in 4 is refused.
+        assert probe.errors.get("refused", 0) > 0

@@ -1,0 +1,31 @@
+"""Userspace-mode renderer: send each service port's traffic to pyproxy's local listener (pure).
+
+It reuses the nftables layout (same table, dispatch maps, no-endpoint rejects); only a service
+port's chain differs: instead of choosing and DNATing to an endpoint, ``redirect-…`` rewrites
+the destination to this node and the listener's port. The listener then picks a backend.
+"""
+
+from __future__ import annotations
+
+from pyproxy.model.objects import ServicePortState
+from pyproxy.render.fragments import NftFragment
+from pyproxy.render.naming import nft_service_base
+
+
+def render_service(sps: ServicePortState, listen_port: int | None) -> NftFragment:
+    svc = sps.service
+    proto = svc.name.protocol
+    cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
+    if listen_port is None or not sps.usable_endpoints:
+        elements = {("no-endpoint-services", cip_key): "goto reject-chain"}
+        if svc.node_port:
+            elements[("no-endpoint-nodeports", f"{proto} . {svc.node_port}")] = "goto reject-chain"
+        return NftFragment(elements=elements)
+    chain = f"redirect-{nft_service_base(svc.name)}"
+    elements = {("service-ips", cip_key): f"goto {chain}"}
+    if svc.node_port:
+        elements[("service-nodeports", f"{proto} . {svc.node_port}")] = f"goto {chain}"
+    return NftFragment(
+        chains={chain: (f'meta l4proto {proto} redirect to :{listen_port} comment "{svc.name}"',)},
+        elements=elements,
+    )

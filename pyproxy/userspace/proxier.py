@@ -1,0 +1,96 @@
+"""The userspace proxier: listeners in an asyncio loop of their own, nft redirects to them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from pyproxy.config import ProxyConfig
+from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
+from pyproxy.nft.executor import NftExecutor
+from pyproxy.proxier.base import SyncResult
+from pyproxy.proxier.nftables import NftProxier
+from pyproxy.render import userspace as render
+from pyproxy.render.fragments import NftFragment
+from pyproxy.userspace.balancer import Balancer
+from pyproxy.userspace.relay import TcpRelay, UdpRelay
+
+log = logging.getLogger("pyproxy.userspace")
+
+PORT_RANGE = (36000, 39999)
+
+
+class UserspaceProxier(NftProxier):
+    """Like the nftables proxier, but each service port's chain redirects to a local listener
+    that copies bytes to a backend chosen round-robin (with ClientIP affinity), trying the next
+    backend when one refuses. Backends see the node's address, not the client's."""
+
+    mode = "userspace"
+
+    def __init__(self, *, config: ProxyConfig, executor: NftExecutor, udp_timeout: float = 30.0,
+                 port_range: tuple[int, int] = PORT_RANGE) -> None:
+        super().__init__(config=config, executor=executor, gc_period=0)
+        self.udp_timeout = udp_timeout
+        self.port_range = port_range
+        self.ports: dict[ServicePortName, int] = {}
+        self.relays: dict[ServicePortName, Any] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="userspace-relays", daemon=True)
+        self._thread.start()
+
+    def _port_for(self, name: ServicePortName) -> int:
+        port = self.ports.get(name)
+        if port is None:
+            used = set(self.ports.values())
+            port = next(p for p in range(*self.port_range) if p not in used)
+            self.ports[name] = port
+        return port
+
+    def _render_service(self, sps: ServicePortState) -> NftFragment:
+        return render.render_service(sps, self.ports.get(sps.service.name))
+
+    async def _reconcile(self, state: DesiredState) -> None:
+        want = {n: s for n, s in state.services.items() if s.usable_endpoints}
+        for name in [n for n in self.relays if n not in want]:
+            await self.relays.pop(name).stop()
+            self.ports.pop(name, None)
+        for name, sps in want.items():
+            eps = tuple((e.ip, e.port) for e in sps.usable_endpoints)
+            relay = self.relays.get(name)
+            if relay is None:
+                balancer = Balancer()
+                balancer.update(eps, sps.service.affinity_timeout)
+                port = self._port_for(name)
+                relay = (UdpRelay(str(name), port, balancer, self.udp_timeout) if name.protocol == "udp"
+                         else TcpRelay(str(name), port, balancer))
+                try:
+                    await relay.start()
+                except OSError as err:  # e.g. SCTP, or the port taken: skip this one, not the rest
+                    log.warning("userspace: cannot listen for %s on %d: %s", name, port, err)
+                    self.ports.pop(name, None)
+                    continue
+                self.relays[name] = relay
+            else:
+                relay.balancer.update(eps, sps.service.affinity_timeout)
+                if isinstance(relay, UdpRelay):
+                    relay.forget_backends_not_in(eps)
+        for name in [n for n in self.ports if n not in self.relays]:
+            self.ports.pop(name)
+
+    def sync(self, state: DesiredState) -> SyncResult:
+        # Listeners first, so a redirect never points at a port nobody listens on.
+        asyncio.run_coroutine_threadsafe(self._reconcile(state), self.loop).result(timeout=60)
+        return super().sync(state)
+
+    def cleanup(self) -> bool:
+        found = super().cleanup()
+        asyncio.run_coroutine_threadsafe(self._stop_all(), self.loop).result(timeout=30)
+        return found
+
+    async def _stop_all(self) -> None:
+        for relay in self.relays.values():
+            await relay.stop()
+        self.relays.clear()
+        self.ports.clear()
