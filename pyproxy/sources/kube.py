@@ -78,36 +78,40 @@ class KubeClient:
     @classmethod
     async def from_config(cls, *, kubeconfig: str | None) -> KubeClient:
         """From a kubeconfig file, or in-cluster (token + ``KUBERNETES_SERVICE_HOST``)."""
+        from pyproxy.sources.credentials import CredentialsError, from_kubeconfig, in_cluster
+
+        where = kubeconfig or "the in-cluster service account"
+        try:
+            creds = from_kubeconfig(kubeconfig) if kubeconfig else in_cluster()
+        except (CredentialsError, OSError, ssl.SSLError) as err:
+            raise KubeError(f"cannot load credentials from {where}: {err}; pass --kubeconfig "
+                            "or run in a pod with a service account") from None
+        if creds is not None:
+            return cls(host=creds.host, ssl_context=creds.ssl, headers=creds.headers, auth=creds.auth)
+        return await cls._from_plugin_config(kubeconfig or "")
+
+    @classmethod
+    async def _from_plugin_config(cls, kubeconfig: str) -> KubeClient:
+        """A kubeconfig whose user runs an exec or auth-provider plugin: kubernetes_asyncio's
+        loader runs it (and runs it again when the token expires)."""
         from kubernetes_asyncio import config as kconfig
         from kubernetes_asyncio.client import Configuration
 
         cfg = Configuration()
-        loader = None
         try:
-            if kubeconfig:
-                loader = await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-            else:
-                kconfig.load_incluster_config(client_configuration=cfg)
+            loader = await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         except (kconfig.ConfigException, OSError) as err:
-            where = kubeconfig or "the in-cluster service account"
-            raise KubeError(f"cannot load credentials from {where}: {err}; pass --kubeconfig "
+            raise KubeError(f"cannot load credentials from {kubeconfig}: {err}; pass --kubeconfig "
                             "or run in a pod with a service account") from None
+
         async def auth() -> dict[str, str]:
-            if loader is not None:
-                # Re-runs an exec plugin whose token has expired (cheap otherwise).
-                await loader.load_and_set(cfg)
-            out = {}  # auth_settings() runs the in-cluster token refresh hook itself
+            await loader.load_and_set(cfg)  # re-runs an exec plugin whose token has expired
+            out = {}
             for setting in (await cfg.auth_settings()).values():
                 if setting.get("in") == "header" and setting.get("value"):
                     out[setting["key"]] = setting["value"]
             return out
 
-        headers: dict[str, str] = {}
-        if cfg.username and cfg.password:
-            import base64
-
-            token = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
         ctx: ssl.SSLContext | bool
         if cfg.host.startswith("https"):
             ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
@@ -118,7 +122,7 @@ class KubeClient:
                 ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         else:
             ctx = False
-        return cls(host=cfg.host, ssl_context=ctx, headers=headers, auth=auth)
+        return cls(host=cfg.host, ssl_context=ctx, headers={}, auth=auth)
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

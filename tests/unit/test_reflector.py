@@ -722,13 +722,13 @@ def _self_signed(tmp_path: Any) -> tuple[str, str]:
 def test_in_cluster_service_account_token_reaches_the_server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import ssl
 
-    from kubernetes_asyncio.config import incluster_config
+    from pyproxy.sources import credentials
 
     cert, key = _self_signed(tmp_path)
     token = tmp_path / "token"
     token.write_text("in-cluster-token")
-    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
-    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", cert)
+    monkeypatch.setattr(credentials, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(credentials, "SERVICE_CERT_FILENAME", cert)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
 
