@@ -35,13 +35,15 @@ class Balancer:
         if not eps:
             return []
         start = self._next
-        self._next = (self._next + 1) % len(eps)
         order = [eps[(start + i) % len(eps)] for i in range(len(eps))]
         if self.affinity_timeout:
             pin = self._pins.get(client_ip)
             if pin is not None and self._clock() - pin[1] < self.affinity_timeout and pin[0] in eps:
+                # A pinned client does not take a turn: round-robin stays fair to the others.
                 order.remove(pin[0])
                 order.insert(0, pin[0])
+                return order
+        self._next = (self._next + 1) % len(eps)
         return order
 
     def used(self, client_ip: str, endpoint: tuple[str, int]) -> None:

@@ -60,3 +60,16 @@ def test_affinity_is_per_client_and_forgets_gone_backends():
     assert bal.candidates("2.2.2.2")[0] in (A, B)
     bal.update((A, C), 60)  # B is gone
     assert B not in bal.candidates("1.1.1.1")
+
+
+def test_pinned_clients_do_not_skew_round_robin_for_new_ones():
+    clock = Clock()
+    bal = Balancer(clock=clock)
+    bal.update((A, B, C), 60)
+    firsts = []
+    for client in ("1.1.1.1", "2.2.2.2", "3.3.3.3"):
+        for _ in range(5):  # each client comes back several times
+            pick = bal.candidates(client)[0]
+            bal.used(client, pick)
+        firsts.append(bal.candidates(client)[0])
+    assert sorted(firsts) == [A, B, C]
