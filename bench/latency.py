@@ -109,14 +109,15 @@ async def writer(kubeconfig: str) -> None:
 
 
 def prober(target: str) -> None:
-    """Read 'NAME' lines; probe target until NAME answers; print when (monotonic)."""
+    """Read 'NAME [SECONDS]' lines; probe target until NAME answers (60 s at most by default);
+    print when (monotonic), or null."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pyproxy.lab.client import probe_once
 
     host, _, port = target.rpartition(":")
     for line in sys.stdin:
-        want = line.strip()
-        deadline = time.monotonic() + 60
+        want, _, limit = line.strip().partition(" ")
+        deadline = time.monotonic() + float(limit or 60)
         found = None
         while time.monotonic() < deadline:
             got = probe_once((host, int(port)), proto="tcp", source=None, timeout=0.3)
@@ -220,12 +221,24 @@ def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | 
             ["ip", "netns", "exec", lab.node_ns(i), sys.executable, "-m", "bench.latency", "prober",
              "--target", f"{cip}:80"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=str(Path(__file__).resolve().parents[1]))
-        probers[i].stdin.write("pod-a\n")
+        _RUNNING.extend((procs[i], probers[i]))
+        probers[i].stdin.write("pod-a 1800\n")  # a first sync at 10k can take minutes
         probers[i].stdin.flush()
         found = json.loads(probers[i].stdout.readline())["t"]
         rows.append({"proxy": kind, "mode": mode, "services": size,
                      "startup_s": (found - starts[i]) if found else None})
         print(f"  {kind} {mode}: first sync after {rows[-1]['startup_s']}", file=sys.stderr, flush=True)
+        if not changes:
+            # Startup only: measure each proxy alone, so another's periodic resync of 10k
+            # services does not steal the CPU from the one starting.
+            cpu, rss = _proc_stats(procs[i].pid)
+            rows[-1].update(cpu_s=cpu, peak_rss_mb=rss, changes=0, missed=0, p50_ms=None, p99_ms=None)
+            probers[i].stdin.close()
+            probers[i].wait(timeout=30)
+            _stop(procs[i])
+            _cleanup_node(lab, i)
+    if not changes:
+        return rows
     lat: dict[int, list[float]] = {i: [] for i in procs}
     if changes:
         writer_p = subprocess.Popen(["ip", "netns", "exec", lab.cp_ns, sys.executable, "-m", "bench.latency",
@@ -259,13 +272,24 @@ def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | 
     for i in procs:
         probers[i].stdin.close()
         probers[i].wait(timeout=30)
-        procs[i].terminate()
-        try:
-            procs[i].wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            procs[i].kill()
+        _stop(procs[i])
         _cleanup_node(lab, i)
     return rows
+
+
+_RUNNING: list[subprocess.Popen[Any]] = []
+"""Every proxy and prober started, so an interrupted run stops them all (see main)."""
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _fmt(rows: list[dict[str, Any]]) -> str:
@@ -332,6 +356,8 @@ def main() -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
+        for proc in _RUNNING:
+            _stop(proc)
         lab.down()
     print(_fmt(rows))
     return 0
