@@ -5,27 +5,18 @@ e2e/build-k8s.sh on first use; a cold build takes ~15 min on 2 cores)."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from e2e.harness import ProxyFleet, install_chart, sa_kubeconfig
 from pyproxy.lab.cluster import ClusterLab
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    for tool in ("ip", "nft", "iptables", "curl", "nsenter", "unshare", "openssl", "go"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    return None
+from pyproxy.lab.preflight import CLUSTER_TOOLS, missing
 
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[ClusterLab]:
-    why = _missing()
+    why = missing(CLUSTER_TOOLS)
     if why:
         if os.environ.get("CI"):
             pytest.fail(f"e2e cannot run in CI: {why}")

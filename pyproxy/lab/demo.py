@@ -13,27 +13,16 @@ Everything is torn down at the end.
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import sys
 import time
+
+from pyproxy.lab.preflight import CLUSTER_TOOLS, missing
 
 NODES = 2
 
 
-def _preflight() -> str | None:
-    if platform.system() != "Linux":
-        return "the demo needs Linux (network namespaces, nftables, iptables)"
-    if os.geteuid() != 0:
-        return "the demo needs root to create network namespaces: run it with sudo"
-    for tool in ("ip", "nft", "iptables", "curl", "go", "openssl", "nsenter", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing: run 'bash scripts/setup.sh' (or 'bash demo.sh') first"
-    return None
-
-
 def main() -> int:
-    problem = _preflight()
+    problem = missing(CLUSTER_TOOLS)
     if problem:
         print(f"pyproxy demo: {problem}", file=sys.stderr)
         return 2

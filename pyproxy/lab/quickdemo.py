@@ -11,12 +11,11 @@ Everything happens inside namespaces it creates and removes.
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import sys
 from pathlib import Path
 
 from pyproxy.lab.netns import Topology, ns_exec
+from pyproxy.lab.preflight import missing
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
@@ -29,19 +28,8 @@ def _curl(topo: Topology, ns: str, url: str, *, source: str | None = None) -> st
     return (proc.stdout or proc.stderr).strip()
 
 
-def _preflight() -> str | None:
-    if platform.system() != "Linux":
-        return "the demo needs Linux (network namespaces, nftables, iptables)"
-    if os.geteuid() != 0:
-        return "the demo needs root to create network namespaces: run it with sudo"
-    for tool in ("ip", "nft", "iptables", "curl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing: run 'bash scripts/setup.sh' (or 'bash demo.sh') first"
-    return None
-
-
 def main() -> int:
-    problem = _preflight()
+    problem = missing()
     if problem:
         print(f"pyproxy demo: {problem}", file=sys.stderr)
         return 2

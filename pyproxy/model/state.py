@@ -197,49 +197,41 @@ class StateBuilder:
         self._problems.pop((kind, key), None)
         self._skips.pop((kind, key), None)
 
-    def _upsert_service(self, obj: dict[str, Any]) -> None:
+    def _parse(self, kind: str, obj: dict[str, Any], store: dict[Key, Any],
+               parse: Any) -> tuple[Key, object, Any, Any] | None:
+        """Shared by Services and slices: key, fingerprint, old entry and parsed value, or
+        None when nothing changed (or the object has no name, which is recorded)."""
         try:
             key = object_key(obj)
         except Invalid as err:
-            self._problems[("Service", ("", "<no name>"))] = _malformed("Service", obj, err)
-            return
-        old = self._services.get(key)
+            self._problems[(kind, ("", "<no name>"))] = _malformed(kind, obj, err)
+            return None
+        old = store.get(key)
         stamp = fingerprint(obj)
         if old is not None and old[0] == stamp:
-            return
-        ports: tuple[ServicePort, ...] | None
+            return None
+        parsed = None
         try:
-            ports = parse_service(obj, family=self.family)
-            self._clear("Service", key)
+            parsed = parse(obj, family=self.family)
+            self._clear(kind, key)
         except (Invalid, Skipped) as err:
-            ports = None
-            self._record("Service", key, err, obj)
+            self._record(kind, key, err, obj)
         except (TypeError, AttributeError, KeyError) as err:  # shapes we did not foresee
-            ports = None
-            self._record("Service", key, Invalid(f"malformed: {err}"), obj)
-        self._services[key] = (stamp, ports)
-        self._dirty.add(key)
+            self._record(kind, key, Invalid(f"malformed: {err}"), obj)
+        return key, stamp, old, parsed
+
+    def _upsert_service(self, obj: dict[str, Any]) -> None:
+        got = self._parse("Service", obj, self._services, parse_service)
+        if got is not None:
+            key, stamp, _, ports = got
+            self._services[key] = (stamp, ports)
+            self._dirty.add(key)
 
     def _upsert_slice(self, obj: dict[str, Any]) -> None:
-        try:
-            key = object_key(obj)
-        except Invalid as err:
-            self._problems[("EndpointSlice", ("", "<no name>"))] = _malformed("EndpointSlice", obj, err)
+        got = self._parse("EndpointSlice", obj, self._slices, parse_slice)
+        if got is None:
             return
-        old = self._slices.get(key)
-        stamp = fingerprint(obj)
-        if old is not None and old[0] == stamp:
-            return
-        parsed: ParsedSlice | None
-        try:
-            parsed = parse_slice(obj, family=self.family)
-            self._clear("EndpointSlice", key)
-        except (Invalid, Skipped) as err:
-            parsed = None
-            self._record("EndpointSlice", key, err, obj)
-        except (TypeError, AttributeError, KeyError) as err:
-            parsed = None
-            self._record("EndpointSlice", key, Invalid(f"malformed: {err}"), obj)
+        key, stamp, old, parsed = got
         if old is not None and old[1] is not None:
             old_svc = (old[1].namespace, old[1].service)
             self._slices_of[old_svc].discard(key)

@@ -8,7 +8,6 @@ broken setup can never pass as "all skipped".
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyproxy.lab.netns import Topology, ns_exec
+from pyproxy.lab.preflight import missing
 from tests import scenario as sc
 
 MODES = ["nftables", "iptables-nft", "iptables-legacy"]
@@ -30,18 +30,9 @@ WEB_NODEPORT, EMPTY_NODEPORT = 30080, 30081
 AFFINITY_TIMEOUT = 2
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, nft, iptables)"
-    for tool in ("ip", "nft", "iptables-nft-restore", "iptables-legacy-restore"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt-get install nftables iptables iproute2)"
-    return None
-
-
 @pytest.fixture(scope="session")
 def topo() -> Iterator[Topology]:
-    why = _missing()
+    why = missing()
     if why:
         if os.environ.get("CI"):
             pytest.fail(f"netns tests cannot run in CI: {why}")
