@@ -7,8 +7,9 @@ For each mode (nftables, iptables, userspace) and each number of Services, one l
 namespaces (pyproxy.lab.netns) is programmed with N Services, the last one backed by three echo
 pods. From a client pod:
 
-* short HTTP requests over **new connections** (``pyproxy.lab.load``, 16 in flight): requests
-  per second and latency p50/p99 — what a proxy costs per connection;
+* short HTTP requests over **new connections** (``wrk -H "Connection: close"`` for 10 s, 16
+  connections; or the bounded Python generator ``pyproxy.lab.load`` when wrk is missing):
+  requests per second and latency p50/p99 — what a proxy costs per connection;
 * one **bulk TCP stream** (256 MB of zeros from one pod): MB/s — what it costs per byte;
 * **CPU seconds** pyproxy used meanwhile (the kernel modes only program rules; the userspace
   mode copies every byte itself).
@@ -49,6 +50,31 @@ def _objects(size: int, topo: Topology) -> list[dict[str, Any]]:
     return objs
 
 
+def _wrk(client_ns: str, url: str, *, seconds: float, connections: int) -> dict[str, Any]:
+    """wrk with ``Connection: close``: every request on a new connection, for ``seconds``."""
+    import re
+
+    proc = ns_exec(client_ns, ["wrk", "-t", "2", "-c", str(connections), "-d", f"{max(1, int(seconds))}s",
+                               "--latency", "-H", "Connection: close", url], timeout=seconds + 60)
+    text = proc.stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    reqs = re.search(r"(\d+) requests in", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = (sum(int(x) for x in errs.groups()) if errs else 0) + (int(non2xx.group(1)) if non2xx else 0)
+    if not rps:
+        raise RuntimeError(f"wrk failed: {proc.stderr or text}")
+    return {"requests": int(reqs.group(1)) if reqs else 0, "errors": errors, "rps": float(rps.group(1)),
+            "p50_ms": ms("50"), "p99_ms": ms("99")}
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
@@ -56,14 +82,15 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency: int,
-            bulk_seconds: float, workdir: Path) -> dict[str, Any]:
+            bulk_seconds: float, workdir: Path, load_seconds: float, use_wrk: bool) -> dict[str, Any]:
     path = workdir / f"cluster-{size}.yaml"
     path.write_text(yaml.safe_dump_all(_objects(size, topo)))
     flags = ["--source-file", str(path), "--hostname-override", "node-1", "--cluster-cidr",
              topo.cluster_cidr, "--proxy-mode", mode, "--v", "0"]
     assert topo.pyproxy("cleanup").returncode == 0
     proc = None
-    cpu = 0.0
+    program_cpu = 0.0
+    load_cpu = 0.0
     if mode == "userspace":
         proc = subprocess.Popen(["ip", "netns", "exec", topo.node_ns, sys.executable, "-m", "pyproxy", "run",
                                  *flags], stderr=subprocess.DEVNULL)
@@ -73,7 +100,7 @@ def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency:
         after = os.times()
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
-        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+        program_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     target = service_ip(size - 1)
     client = topo.pod("pod3").ns
     try:
@@ -85,13 +112,17 @@ def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency:
                 raise RuntimeError(f"{mode}: the service never answered")
             time.sleep(0.2)
         cpu0 = _cpu_seconds(proc.pid) if proc else 0.0
-        load = json.loads(ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target", f"{target}:80",
-                                           "--requests", str(requests), "--concurrency", str(concurrency),
-                                           "--deadline", "60"], timeout=180).stdout)
+        program_cpu = program_cpu or cpu0  # userspace: start-up and first sync
+        if use_wrk:
+            load = _wrk(client, f"http://{target}/", seconds=load_seconds, connections=concurrency)
+        else:
+            load = json.loads(ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target",
+                                               f"{target}:80", "--requests", str(requests), "--concurrency",
+                                               str(concurrency), "--deadline", "60"], timeout=180).stdout)
         bulk = json.loads(ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target", f"{target}:81",
                                            "--bulk", "--deadline", str(bulk_seconds)], timeout=180).stdout)
         if proc:
-            cpu += _cpu_seconds(proc.pid) - cpu0
+            load_cpu = _cpu_seconds(proc.pid) - cpu0
     finally:
         if proc:
             proc.terminate()
@@ -99,15 +130,18 @@ def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency:
         topo.pyproxy("cleanup")
         ns_exec(topo.node_ns, ["conntrack", "-F"])
     return {"mode": mode, "services": size, **{k: load[k] for k in ("requests", "errors", "rps", "p50_ms", "p99_ms")},
-            "mb_per_s": bulk["mb_per_s"], "cpu_s": cpu}
+            "mb_per_s": bulk["mb_per_s"], "program_cpu_s": program_cpu, "cpu_s": load_cpu,
+            "load": "wrk" if use_wrk else "python"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("mode", "services", "requests", "errors", "req/s", "p50 ms", "p99 ms", "bulk MB/s", "pyproxy CPU s")
+    head = ("mode", "services", "requests", "errors", "req/s", "p50 ms", "p99 ms", "bulk MB/s",
+            "pyproxy CPU s during the load", "pyproxy CPU s to program")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         out.append(f"| {r['mode']} | {r['services']:,} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | "
-                   f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mb_per_s']:.0f} | {r['cpu_s']:.2f} |")
+                   f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mb_per_s']:.0f} | {r['cpu_s']:.2f} | "
+                   f"{r['program_cpu_s']:.2f} |")
     return "\n".join(out)
 
 
@@ -125,7 +159,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ("rps", "Short HTTP requests over new connections", "requests per second", "compare-rps.png"),
         ("p99_ms", "Request latency p99 (new connection each)", "milliseconds", "compare-latency-p99.png"),
         ("mb_per_s", "One bulk TCP stream", "MB/s", "compare-throughput.png"),
-        ("cpu_s", "CPU pyproxy used during the load", "CPU seconds", "compare-cpu.png"),
+        ("cpu_s", "CPU pyproxy used during the load and the bulk stream", "CPU seconds", "compare-cpu.png"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(sizes)
@@ -150,13 +184,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,1000")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=3000, help="Python load generator: requests")
+    parser.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds of load")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="wrk (Debian's) when installed, else the bounded Python generator")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bulk-seconds", type=float, default=20.0, help="cap on the bulk stream")
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     rows = []
     with Topology.create(pods=4, client_sources=0, http_ports=(HTTP_PORT,), bulk_ports=(BULK_PORT,)) as topo:
         work = out / ".work"
@@ -165,7 +205,8 @@ def main() -> int:
             for mode in args.modes.split(","):
                 print(f"{mode} at {size} services ...", file=sys.stderr, flush=True)
                 rows.append(run_one(topo, mode, size, requests=args.requests, concurrency=args.concurrency,
-                                    bulk_seconds=args.bulk_seconds, workdir=work))
+                                    bulk_seconds=args.bulk_seconds, workdir=work, load_seconds=args.seconds,
+                                    use_wrk=use_wrk))
         for f in work.iterdir():
             f.unlink()
         work.rmdir()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in nft:nftables iptables-nft-restore:iptables iptables-legacy-restore:iptables conntrack:conntrack ip:iproute2 curl:curl openssl:openssl nsenter:util-linux; do
+for tool in nft:nftables iptables-nft-restore:iptables iptables-legacy-restore:iptables conntrack:conntrack ip:iproute2 curl:curl openssl:openssl nsenter:util-linux wrk:wrk; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

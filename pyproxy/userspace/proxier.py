@@ -22,6 +22,16 @@ log = logging.getLogger("pyproxy.userspace")
 PORT_RANGE = (36000, 39999)
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is installed (faster relays), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    log.info("userspace relays run on uvloop")
+    return uvloop.new_event_loop()
+
+
 class UserspaceProxier(NftProxier):
     """Like the nftables proxier, but each service port's chain redirects to a local listener
     that copies bytes to a backend chosen round-robin (with ClientIP affinity), trying the next
@@ -36,7 +46,7 @@ class UserspaceProxier(NftProxier):
         self.port_range = port_range
         self.ports: dict[ServicePortName, int] = {}
         self.relays: dict[ServicePortName, Any] = {}
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="userspace-relays", daemon=True)
         self._thread.start()
 

@@ -149,3 +149,30 @@ def test_userspace_retries_a_refusing_backend(programmed: Programmed):
     else:
         # The kernel picks an endpoint before any packet reaches it: about 1 in 4 is refused.
         assert probe.errors.get("refused", 0) > 0
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected"),
+    [
+        # pod0 ready, pod1 terminating but serving: only the ready one gets new connections.
+        ([{"ready": True}, {"ready": False, "serving": True, "terminating": True}], {"pod0"}),
+        # None ready: fall back to the serving, terminating ones (a rolling update's last pod).
+        ([{"ready": False, "serving": True, "terminating": True}] * 2, {"pod0", "pod1"}),
+        # Not serving at all: never used; the service has no usable endpoint and refuses.
+        ([{"ready": False, "serving": False, "terminating": True}] * 2, set()),
+    ],
+    ids=["ready-first", "terminating-fallback", "not-serving-refused"],
+)
+def test_terminating_endpoints(programmed: Programmed, conditions, expected):
+    topo = programmed.topo
+    objects = base_objects(topo)
+    for obj in objects:
+        if obj["metadata"]["name"] == "web-a":
+            obj["endpoints"] = [{"addresses": [topo.pod(f"pod{i}").ip], "conditions": c}
+                                for i, c in enumerate(conditions)]
+    programmed.apply(objects)
+    probe = topo.probe(topo.pod("pod3").ns, f"{WEB_IP}:80", count=40, timeout=2)
+    if expected:
+        assert probe.errors == {} and set(probe.pods) == expected
+    else:
+        assert probe.errors == {"refused": 40}
