@@ -45,11 +45,21 @@ class ProxyFleet:
     kubeconfig: str
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def chart_config(self) -> str:
+        """The chart's ConfigMap as installed in the API: what the DaemonSet would read."""
+        path = self.lab.path / "chart-config.yaml"
+        if not path.exists():
+            text = self.lab.kubectl("get", "configmap", "pyproxy-config", "-n", SA_NAMESPACE, "-o",
+                                    "jsonpath={.data.config\\.yaml}").stdout
+            path.write_text(text)
+        return str(path)
+
     def start(self, i: int) -> None:
         log = open(self.lab.path / f"pyproxy-{i}.log", "ab")  # noqa: SIM115
         argv = ["ip", "netns", "exec", self.lab.node_ns(i), sys.executable, "-m", "pyproxy", "run",
-                "--kubeconfig", self.kubeconfig, "--hostname-override", self.lab.node_name(i),
-                "--cluster-cidr", CLUSTER_CIDR, "--proxy-mode", self.mode, "--v", "1"]
+                "--config", self.chart_config(), "--kubeconfig", self.kubeconfig,
+                "--hostname-override", self.lab.node_name(i), "--cluster-cidr", CLUSTER_CIDR,
+                "--proxy-mode", self.mode, "--v", "1"]
         self.procs[i] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_all(self) -> None:

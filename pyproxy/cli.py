@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--v", dest="verbosity", type=int, default=1, metavar="N",
                        help="log verbosity: 0 warnings, 1 info (default), 2 debug")
         p.add_argument("--config", metavar="FILE",
-                       help="YAML of flag: value pairs (e.g. 'proxy-mode: iptables'), read first; "
-                       "flags on the command line override it")
+                       help="a KubeProxyConfiguration (the fields that apply) or a YAML of flag: value "
+                       "pairs (e.g. 'proxy-mode: iptables'), read first; command-line flags override it")
+        p.add_argument("--write-config-to", metavar="FILE",
+                       help="write the effective configuration as a KubeProxyConfiguration to FILE "
+                       "('-' for stdout) and exit")
 
     render = sub.add_parser("render", help="print the ruleset that would be applied; change nothing")
     common(render)
@@ -328,6 +331,20 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
     return 0
 
 
+def _write_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pyproxy.kpconfig import from_settings
+
+    text = yaml.safe_dump(from_settings(vars(args)), sort_keys=False)
+    if args.write_config_to == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.write_config_to, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from pyproxy.lab.cluster import main as lab_main
 
@@ -364,6 +381,16 @@ def expand_config(argv: list[str]) -> list[str]:
         raise UsageError(f"--config {path}: {err}; give a readable YAML file of flag: value pairs") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values, like 'proxy-mode: iptables'")
+    if data.get("kind") == "KubeProxyConfiguration":
+        from pyproxy.kpconfig import to_flags
+
+        try:
+            data, ignored = to_flags(data)
+        except ValueError as err:
+            raise UsageError(f"--config {path}: {err}") from None
+        if ignored:
+            print(f"pyproxy: --config {path}: ignoring fields pyproxy does not use: {', '.join(ignored)}",
+                  file=sys.stderr)
     flags: list[str] = []
     for key, value in data.items():
         if isinstance(value, bool):
@@ -389,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(args.verbosity)
+    if getattr(args, "write_config_to", None):
+        return _write_config(args)
     try:
         return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup, "lab": cmd_lab}[args.command](args)
     except (UsageError, SourceError, KubeError) as err:

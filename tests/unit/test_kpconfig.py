@@ -1,0 +1,59 @@
+"""KubeProxyConfiguration files: durations, field mapping, flags overriding, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pyproxy.cli import main
+from pyproxy.kpconfig import parse_duration, to_flags
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1s", 1.0), ("500ms", 0.5), ("1m30s", 90.0), ("0s", 0.0), ("1h", 3600.0), ("250us", 0.00025), (2, 2.0),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "1", "1x", "s", "1s2", True, None])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_fields_map_to_flags_and_unknown_ones_are_reported():
+    flags, ignored = to_flags({
+        "kind": "KubeProxyConfiguration", "mode": "nftables", "clusterCIDR": "10.244.0.0/16",
+        "nodePortAddresses": ["192.168.0.0/16", "10.0.0.0/8"], "clientConnection": {"kubeconfig": "/k"},
+        "nftables": {"masqueradeAll": True, "masqueradeBit": 13, "minSyncPeriod": "1s"},
+        "conntrack": {"maxPerCore": 0}, "oomScoreAdj": -999,
+    })
+    assert flags == {"proxy-mode": "nftables", "cluster-cidr": "10.244.0.0/16",
+                     "nodeport-addresses": "192.168.0.0/16,10.0.0.0/8", "kubeconfig": "/k",
+                     "masquerade-all": True, "iptables-masquerade-bit": 13, "min-sync-period": 1.0}
+    assert ignored == ["conntrack", "oomScoreAdj"]
+
+
+def test_bad_field_value_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "kp.yaml"
+    path.write_text("kind: KubeProxyConfiguration\niptables: {minSyncPeriod: soon}\n")
+    assert main(["render", "--config", str(path), "--source-file", "x"]) == 2
+    assert "duration" in capsys.readouterr().err
+
+
+def test_command_line_overrides_the_file_and_write_config_round_trips(tmp_path, capsys):
+    path = tmp_path / "kp.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                                    "kind": "KubeProxyConfiguration", "mode": "iptables",
+                                    "clusterCIDR": "10.244.0.0/16",
+                                    "iptables": {"masqueradeAll": True, "minSyncPeriod": "2s"}}))
+    out = tmp_path / "effective.yaml"
+    assert main(["run", "--config", str(path), "--min-sync-period", "0.3", "--write-config-to", str(out)]) == 0
+    written = yaml.safe_load(out.read_text())
+    assert written["mode"] == "iptables" and written["clusterCIDR"] == "10.244.0.0/16"
+    assert written["iptables"]["masqueradeAll"] is True
+    assert written["iptables"]["minSyncPeriod"] == "0.3s"  # the flag won
+    again = tmp_path / "again.yaml"
+    assert main(["run", "--config", str(out), "--write-config-to", str(again)]) == 0
+    assert yaml.safe_load(again.read_text()) == written
