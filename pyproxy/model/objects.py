@@ -52,6 +52,8 @@ class ServicePort:
     """0 when the Service has no NodePort."""
     affinity_timeout: int = 0
     """ClientIP session affinity timeout in seconds; 0 means no affinity."""
+    internal_local: bool = False
+    """internalTrafficPolicy: Local: ClusterIP traffic only to this node's endpoints."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,15 @@ class ServicePortState:
     service: ServicePort
     endpoints: tuple[Endpoint, ...] = ()
     """Every endpoint seen for this port, sorted, whatever its condition."""
+
+    def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
+        """The usable endpoints on ``node``, with the same ready-then-terminating fallback,
+        applied to the node's endpoints alone (as upstream's CategorizeEndpoints does)."""
+        mine = tuple(e for e in self.endpoints if e.node_name == node)
+        ready = tuple(e for e in mine if e.ready)
+        if ready:
+            return ready
+        return tuple(e for e in mine if e.serving and e.terminating)
 
     @property
     def usable_endpoints(self) -> tuple[Endpoint, ...]:

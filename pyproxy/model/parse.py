@@ -140,6 +140,10 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
     elif affinity != "None":
         raise Invalid(f"spec.sessionAffinity must be None or ClientIP, got {affinity!r}")
 
+    itp = spec.get("internalTrafficPolicy") or "Cluster"
+    if itp not in ("Cluster", "Local"):
+        raise Invalid(f"spec.internalTrafficPolicy must be Cluster or Local, got {itp!r}")
+
     ports = spec.get("ports")
     if not isinstance(ports, list) or not ports:
         raise Invalid("spec.ports must be a non-empty list")
@@ -172,6 +176,7 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
                 port=port,
                 node_port=node_port,
                 affinity_timeout=affinity_timeout,
+                internal_local=itp == "Local",
             )
         )
     return tuple(result)

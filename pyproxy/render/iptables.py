@@ -15,7 +15,7 @@ touch each other's chains:
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
-from pyproxy.model.objects import DesiredState, ServicePortState
+from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import IptFragment
 from pyproxy.render.naming import IPT_PREFIX, ipt_endpoint_hash, ipt_service_hash
 
@@ -122,31 +122,42 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
 
     h = ipt_service_hash(spn)
     svc_chain = f"{P}SVC-{h}"
+    svl_chain = f"{P}SVL-{h}"
     chains: dict[tuple[str, str], tuple[str, ...]] = {}
-    top[("nat", SERVICES)] = [
-        f"-m comment --comment {quote(f'{spn} cluster IP')} {_proto(proto)} {dst} -j {svc_chain}"
-    ]
-    svc_rules: list[str] = []
+    masq: list[str] = []
     cip_comment = f"-m comment --comment {quote(f'{spn} cluster IP')} {_proto(proto)} {dst}"
     if config.masquerade_all:
-        svc_rules.append(f"{cip_comment} -j {MARK_MASQ}")
+        masq.append(f"{cip_comment} -j {MARK_MASQ}")
     elif len(config.cluster_cidrs) == 1:
-        svc_rules.append(f"{cip_comment} ! -s {config.cluster_cidrs[0]} -j {MARK_MASQ}")
+        masq.append(f"{cip_comment} ! -s {config.cluster_cidrs[0]} -j {MARK_MASQ}")
     elif config.cluster_cidrs:
-        svc_rules.append(f"{cip_comment} -j {MASQ_NON_POD}")
+        masq.append(f"{cip_comment} -j {MASQ_NON_POD}")
 
-    seps = [(ep, f"{P}SEP-{ipt_endpoint_hash(spn, ep)}") for ep in endpoints]
-    if svc.affinity_timeout:
-        for ep, sep in seps:
-            svc_rules.append(
-                f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} -m recent --name {sep} "
-                f"--rcheck --seconds {svc.affinity_timeout} --reap -j {sep}"
-            )
-    n = len(seps)
-    for i, (ep, sep) in enumerate(seps):
-        stat = "" if i == n - 1 else f"-m statistic --mode random --probability {probability(n - i)} "
-        svc_rules.append(f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} {stat}-j {sep}")
-    chains[("nat", svc_chain)] = tuple(svc_rules)
+    local = sps.local_endpoints(config.hostname) if svc.internal_local else ()
+    sep_of = {ep: f"{P}SEP-{ipt_endpoint_hash(spn, ep)}" for ep in dict.fromkeys((*endpoints, *local))}
+
+    def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
+        rules = list(masq)
+        if svc.affinity_timeout:
+            rules += [f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} -m recent --name {sep_of[ep]} "
+                      f"--rcheck --seconds {svc.affinity_timeout} --reap -j {sep_of[ep]}" for ep in eps]
+        for i, ep in enumerate(eps):
+            stat = "" if i == len(eps) - 1 else f"-m statistic --mode random --probability {probability(len(eps) - i)} "
+            rules.append(f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} {stat}-j {sep_of[ep]}")
+        return tuple(rules)
+
+    if not svc.internal_local or svc.node_port:
+        chains[("nat", svc_chain)] = pick(endpoints)
+    if not svc.internal_local:
+        top[("nat", SERVICES)] = [f"{cip_comment} -j {svc_chain}"]
+    elif local:
+        chains[("nat", svl_chain)] = pick(local)
+        top[("nat", SERVICES)] = [f"{cip_comment} -j {svl_chain}"]
+    else:
+        # internalTrafficPolicy: Local with nothing on this node: drop, as upstream does.
+        top[("filter", SERVICES)] = [
+            f"-m comment --comment {quote(f'{spn} has no local endpoints')} {_proto(proto)} {dst} -j DROP"]
+    seps = list(sep_of.items())
 
     c = f"-m comment --comment {quote(str(spn))}"
     for ep, sep in seps:

@@ -22,7 +22,7 @@ same 10k services load in about 12 s.
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
-from pyproxy.model.objects import DesiredState, ServicePortState
+from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import nft_endpoint_base, nft_service_base
 
@@ -123,40 +123,55 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     service_chain = f"service-{base}"
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
-    svc_rules: list[str] = []
+    masq: list[str] = []
     match = f"ip daddr {svc.cluster_ip} {proto} dport {svc.port}"
     if config.masquerade_all:
-        svc_rules.append(f"{match} jump mark-for-masquerade")
+        masq.append(f"{match} jump mark-for-masquerade")
     elif config.cluster_cidrs:
         # Traffic from outside the pod network is masqueraded so replies come back through
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
         cidrs = ", ".join(config.cluster_cidrs)
-        svc_rules.append(f"{match} ip saddr != {{ {cidrs} }} jump mark-for-masquerade")
+        masq.append(f"{match} ip saddr != {{ {cidrs} }} jump mark-for-masquerade")
 
-    ep_chains = []
-    for ep in endpoints:
+    local = sps.local_endpoints(config.hostname) if svc.internal_local else ()
+    ep_chains: dict[Endpoint, str] = {}
+    affinity: dict[Endpoint, str] = {}
+    for ep in dict.fromkeys((*endpoints, *local)):
         ep_base = nft_endpoint_base(spn, ep)
         ep_chain = f"endpoint-{ep_base}"
-        ep_chains.append(ep_chain)
+        ep_chains[ep] = ep_chain
         rules = [f"ip saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
         if svc.affinity_timeout:
             aff = f"affinity-{ep_base}"
+            affinity[ep] = aff
             sets[aff] = f"type ipv4_addr ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
-            svc_rules.append(f"ip saddr @{aff} goto {ep_chain}")
             rules.append(f"update @{aff} {{ ip saddr }}")
         rules.append(f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}")
         chains[ep_chain] = tuple(rules)
 
-    n = len(ep_chains)
-    for i, ep_chain in enumerate(ep_chains):
-        if i == n - 1:
-            svc_rules.append(f"goto {ep_chain}")
-        else:
-            svc_rules.append(f"numgen random mod {n - i} 0 goto {ep_chain}")
-    chains[service_chain] = tuple(svc_rules)
-    elements[("service-ips", cip_key)] = f"goto {service_chain}"
+    def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
+        """Affinity first, then a uniform choice: rule i fires with probability 1/(n-i)."""
+        rules = [*masq, *(f"ip saddr @{affinity[ep]} goto {ep_chains[ep]}" for ep in eps if ep in affinity)]
+        for i, ep in enumerate(eps):
+            last = i == len(eps) - 1
+            rules.append(f"goto {ep_chains[ep]}" if last else f"numgen random mod {len(eps) - i} 0 goto {ep_chains[ep]}")
+        return tuple(rules)
+
+    if not svc.internal_local or svc.node_port:
+        chains[service_chain] = pick(endpoints)
+    if not svc.internal_local:
+        elements[("service-ips", cip_key)] = f"goto {service_chain}"
+    elif local:
+        local_chain = f"local-{base}"
+        chains[local_chain] = pick(local)
+        elements[("service-ips", cip_key)] = f"goto {local_chain}"
+    else:
+        # internalTrafficPolicy: Local and nothing on this node: drop (as upstream), unlike a
+        # service with no endpoints anywhere, which rejects.
+        elements[("no-endpoint-services", cip_key)] = "drop"
 
     if svc.node_port:
+        # NodePorts are external traffic: internalTrafficPolicy does not apply to them.
         ext_chain = f"external-{base}"
         chains[ext_chain] = (
             f"jump mark-for-masquerade {comment}",

@@ -176,3 +176,33 @@ def test_terminating_endpoints(programmed: Programmed, conditions, expected):
         assert probe.errors == {} and set(probe.pods) == expected
     else:
         assert probe.errors == {"refused": 40}
+
+
+def _itp_local_objects(topo, nodes: list[str]) -> list[dict]:
+    """The web Service with internalTrafficPolicy: Local; pod0..2 reported on ``nodes``."""
+    objects = base_objects(topo)
+    for obj in objects:
+        if obj["metadata"]["name"] == "web":
+            obj["spec"]["internalTrafficPolicy"] = "Local"
+        if obj["metadata"]["name"] == "web-a":
+            for ep, node in zip(obj["endpoints"], nodes):
+                ep["nodeName"] = node
+    return objects
+
+
+def test_internal_traffic_policy_local(programmed: Programmed):
+    if programmed.userspace:
+        pytest.skip("internalTrafficPolicy is a kernel-mode feature here (README)")
+    topo = programmed.topo
+    # pod0 and pod1 run on this node (node-1), pod2 elsewhere.
+    programmed.apply(_itp_local_objects(topo, ["node-1", "node-1", "node-2"]))
+    client = topo.pod("pod3").ns
+    probe = topo.probe(client, f"{WEB_IP}:80", count=60)
+    assert probe.errors == {} and set(probe.pods) == {"pod0", "pod1"}
+    # NodePorts are external traffic: the policy does not apply, every endpoint is used.
+    nodeport = topo.probe(topo.client_ns, f"{topo.node_ip}:{WEB_NODEPORT}", count=60)
+    assert nodeport.errors == {} and set(nodeport.pods) == {"pod0", "pod1", "pod2"}
+    # Nothing on this node: ClusterIP traffic is dropped (a timeout), not refused.
+    programmed.apply(_itp_local_objects(topo, ["node-2", "node-2", "node-3"]))
+    dropped = topo.probe(client, f"{WEB_IP}:80", count=2, timeout=1)
+    assert dropped.errors == {"timeout": 2}

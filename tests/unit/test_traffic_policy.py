@@ -1,0 +1,62 @@
+"""internalTrafficPolicy: Local in both renderers (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyproxy.config import ProxyConfig
+from pyproxy.model.parse import Invalid, parse_service
+from pyproxy.render import iptables as ipt
+from pyproxy.render import nftables as nft
+from tests import scenario as sc
+from tests.unit.helpers import build
+
+CFG = ProxyConfig(hostname="node-1", cluster_cidrs=("10.244.0.0/16",))
+
+
+def _state(nodes, node_port=None):
+    svc = sc.service("web", "10.96.0.10", [sc.port(80, name="http", node_port=node_port)],
+                     svc_type="NodePort" if node_port else "ClusterIP")
+    svc["spec"]["internalTrafficPolicy"] = "Local"
+    sl = sc.endpoint_slice("web", [f"10.244.1.{10 + i}" for i in range(len(nodes))], [sc.port(8080, name="http")])
+    for ep, node in zip(sl["endpoints"], nodes):
+        ep["nodeName"] = node
+    return next(iter(build([svc, sl]).services.values()))
+
+
+def test_policy_is_parsed_and_validated():
+    svc = sc.service("web", "10.96.0.10", [sc.port(80)])
+    svc["spec"]["internalTrafficPolicy"] = "Local"
+    assert parse_service(svc)[0].internal_local
+    svc["spec"]["internalTrafficPolicy"] = "Nearby"
+    with pytest.raises(Invalid, match="internalTrafficPolicy"):
+        parse_service(svc)
+
+
+def test_nft_clusterip_goes_to_local_endpoints_only():
+    frag = nft.render_service(CFG, _state(["node-1", "node-2", "node-1"], node_port=30080))
+    target = frag.elements[("service-ips", "10.96.0.10 . tcp . 80")]
+    assert target.startswith("goto local-")
+    local = frag.chains[target[len("goto "):]]
+    assert sum("goto endpoint-" in r for r in local) == 2
+    assert not any("10.244.1.11" in r for r in local)
+    # NodePort traffic still uses every endpoint.
+    ext = frag.chains[frag.elements[("service-nodeports", "tcp . 30080")][len("goto "):]]
+    svc_chain = frag.chains[ext[-1][len("goto "):]]
+    assert sum("goto endpoint-" in r for r in svc_chain) == 3
+
+
+def test_nft_no_local_endpoint_drops_instead_of_rejecting():
+    frag = nft.render_service(CFG, _state(["node-2"]))
+    assert frag.elements == {("no-endpoint-services", "10.96.0.10 . tcp . 80"): "drop"}
+
+
+def test_iptables_svl_chain_and_drop():
+    frag = ipt.render_service(CFG, _state(["node-1", "node-2"]))
+    jump = frag.top_rules[("nat", ipt.SERVICES)][0]
+    assert "-j PYPROXY-SVL-" in jump
+    svl = frag.chains[("nat", jump.split("-j ")[-1])]
+    assert sum("-j PYPROXY-SEP-" in r for r in svl) == 1
+    none = ipt.render_service(CFG, _state(["node-2"]))
+    assert none.top_rules[("filter", ipt.SERVICES)][0].endswith("-j DROP")
+    assert "has no local endpoints" in none.top_rules[("filter", ipt.SERVICES)][0]
