@@ -264,6 +264,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
     proxier = make_proxier(config, iptables_backend=args.iptables_backend)
+    from pyproxy.cleanup import cleanup_other_modes
+
+    cleanup_other_modes(mode=config.mode, iptables_backend=getattr(proxier.executor, "backend", None))
     cleaner = ConntrackCleaner()
     if args.once:
         if sync_with_retries(proxier, state, attempts=max(1, args.retries), cleaner=cleaner):

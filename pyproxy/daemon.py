@@ -35,6 +35,8 @@ class Settings:
     """/healthz and /livez; empty disables."""
     metrics_bind_address: str = "127.0.0.1:10249"
     """/metrics; empty disables."""
+    clean_other_modes: bool = True
+    """At start, remove what another proxy mode left in this network namespace."""
 
 
 async def serve(config: ProxyConfig, settings: Settings, *,
@@ -42,7 +44,12 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     """Run until SIGTERM or SIGINT. Rules stay in the kernel afterwards."""
     from pyproxy.hostnet import interface_ipv4s
 
+    from pyproxy.cleanup import cleanup_other_modes
+
     proxier = make_proxier(config, iptables_backend=settings.iptables_backend)
+    if settings.clean_other_modes:
+        await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
+                                iptables_backend=getattr(proxier.executor, "backend", None))
     health = ProxyHealth(timeout=2 * settings.sync_period)
     runner = SyncRunner(
         proxier=proxier, config=config, health=health, clean_conntrack=True,

@@ -73,6 +73,25 @@ def udp_stream(target: tuple[str, int], *, seconds: float, interval: float) -> N
             time.sleep(interval)
 
 
+def hold(target: tuple[str, int], timeout: float) -> None:
+    """One long-lived TCP connection: a line out and its answer back, then again for every
+    line read on stdin, until EOF. Prints one JSON line per exchange."""
+    import sys
+
+    with socket.create_connection(target, timeout=timeout) as s:
+        f = s.makefile("rwb")
+        while True:
+            try:
+                f.write(b"ping\n")
+                f.flush()
+                answer = f.readline().decode().split()
+                print(json.dumps({"pod": answer[0] if answer else None}), flush=True)
+            except OSError as err:
+                print(json.dumps({"pod": None, "error": str(err)}), flush=True)
+            if not sys.stdin.readline():
+                break
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", required=True, help="IP:PORT")
@@ -86,8 +105,13 @@ def main() -> None:
     parser.add_argument("--udp-stream", type=float, metavar="SECONDS",
                         help="instead: keep one UDP socket sending for this long (see udp_stream)")
     parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--hold", action="store_true",
+                        help="instead: keep one TCP connection and exchange a line per stdin line")
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
+    if args.hold:
+        hold((host, int(port)), args.timeout)
+        return
     if args.udp_stream:
         udp_stream((host, int(port)), seconds=min(args.udp_stream, 60), interval=args.interval)
         return

@@ -28,7 +28,7 @@ BULK_BYTES = 256 * 1024 * 1024
 
 
 async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | None = None,
-                bulk_ports: list[int] | None = None) -> None:
+                bulk_ports: list[int] | None = None, stream_ports: list[int] | None = None) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Server speaks first: one line, then close. No request to wait for, so the probe
         # measures connection setup through the proxy, not our parsing.
@@ -53,6 +53,18 @@ async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | 
         finally:
             writer.close()
 
+    async def handle_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A long-lived connection: one answer per line received, until the client closes.
+        peer = writer.get_extra_info("peername")
+        try:
+            while await reader.readline():
+                writer.write(f"{name} {peer[0]}\n".encode())
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
     async def handle_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # One bulk stream: 256 MB of zeros, then close (the throughput benchmark).
         block = bytes(1 << 20)
@@ -72,6 +84,8 @@ async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | 
         await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port))
     for port in http_ports or []:
         servers.append(await asyncio.start_server(handle_http, host, port, reuse_address=True, backlog=512))
+    for port in stream_ports or []:
+        servers.append(await asyncio.start_server(handle_stream, host, port, reuse_address=True))
     for port in bulk_ports or []:
         servers.append(await asyncio.start_server(handle_bulk, host, port, reuse_address=True))
     stop = asyncio.Event()
@@ -93,6 +107,8 @@ def main() -> None:
                         help="port answering HTTP/1.0 requests with the same line (for curl)")
     parser.add_argument("--bulk-port", type=int, action="append", default=[],
                         help="port sending 256 MB of zeros to each client (throughput benchmark)")
+    parser.add_argument("--stream-port", type=int, action="append", default=[],
+                        help="port answering every line of a long-lived connection")
     parser.add_argument("--address", help="with --gateway: wait for eth0 in this (fresh) network "
                         "namespace, give it this IP/prefix and a default route, then serve; used by "
                         "the lab's pod runner, which starts us under 'unshare --net'")
@@ -100,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.address:
         _configure_eth0(args.address, args.gateway)
-    asyncio.run(serve(args.name, args.host, args.port, args.http_port, args.bulk_port))
+    asyncio.run(serve(args.name, args.host, args.port, args.http_port, args.bulk_port, args.stream_port))
 
 
 def _configure_eth0(address: str, gateway: str | None, timeout: float = 20.0) -> None:

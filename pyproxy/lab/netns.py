@@ -105,12 +105,13 @@ class Topology:
 
     @classmethod
     def create(cls, *, pods: int = 3, client_sources: int = 12, echo_ports: tuple[int, ...] = (8080,),
-               http_ports: tuple[int, ...] = (8081,), bulk_ports: tuple[int, ...] = ()) -> Topology:
+               http_ports: tuple[int, ...] = (8081,), bulk_ports: tuple[int, ...] = (),
+               stream_ports: tuple[int, ...] = (8083,)) -> Topology:
         remove_stale_namespaces()
         topo = cls(tag=f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(2)}")
         try:
             topo._build(pods, client_sources)
-            topo.start_echo(echo_ports, http_ports, bulk_ports)
+            topo.start_echo(echo_ports, http_ports, bulk_ports, stream_ports)
         except BaseException:
             topo.destroy()
             raise
@@ -187,13 +188,14 @@ class Topology:
         return pod
 
     def start_echo(self, ports: tuple[int, ...], http_ports: tuple[int, ...] = (),
-                   bulk_ports: tuple[int, ...] = ()) -> None:
+                   bulk_ports: tuple[int, ...] = (), stream_ports: tuple[int, ...] = ()) -> None:
         """Start the echo backend in every pod and wait until each one is listening."""
         for pod in self.pods:
             argv = ["ip", "netns", "exec", pod.ns, sys.executable, "-m", "pyproxy.lab.echo",
                     "--name", pod.name, *[a for p in ports for a in ("--port", str(p))],
                     *[a for p in http_ports for a in ("--http-port", str(p))],
-                    *[a for p in bulk_ports for a in ("--bulk-port", str(p))]]
+                    *[a for p in bulk_ports for a in ("--bulk-port", str(p))],
+                    *[a for p in stream_ports for a in ("--stream-port", str(p))]]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
             assert proc.stdout is not None

@@ -24,8 +24,8 @@ MODES = ["nftables", "iptables-nft", "iptables-legacy"]
 ALL_MODES = [*MODES, "userspace"]
 NODE = "node-1"
 
-WEB_IP, SELF_IP, EMPTY_IP, DNS_IP, STICKY_IP = (
-    "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13", "10.96.0.14")
+WEB_IP, SELF_IP, EMPTY_IP, DNS_IP, STICKY_IP, CHAT_IP = (
+    "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13", "10.96.0.14", "10.96.0.15")
 WEB_NODEPORT, EMPTY_NODEPORT = 30080, 30081
 AFFINITY_TIMEOUT = 2
 
@@ -58,6 +58,9 @@ def base_objects(topo: Topology) -> list[dict]:
         sc.endpoint_slice("dns", backends, udp),
         sc.service("sticky", STICKY_IP, [sc.port(80, name="http")], affinity_timeout=AFFINITY_TIMEOUT),
         sc.endpoint_slice("sticky", backends, tcp),
+        # Long-lived connections: the echo answers every line (port 8083).
+        sc.service("chat", CHAT_IP, [sc.port(80, name="chat")]),
+        sc.endpoint_slice("chat", backends, [sc.port(8083, name="chat")]),
     ]
 
 

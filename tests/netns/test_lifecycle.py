@@ -262,3 +262,49 @@ def test_run_follows_the_source_file(topo: Topology, mode: str, tmp_path: Path):
     # Normal exit keeps the rules: restarts must not drop traffic.
     assert topo.probe(topo.pod("pod3").ns, f"{WEB_IP}:80", count=5).errors == {}
     assert topo.pyproxy("cleanup").returncode == 0
+
+
+def test_switching_modes_removes_leftovers_and_keeps_established_connections(topo: Topology, tmp_path: Path):
+    """nftables → iptables (nft backend) → iptables (legacy backend) → nftables, with one TCP
+    connection open through a ClusterIP all along: it keeps working (conntrack keeps its NAT)
+    and each start removes what the previous mode left."""
+    from tests.netns.conftest import CHAT_IP
+
+    assert topo.pyproxy("cleanup").returncode == 0
+    path = tmp_path / "cluster.yaml"
+    path.write_text(sc.dump(base_objects(topo)))
+
+    def run(mode: str) -> None:
+        proc = topo.pyproxy("run", "--once", "--source-file", str(path), "--hostname-override", NODE,
+                            "--cluster-cidr", topo.cluster_cidr, *mode_flags(mode))
+        assert proc.returncode == 0, proc.stderr
+
+    run("nftables")
+    conn = subprocess.Popen(
+        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
+         "--target", f"{CHAT_IP}:80", "--hold", "--timeout", "3"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        import json
+
+        first = json.loads(conn.stdout.readline())["pod"]
+        assert first in {"pod0", "pod1", "pod2"}
+        for mode in ("iptables-nft", "iptables-legacy", "nftables"):
+            run(mode)
+            nft = ns_exec(topo.node_ns, ["nft", "list", "tables"]).stdout
+            saves = {b: ns_exec(topo.node_ns, [f"iptables-{b}-save"]).stdout for b in ("nft", "legacy")}
+            if mode == "nftables":
+                assert "pyproxy" in nft and all("PYPROXY" not in t for t in saves.values())
+            else:
+                backend = mode.split("-", 1)[1]
+                other = "legacy" if backend == "nft" else "nft"
+                assert "table ip pyproxy" not in nft
+                assert "PYPROXY-SERVICES" in saves[backend] and "PYPROXY" not in saves[other]
+            conn.stdin.write("again\n")
+            conn.stdin.flush()
+            # The same connection, after the switch: same backend, still answering.
+            assert json.loads(conn.stdout.readline())["pod"] == first, mode
+    finally:
+        conn.stdin.close()
+        conn.wait(timeout=10)
+        assert topo.pyproxy("cleanup").returncode == 0

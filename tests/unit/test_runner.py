@@ -436,7 +436,8 @@ def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, mon
             api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
             api.add_list(NODE_PATH, page([], rv="1"))  # no Node object: interface addresses
             settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
-                                       healthz_bind_address="127.0.0.1:0", metrics_bind_address="")
+                                       healthz_bind_address="127.0.0.1:0", metrics_bind_address="",
+                                       clean_other_modes=False)  # a unit test touches no kernel
             serve = asyncio.create_task(daemon.serve(ProxyConfig(hostname="node-1"), settings,
                                                      make_proxier=make_proxier))
             await until(lambda: fake.transactions or serve.done(), "the first sync", timeout=3)
