@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=int, default=3, metavar="N",
                      help="with --once: attempts before giving up on a refused ruleset (default 3)")
 
+    explain = sub.add_parser("explain", help="say what this node does with a packet, from the model")
+    common(explain, api=True)
+    explain.add_argument("packet", metavar="IP:PORT/PROTO", help="e.g. 10.96.0.10:80/tcp")
+    explain.add_argument("--from", dest="source", metavar="SRC", help="the packet's source address")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
     lab = sub.add_parser("lab", help="a real cluster in network namespaces: 'pyproxy lab up|down|status'",
                          add_help=False)
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
@@ -348,6 +354,58 @@ def _write_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from pyproxy.explain import explain, render_text
+    from pyproxy.model.ipaddr import canonical_ip
+
+    addr, _, proto = args.packet.partition("/")
+    ip, _, port = addr.rpartition(":")
+    try:
+        ip = canonical_ip(ip)[0]
+        port_n = int(port)
+        if not 1 <= port_n <= 65535 or proto.lower() not in ("tcp", "udp", "sctp"):
+            raise ValueError
+    except (ValueError, BadAddress):
+        raise UsageError(f"{args.packet!r}: write the packet as IP:PORT/PROTO, e.g. 10.96.0.10:80/tcp") from None
+    config = config_from_args(args)
+    if args.source_file:
+        state = FileSource(args.source_file, config).load()
+    else:
+        state = _api_snapshot(args, config)
+    e = explain(state, config, dst=ip, port=port_n, proto=proto, src=args.source)
+    print(json.dumps(e.as_dict(), indent=1) if args.json else render_text(e, packet=args.packet
+          + (f" from {args.source}" if args.source else "")))
+    return 0
+
+
+def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState:
+    """List (once) what the daemon would watch, and build the state from it."""
+    import asyncio
+
+    from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource
+
+    builder = StateBuilder(node_name=config.hostname)
+
+    async def snap() -> None:
+        client = await KubeClient.from_config(kubeconfig=args.kubeconfig)
+        try:
+            for res in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname)):
+                await Reflector(client, res, on_replace=builder.replace_kind, on_event=lambda *a: None).list_all()
+        finally:
+            await client.close()
+
+    if not args.kubeconfig and not __import__("os").environ.get("KUBERNETES_SERVICE_HOST"):
+        raise UsageError("give --source-file FILE or --kubeconfig FILE")
+    asyncio.run(snap())
+    from pyproxy.hostnet import interface_ipv4s
+
+    ifaces = interface_ipv4s() if builder.node is None or not builder.node.addresses else ()
+    return builder.build(nodeport_ips=nodeport_ips(node=builder.node, interface_ips=ifaces,
+                                                   cidrs=config.nodeport_addresses))
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from pyproxy.lab.cluster import main as lab_main
 
@@ -422,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "write_config_to", None):
         return _write_config(args)
     try:
-        return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup, "lab": cmd_lab}[args.command](args)
+        return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup, "lab": cmd_lab,
+                "explain": cmd_explain}[args.command](args)
     except (UsageError, SourceError, KubeError) as err:
         print(f"pyproxy: {err}", file=sys.stderr)
         return 2

@@ -60,3 +60,21 @@ def test_iptables_svl_chain_and_drop():
     none = ipt.render_service(CFG, _state(["node-2"]))
     assert none.top_rules[("filter", ipt.SERVICES)][0].endswith("-j DROP")
     assert "has no local endpoints" in none.top_rules[("filter", ipt.SERVICES)][0]
+
+
+def test_explain_follows_the_same_decisions():
+    from pyproxy.explain import explain
+    from pyproxy.model.objects import DesiredState
+
+    sps = _state(["node-1", "node-2"])
+    state = DesiredState(services={sps.service.name: sps})
+    e = explain(state, CFG, dst="10.96.0.10", port=80, proto="tcp", src="10.244.1.5")
+    assert e.verdict == "dnat" and [c[0] for c in e.candidates] == ["10.244.1.10:8080"]
+    assert not e.masquerade and e.chains[0].startswith("local-")
+    outside = explain(state, CFG, dst="10.96.0.10", port=80, proto="tcp", src="192.168.1.1")
+    assert outside.masquerade and "cluster-cidr" in outside.masquerade_why
+    sps = _state(["node-2"])
+    dropped = explain(DesiredState(services={sps.service.name: sps}), CFG, dst="10.96.0.10", port=80, proto="tcp")
+    assert dropped.verdict == "drop"
+    assert explain(state, CFG, dst="10.96.0.10", port=81, proto="tcp").verdict == "reject"  # nft mode
+    assert explain(state, CFG, dst="10.1.2.3", port=80, proto="tcp").verdict == "pass"
