@@ -37,6 +37,8 @@ PROXIES = (
     ("kube-proxy", "nftables"),
     ("kube-proxy", "iptables"),
 )
+ONLY: set[str] = set()
+"""With --proxies: measure only these kind:mode pairs."""
 NS = "bench"  # the namespace of the current size (set per size: no namespace controller runs)
 TARGET = "probe"
 
@@ -172,8 +174,9 @@ def _start_proxy(lab: Any, i: int, kind: str, mode: str) -> subprocess.Popen[byt
 def _cleanup_node(lab: Any, i: int) -> None:
     from pyproxy.lab.cluster import ns_run
 
-    ns_run(lab.node_ns(i), [sys.executable, "-m", "pyproxy", "cleanup"])
-    ns_run(lab.node_ns(i), [lab.bin("kube-proxy"), "--cleanup", "--v=0"])
+    # Removing 10k services' rules from iptables-nft takes minutes.
+    ns_run(lab.node_ns(i), [sys.executable, "-m", "pyproxy", "cleanup"], timeout=3600)
+    ns_run(lab.node_ns(i), [lab.bin("kube-proxy"), "--cleanup", "--v=0"], timeout=3600)
 
 
 def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | None) -> list[dict[str, Any]]:
@@ -215,6 +218,8 @@ def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | 
         _cleanup_node(lab, i)
     probers = {}
     for i, (kind, mode) in enumerate(PROXIES, start=1):
+        if ONLY and f"{kind}:{mode}" not in ONLY:
+            continue
         starts[i] = time.monotonic()
         procs[i] = _start_proxy(lab, i, kind, mode)
         probers[i] = subprocess.Popen(
@@ -327,6 +332,7 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=200, help="EndpointSlice changes at the first size")
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--proxies", default="", help="only these, e.g. pyproxy:nftables,kube-proxy:nftables")
     args = parser.parse_args()
     global NS
     if args.cmd == "apiload":
@@ -342,6 +348,7 @@ def main() -> int:
         return 0
     from pyproxy.lab.cluster import ClusterLab
 
+    ONLY.update(p for p in args.proxies.split(",") if p)
     lab = ClusterLab.up(name=f"bench{os.getpid()}", nodes=len(PROXIES))
     rows: list[dict[str, Any]] = []
     previous = None
