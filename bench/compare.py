@@ -7,8 +7,8 @@ For each mode (nftables, iptables, userspace) and each number of Services, one l
 namespaces (pyproxy.lab.netns) is programmed with N Services, the last one backed by three echo
 pods. From a client pod:
 
-* short HTTP requests over **new connections** (``wrk -H "Connection: close"`` for 10 s, 16
-  connections; or the bounded Python generator ``pyproxy.lab.load`` when wrk is missing):
+* short HTTP requests over **new connections** (the bounded Python generator
+  ``pyproxy.lab.load``, 16 in flight; ``--load wrk`` uses ``wrk -H "Connection: close"``):
   requests per second and latency p50/p99 — what a proxy costs per connection;
 * one **bulk TCP stream** (256 MB of zeros from one pod): MB/s — what it costs per byte;
 * **CPU seconds** pyproxy used meanwhile (the kernel modes only program rules; the userspace
@@ -186,8 +186,9 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--requests", type=int, default=3000, help="Python load generator: requests")
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds of load")
-    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
-                        help="wrk (Debian's) when installed, else the bounded Python generator")
+    parser.add_argument("--load", choices=("python", "wrk"), default="python",
+                        help="the bounded Python generator (default), or wrk; with new connections at "
+                        "high rates wrk's results swing with conntrack TIME_WAIT reuse in the lab")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bulk-seconds", type=float, default=20.0, help="cap on the bulk stream")
     parser.add_argument("--out", default="results")
@@ -196,7 +197,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     import shutil
 
-    use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
+    use_wrk = args.load == "wrk"
+    if use_wrk and shutil.which("wrk") is None:
+        raise SystemExit("bench.compare: wrk is not installed (apt-get install wrk) or use --load python")
     rows = []
     with Topology.create(pods=4, client_sources=0, http_ports=(HTTP_PORT,), bulk_ports=(BULK_PORT,)) as topo:
         work = out / ".work"
