@@ -27,10 +27,13 @@ class UsageError(Exception):
     """Bad flags or input; the message says what to do."""
 
 
-def _cidr_list(text: str, flag: str) -> tuple[str, ...]:
+def _cidr_list(text: str, flag: str, *, keywords: tuple[str, ...] = ()) -> tuple[str, ...]:
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
+            continue
+        if item in keywords:
+            out.append(item)
             continue
         try:
             cidr, family = canonical_cidr(item)
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "them is masqueraded, pod traffic keeps its source IP")
         p.add_argument("--nodeport-addresses", metavar="CIDRS", default="",
                        help="comma-separated CIDRs; NodePorts answer only on node addresses "
-                       "inside them (default: all node addresses except loopback)")
+                       "inside them; 'primary': only the node's primary address (its Node "
+                       "object's first InternalIP) (default: all node addresses except loopback)")
         p.add_argument("--masquerade-all", action="store_true",
                        help="masquerade all traffic sent to ClusterIPs")
         p.add_argument("--iptables-masquerade-bit", type=int, default=14, metavar="BIT",
@@ -146,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         mode=args.proxy_mode,
         hostname=args.hostname_override or socket.gethostname(),
         cluster_cidrs=_cidr_list(args.cluster_cidr, "--cluster-cidr"),
-        nodeport_addresses=_cidr_list(args.nodeport_addresses, "--nodeport-addresses"),
+        nodeport_addresses=_cidr_list(args.nodeport_addresses, "--nodeport-addresses",
+                                      keywords=("primary",)),
         masquerade_all=args.masquerade_all,
         masquerade_bit=args.iptables_masquerade_bit,
     )

@@ -373,16 +373,26 @@ def nodeport_ips(
     """Which addresses accept NodePorts.
 
     With no ``--nodeport-addresses`` CIDRs: the Node object's addresses when we have it, else
-    every interface address. With CIDRs: every node or interface address inside them. Loopback
-    is always left out (localhost NodePorts need route_localnet; see the README).
+    every interface address. With CIDRs: every node or interface address inside them. The
+    keyword ``primary`` adds the node's primary address (the Node's first InternalIP or
+    ExternalIP; without a Node object, the first non-loopback interface address). Loopback is
+    always left out (localhost NodePorts need route_localnet; see the README).
     """
+    primary: list[str] = []
+    if "primary" in cidrs:
+        cidrs = tuple(c for c in cidrs if c != "primary")
+        pool = (node.addresses if node and node.addresses else ()) or tuple(
+            ip for ip in interface_ips if not ip.startswith("127."))
+        primary = list(pool[:1])
+        if not cidrs:
+            return tuple(primary)
     if cidrs:
         candidates = list((node.addresses if node else ())) + list(interface_ips)
         chosen = [ip for ip in candidates if ip_in_cidrs(ip, cidrs)]
     else:
         chosen = list(node.addresses) if node and node.addresses else list(interface_ips)
     out: list[str] = []
-    for ip in chosen:
+    for ip in [*primary, *chosen]:
         if ip.startswith("127.") or ip == "::1" or ip in out:
             continue
         out.append(ip)

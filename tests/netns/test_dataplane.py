@@ -206,3 +206,18 @@ def test_internal_traffic_policy_local(programmed: Programmed):
     programmed.apply(_itp_local_objects(topo, ["node-2", "node-2", "node-3"]))
     dropped = topo.probe(client, f"{WEB_IP}:80", count=2, timeout=1)
     assert dropped.errors == {"timeout": 2}
+
+
+def test_nodeport_addresses_primary(programmed: Programmed):
+    topo = programmed.topo
+    objects = base_objects(topo)
+    for obj in objects:
+        if obj["kind"] == "Node":  # the node reports its bridge address too
+            obj["status"]["addresses"].append({"type": "InternalIP", "address": topo.bridge_ip})
+    client = topo.pod("pod3").ns
+    programmed.apply(objects)
+    assert topo.probe(client, f"{topo.bridge_ip}:{WEB_NODEPORT}", count=3).errors == {}
+    programmed.apply(objects, "--nodeport-addresses", "primary")
+    assert topo.probe(client, f"{topo.node_ip}:{WEB_NODEPORT}", count=3).errors == {}
+    # The second address no longer takes NodePorts: nothing listens there, the kernel refuses.
+    assert topo.probe(client, f"{topo.bridge_ip}:{WEB_NODEPORT}", count=3).errors == {"refused": 3}

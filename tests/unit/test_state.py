@@ -536,3 +536,17 @@ def test_duplicate_nodeport_inside_one_service_is_a_problem():
     assert _names(state) == ["good"]
     (problem,) = state.problems
     assert problem.name == "dup" and "duplicate nodePort 30080/TCP" in problem.reason
+
+
+def test_nodeport_addresses_primary_keyword():
+    from pyproxy.model.objects import NodeInfo
+    from pyproxy.model.state import nodeport_ips
+
+    node = NodeInfo("n", addresses=("192.168.1.5", "10.0.0.5"))
+    ifaces = ("127.0.0.1", "192.168.1.5", "172.17.0.1")
+    assert nodeport_ips(node=node, interface_ips=ifaces, cidrs=("primary",)) == ("192.168.1.5",)
+    # No Node object: the first non-loopback interface address.
+    assert nodeport_ips(node=None, interface_ips=ifaces, cidrs=("primary",)) == ("192.168.1.5",)
+    # With CIDRs too: the primary address plus what the CIDRs select.
+    assert nodeport_ips(node=node, interface_ips=ifaces, cidrs=("primary", "172.17.0.0/16")) == (
+        "192.168.1.5", "172.17.0.1")
