@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pyproxy.lab.cluster import CLUSTER_CIDR, CP_IP, REPO, ClusterLab, kubeconfig, node_ip, ns_run
+from pyproxy.lab.cluster import CLUSTER_CIDR, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
 
 SA = "pyproxy"
 SA_NAMESPACE = "kube-system"
@@ -163,5 +162,3 @@ def wait_for(what: str, check: Any, timeout: float = 30, interval: float = 0.2) 
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
-
-__all__ = ["Path", "node_ip"]

@@ -15,7 +15,7 @@ from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.model.objects import DesiredState
-from pyproxy.model.state import StateBuilder, nodeport_ips
+from pyproxy.model.state import StateBuilder
 from pyproxy.proxier.base import Proxier, SyncFailed, record
 from pyproxy.sources.file import SourceError, file_stamp, load_objects
 from pyproxy.sources.kube import KubeError
@@ -192,17 +192,9 @@ class FileSource:
         self.stamp = file_stamp(self.path)
         objects = load_objects(self.path)
         self.builder.replace_all(objects)
-        node_info = self.builder.node
-        if node_info is None or not node_info.addresses:
-            from pyproxy.hostnet import interface_ipv4s
+        from pyproxy.hostnet import interface_ipv4s
 
-            interfaces = interface_ipv4s()
-            log.debug("no Node %r with addresses in the file: NodePorts on interfaces %s",
-                      self.config.hostname, interfaces)
-        else:
-            interfaces = ()
-        state = self.builder.build(nodeport_ips=nodeport_ips(
-            node=node_info, interface_ips=interfaces, cidrs=self.config.nodeport_addresses))
+        state = self.builder.build_for_node(cidrs=self.config.nodeport_addresses, interfaces=interface_ipv4s)
         self._report(state)
         return state
 
@@ -388,6 +380,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState:
     """List (once) what the daemon would watch, and build the state from it."""
     import asyncio
+    import os
 
     from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource
 
@@ -401,14 +394,12 @@ def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState
         finally:
             await client.close()
 
-    if not args.kubeconfig and not __import__("os").environ.get("KUBERNETES_SERVICE_HOST"):
+    if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UsageError("give --source-file FILE or --kubeconfig FILE")
     asyncio.run(snap())
     from pyproxy.hostnet import interface_ipv4s
 
-    ifaces = interface_ipv4s() if builder.node is None or not builder.node.addresses else ()
-    return builder.build(nodeport_ips=nodeport_ips(node=builder.node, interface_ips=ifaces,
-                                                   cidrs=config.nodeport_addresses))
+    return builder.build_for_node(cidrs=config.nodeport_addresses, interfaces=interface_ipv4s)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -19,11 +19,10 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pyproxy import metrics
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
-from pyproxy.model.state import StateBuilder, nodeport_ips
+from pyproxy.model.state import StateBuilder
 from pyproxy.proxier.base import Proxier, SyncFailed, record
 
 log = logging.getLogger("pyproxy.runner")
@@ -120,10 +119,8 @@ class SyncRunner:
 
     # -- the loop -----------------------------------------------------------------------
     def _state(self):  # type: ignore[no-untyped-def]
-        node = self.builder.node
-        ifaces = self.interface_ips if node is None or not node.addresses else ()
-        return self.builder.build(nodeport_ips=nodeport_ips(
-            node=node, interface_ips=ifaces, cidrs=self.config.nodeport_addresses))
+        return self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
+                                           interfaces=lambda: self.interface_ips)
 
     def _sync_and_clean(self, state):  # type: ignore[no-untyped-def]
         """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
@@ -196,5 +193,3 @@ class SyncRunner:
             except asyncio.TimeoutError:
                 pass
 
-
-__all__ = ["Periods", "SyncRunner", "metrics"]

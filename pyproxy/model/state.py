@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,6 +315,15 @@ class StateBuilder:
             for st in states:
                 services[st.service.name] = st
         return DesiredState(services=services, nodeport_ips=nodeport_ips, problems=self.problems)
+
+    def build_for_node(self, *, cidrs: tuple[str, ...],
+                       interfaces: Callable[[], tuple[str, ...]]) -> DesiredState:
+        """:meth:`build` with the NodePort addresses worked out: our Node object's addresses,
+        or, when it is missing or has none, the interfaces' (``interfaces`` is only called
+        then: it reads the network namespace)."""
+        node = self.node
+        ifaces = interfaces() if node is None or not node.addresses else ()
+        return self.build(nodeport_ips=nodeport_ips(node=node, interface_ips=ifaces, cidrs=cidrs))
 
     def _claim(self, dirty: set[Key]) -> None:
         """Give each ClusterIP:port and NodePort to one Service only.

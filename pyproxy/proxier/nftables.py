@@ -43,12 +43,14 @@ class NftProxier:
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
+        return self._full_transaction(render.render_base(self.config, state), state).render()
+
+    def _full_transaction(self, base: NftFragment, state: DesiredState) -> Transaction:
+        """The whole table: the base fragment, then every service port in name order."""
         return full_transaction(
-            [render.render_base(self.config, state),
-             *(self._render_service(state.services[k]) for k in sorted(state.services))],
-            family=self.family, table=self.table,
-            comment=TABLE_COMMENT, set_specs=render.SETS,
-        ).render()
+            [base, *(self._render_service(state.services[k]) for k in sorted(state.services))],
+            family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=render.SETS,
+        )
 
     def sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
@@ -84,10 +86,7 @@ class NftProxier:
         if full:
             new_applied = dict(state.services)
             changed = len(new_applied)
-            tx = full_transaction(
-                [base, *(self._render_service(new_applied[n]) for n in sorted(new_applied))],
-                family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=render.SETS,
-            )
+            tx = self._full_transaction(base, state)
             garbage: dict[str, tuple[str, float]] = {}
         else:
             tx = Transaction(family=self.family, table=self.table, set_specs=render.SETS)

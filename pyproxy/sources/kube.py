@@ -282,7 +282,3 @@ class Reflector:
 
 async def wait_synced(reflectors: list[Reflector]) -> None:
     await asyncio.gather(*(r.synced.wait() for r in reflectors))
-
-
-__all__ = ["ENDPOINT_SLICES", "SERVICES", "KubeClient", "KubeError", "Reflector", "node_resource",
-           "wait_synced", "Awaitable"]
