@@ -6,6 +6,9 @@
     eth0 192.168.50.1/24  <--veth-->  eth0 192.168.50.2/24
      + extra client sources           br0  10.244.1.1/24  <--veth-->  eth0 10.244.1.1x/24
        192.168.50.101...              default via 192.168.50.1          default via 10.244.1.1
+     routes 10.96.0.0/12 and
+     192.168.60.0/24 (external and
+     LB IPs) via the node
 
 Bridge ports are in hairpin mode. The node forwards (``ip_forward=1``) and passes bridged traffic through netfilter
 (``bridge-nf-call-iptables=1``), which is what lets replies between two pods on the same bridge
@@ -89,6 +92,10 @@ class Topology:
     pod_cidr: str = "10.244.1.0/24"
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
+    external_cidr: str = "192.168.60.0/24"
+    """Where external IPs and LoadBalancer IPs live: the client routes it to the node. The node
+    routes it back (its default route) and the client, which does not forward, drops it: an
+    address no rule DNATs times out."""
     client_sources: list[str] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
@@ -153,6 +160,7 @@ class Topology:
             ipr.link("set", index=eth0, state="up")
             # The external client may reach ClusterIPs through the node (as a router would).
             ipr.route("add", dst=self.service_cidr, gateway=self.node_ip)
+            ipr.route("add", dst=self.external_cidr, gateway=self.node_ip)
         for name, value in (
             ("net.ipv4.ip_forward", "1"),
             ("net.bridge.bridge-nf-call-iptables", "1"),

@@ -35,6 +35,10 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+    """``hints.forZones``: the zones whose nodes should prefer this endpoint (topology)."""
+    node_hints: tuple[str, ...] = ()
+    """``hints.forNodes``: the nodes that should prefer this endpoint (PreferSameNode)."""
 
     @property
     def addr(self) -> str:
@@ -54,6 +58,42 @@ class ServicePort:
     """ClientIP session affinity timeout in seconds; 0 means no affinity."""
     internal_local: bool = False
     """internalTrafficPolicy: Local: ClusterIP traffic only to this node's endpoints."""
+    external_ips: tuple[str, ...] = ()
+    """``spec.externalIPs`` of this family: external destinations, like a NodePort."""
+    lb_ips: tuple[str, ...] = ()
+    """LoadBalancer ingress IPs of this family (``status.loadBalancer.ingress[].ip``), except the
+    ones with ``ipMode: Proxy`` (that load balancer proxies itself: packets never carry the VIP)."""
+    source_ranges: tuple[str, ...] | None = None
+    """``loadBalancerSourceRanges`` of this family, or None when the Service sets none. An empty
+    tuple (ranges of the other family only) admits no source at all on this family's LB IPs."""
+    external_local: bool = False
+    """externalTrafficPolicy: Local: external traffic only to this node's endpoints, client IP kept."""
+    health_check_node_port: int = 0
+    """LoadBalancer with externalTrafficPolicy: Local: where the health check server listens."""
+
+    @property
+    def external_vips(self) -> tuple[str, ...]:
+        """External IPs then LB IPs: the addresses besides NodePorts that take external traffic."""
+        return (*self.external_ips, *self.lb_ips)
+
+    @property
+    def externally_accessible(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.lb_ips)
+
+    @property
+    def uses_firewall(self) -> bool:
+        """LoadBalancer IPs with source ranges: traffic to them is filtered before DNAT."""
+        return bool(self.lb_ips) and self.source_ranges is not None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What of our Node the per-service decisions depend on (topology, firewall)."""
+
+    name: str = ""
+    zone: str = ""
+    """The ``topology.kubernetes.io/zone`` label; empty when unset."""
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +103,13 @@ class ServicePortState:
     service: ServicePort
     endpoints: tuple[Endpoint, ...] = ()
     """Every endpoint seen for this port, sorted, whatever its condition."""
+    node: NodeView = NodeView()
+    """Our Node as of the merge: a zone or address change re-merges every service."""
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         """The usable endpoints on ``node``, with the same ready-then-terminating fallback,
-        applied to the node's endpoints alone (as upstream's CategorizeEndpoints does)."""
+        applied to the node's endpoints alone (as upstream's CategorizeEndpoints does).
+        Topology hints do not apply: local is already as close as it gets."""
         mine = tuple(e for e in self.endpoints if e.node_name == node)
         ready = tuple(e for e in mine if e.ready)
         if ready:
@@ -74,13 +117,45 @@ class ServicePortState:
         return tuple(e for e in mine if e.serving and e.terminating)
 
     @property
+    def topology_mode(self) -> str:
+        """``PreferSameNode``, ``PreferSameZone`` or ``""``, as upstream decides from the hints.
+
+        Hints count only when every ready endpoint carries them (a controller that hinted some
+        endpoints but not others is mid-update: use them all) and one of them names our node
+        (or zone). Otherwise the hints are ignored, so a zone with no hinted endpoint still
+        gets traffic.
+        """
+        ready = [e for e in self.endpoints if e.ready]
+        if not ready:
+            return ""
+        if self.node.name and all(e.node_hints for e in ready) and any(
+                self.node.name in e.node_hints for e in ready):
+            return "PreferSameNode"
+        if self.node.zone and all(e.zone_hints for e in ready) and any(
+                self.node.zone in e.zone_hints for e in ready):
+            return "PreferSameZone"
+        return ""
+
+    @property
     def usable_endpoints(self) -> tuple[Endpoint, ...]:
-        """Ready endpoints; if none is ready, the serving ones that are terminating (upstream's
+        """The cluster-wide endpoints (upstream's clusterEndpoints): ready ones, narrowed by the
+        topology hints; if none is ready, the serving ones that are terminating (upstream's
         fallback, so a rolling update of the last pod does not refuse connections)."""
-        ready = tuple(e for e in self.endpoints if e.ready)
+        mode = self.topology_mode
+        ready = tuple(e for e in self.endpoints if e.ready and (
+            not mode
+            or (mode == "PreferSameNode" and self.node.name in e.node_hints)
+            or (mode == "PreferSameZone" and self.node.zone in e.zone_hints)))
         if ready:
             return ready
         return tuple(e for e in self.endpoints if e.serving and e.terminating)
+
+    @property
+    def local_ready_ips(self) -> frozenset[str]:
+        """This node's ready, not terminating endpoint IPs: what the health check node port
+        counts (over all ports of the Service)."""
+        return frozenset(e.ip for e in self.endpoints
+                         if e.node_name == self.node.name and e.ready and not e.terminating)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyproxy.model.ipaddr import BadAddress, canonical_ip
+from pyproxy.model.ipaddr import BadAddress, canonical_cidr, canonical_ip
 from pyproxy.model.objects import PROTOCOLS, Endpoint, NodeInfo, ServicePort, ServicePortName
 
 # Labels kube-proxy's informers exclude: the first hands a Service to another proxy, the second
@@ -143,6 +143,23 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
     itp = spec.get("internalTrafficPolicy") or "Cluster"
     if itp not in ("Cluster", "Local"):
         raise Invalid(f"spec.internalTrafficPolicy must be Cluster or Local, got {itp!r}")
+    svc_type = spec.get("type") or "ClusterIP"
+    etp = spec.get("externalTrafficPolicy") or "Cluster"
+    if etp not in ("Cluster", "Local"):
+        raise Invalid(f"spec.externalTrafficPolicy must be Cluster or Local, got {etp!r}")
+    # As upstream: the policy only means something for Services reachable from outside.
+    external_local = etp == "Local" and svc_type in ("NodePort", "LoadBalancer")
+    external_ips = _addresses(spec.get("externalIPs"), "spec.externalIPs", family)
+    lb_ips: tuple[str, ...] = ()
+    source_ranges: tuple[str, ...] | None = None
+    health_port = 0
+    if svc_type == "LoadBalancer":
+        lb_ips = _lb_ingress(obj.get("status"), family)
+        raw_ranges = spec.get("loadBalancerSourceRanges")
+        if raw_ranges:
+            source_ranges = _cidrs(raw_ranges, "spec.loadBalancerSourceRanges", family)
+        if external_local and spec.get("healthCheckNodePort"):
+            health_port = _port(spec.get("healthCheckNodePort"), "spec.healthCheckNodePort")
 
     ports = spec.get("ports")
     if not isinstance(ports, list) or not ports:
@@ -177,9 +194,77 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
                 node_port=node_port,
                 affinity_timeout=affinity_timeout,
                 internal_local=itp == "Local",
+                external_ips=external_ips,
+                lb_ips=lb_ips,
+                source_ranges=source_ranges,
+                external_local=external_local,
+                health_check_node_port=health_port,
             )
         )
     return tuple(result)
+
+
+def _addresses(raw: Any, what: str, family: int) -> tuple[str, ...]:
+    """Canonical IPs of ``family`` from a list; the other family's are skipped (a dual-stack
+    Service lists both), a malformed one makes the Service invalid."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise Invalid(f"{what} must be a list, got {raw!r}")
+    out: list[str] = []
+    for i, item in enumerate(raw):
+        try:
+            ip, fam = canonical_ip(item)
+        except BadAddress as err:
+            raise Invalid(f"{what}[{i}]: {err}") from None
+        if fam == family and ip not in out:
+            out.append(ip)
+    return tuple(out)
+
+
+def _cidrs(raw: Any, what: str, family: int) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise Invalid(f"{what} must be a list, got {raw!r}")
+    out: list[str] = []
+    for i, item in enumerate(raw):
+        try:
+            # The API tolerates spaces around a range (" 203.0.113.0/25"); so do we.
+            cidr, fam = canonical_cidr(item.strip() if isinstance(item, str) else item)
+        except BadAddress as err:
+            raise Invalid(f"{what}[{i}]: {err}") from None
+        if fam == family and cidr not in out:
+            out.append(cidr)
+    return tuple(out)
+
+
+def _lb_ingress(status: Any, family: int) -> tuple[str, ...]:
+    """LoadBalancer ingress IPs that carry traffic to this node (``ipMode: VIP`` or unset)."""
+    lb = _mapping(status or {}, "status").get("loadBalancer") or {}
+    ingress = _mapping(lb, "status.loadBalancer").get("ingress") or []
+    if not isinstance(ingress, list):
+        raise Invalid(f"status.loadBalancer.ingress must be a list, got {ingress!r}")
+    ips = []
+    for i, item in enumerate(ingress):
+        item = _mapping(item, f"status.loadBalancer.ingress[{i}]")
+        if not item.get("ip"):
+            continue  # a hostname-only ingress: nothing for a proxy to match
+        if (item.get("ipMode") or "VIP") == "Proxy":
+            continue  # the load balancer proxies: packets arrive addressed to the node
+        ips.append(item["ip"])
+    return _addresses(ips, "status.loadBalancer.ingress[].ip", family)
+
+
+def _hints(item: dict[str, Any], i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    hints = _mapping(item.get("hints") or {}, f"endpoints[{i}].hints")
+
+    def names(key: str) -> tuple[str, ...]:
+        raw = hints.get(key) or []
+        if not isinstance(raw, list):
+            raise Invalid(f"endpoints[{i}].hints.{key} must be a list")
+        return tuple(sorted({_str(_mapping(h, f"endpoints[{i}].hints.{key}[]").get("name"),
+                                  f"endpoints[{i}].hints.{key}[].name") for h in raw}))
+
+    return names("forZones"), names("forNodes")
 
 
 def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
@@ -238,6 +323,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
                             default=False)
         node_name = item.get("nodeName")
         zone = item.get("zone")
+        zone_hints, node_hints = _hints(item, i)
         endpoints.append(
             Endpoint(
                 ip=ip,
@@ -247,6 +333,8 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
                 terminating=terminating,
                 node_name=_str(node_name, f"endpoints[{i}].nodeName") if node_name else None,
                 zone=_str(zone, f"endpoints[{i}].zone") if zone else None,
+                zone_hints=zone_hints,
+                node_hints=node_hints,
             )
         )
     return ParsedSlice(namespace, name, service, tuple(ports), tuple(endpoints))

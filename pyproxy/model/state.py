@@ -20,12 +20,14 @@ from pyproxy.model.objects import (
     DesiredState,
     Endpoint,
     NodeInfo,
+    NodeView,
     Problem,
     ServicePort,
     ServicePortName,
     ServicePortState,
 )
 from pyproxy.model.parse import (
+    ZONE_LABEL,
     Invalid,
     ParsedSlice,
     Skipped,
@@ -88,7 +90,23 @@ class StateBuilder:
         self._claims: dict[tuple[str, str, int], Key] = {}
         self._claims_of: dict[Key, list[tuple[str, str, int]]] = {}
         self._conflicts: dict[Key, Problem] = {}
-        self.node: NodeInfo | None = None
+        self._node: NodeInfo | None = None
+        self._view = NodeView(name=node_name)
+
+    @property
+    def node(self) -> NodeInfo | None:
+        return self._node
+
+    @node.setter
+    def node(self, node: NodeInfo | None) -> None:
+        """Our Node. When what services depend on (zone, addresses) changes, every service is
+        merged again; services whose result did not change keep their identity."""
+        self._node = node
+        view = NodeView(name=self.node_name, zone=dict(node.labels).get(ZONE_LABEL, "") if node else "",
+                        addresses=node.addresses if node else ())
+        if view != self._view:
+            self._view = view
+            self._dirty.update(self._services)
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -290,8 +308,10 @@ class StateBuilder:
                                 terminating=ep.terminating,
                                 node_name=ep.node_name,
                                 zone=ep.zone,
+                                zone_hints=ep.zone_hints,
+                                node_hints=ep.node_hints,
                             )
-            states.append(ServicePortState(sp, tuple(sorted(found.values()))))
+            states.append(ServicePortState(sp, tuple(sorted(found.values())), self._view))
         return tuple(states)
 
     def build(self, *, nodeport_ips: tuple[str, ...] = ()) -> DesiredState:
@@ -338,6 +358,9 @@ class StateBuilder:
             for st in self._merged.get(key, ()):
                 sp = st.service
                 out.append((sp.cluster_ip, sp.name.protocol, sp.port))
+                # External and LB IPs share the map keyed on address . protocol . port.
+                out.extend((ip, sp.name.protocol, sp.port) for ip in sp.external_vips
+                           if ip != sp.cluster_ip)
                 if sp.node_port:
                     out.append(("nodePort", sp.name.protocol, sp.node_port))
             return out

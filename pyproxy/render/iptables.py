@@ -15,6 +15,7 @@ touch each other's chains:
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
+from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import IptFragment
 from pyproxy.render.naming import IPT_PREFIX, ipt_endpoint_hash, ipt_service_hash
@@ -27,12 +28,14 @@ POSTROUTING = P + "POSTROUTING"
 MARK_MASQ = P + "MARK-MASQ"
 MASQ_NON_POD = P + "MASQ-NON-POD"
 FORWARD = P + "FORWARD"
+PROXY_FIREWALL = P + "PROXY-FIREWALL"
 
 # (table, chain) of the chains every sync owns; service chains come and go.
 TOP_CHAINS = (
     ("filter", SERVICES),
     ("filter", EXTERNAL_SERVICES),
     ("filter", FORWARD),
+    ("filter", PROXY_FIREWALL),
     ("nat", SERVICES),
     ("nat", NODEPORTS),
     ("nat", POSTROUTING),
@@ -52,6 +55,9 @@ HOOK_JUMPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("filter", "OUTPUT", ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
                           "pyproxy service portals", "-j", SERVICES)),
     ("filter", "FORWARD", ("-m", "comment", "--comment", "pyproxy forwarding rules", "-j", FORWARD)),
+    *(("filter", hook, ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
+                        "pyproxy load balancer firewall", "-j", PROXY_FIREWALL))
+      for hook in ("INPUT", "OUTPUT", "FORWARD")),
     ("nat", "PREROUTING", ("-m", "comment", "--comment", "pyproxy service portals", "-j", SERVICES)),
     ("nat", "OUTPUT", ("-m", "comment", "--comment", "pyproxy service portals", "-j", SERVICES)),
     ("nat", "POSTROUTING", ("-m", "comment", "--comment", "pyproxy postrouting rules", "-j", POSTROUTING)),
@@ -107,23 +113,35 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     dst = f"-d {svc.cluster_ip}/32 --dport {svc.port}"
     endpoints = sps.usable_endpoints
     top: dict[tuple[str, str], list[str]] = {}
-    if not endpoints:
-        # A TCP reset is not rate-limited; ICMP port-unreachable (UDP, SCTP) is, per client.
-        reject = "-j REJECT --reject-with tcp-reset" if proto == "tcp" else "-j REJECT"
-        top[("filter", SERVICES)] = [
-            f"-m comment --comment {quote(f'{spn} has no endpoints')} {_proto(proto)} {dst} {reject}"
-        ]
-        if svc.node_port:
-            top[("filter", EXTERNAL_SERVICES)] = [
-                f"-m comment --comment {quote(f'{spn} has no endpoints')} -m addrtype --dst-type LOCAL "
-                f"{_proto(proto)} --dport {svc.node_port} {reject}"
-            ]
-        return IptFragment(top_rules={k: tuple(v) for k, v in top.items()})
-
+    chains: dict[tuple[str, str], tuple[str, ...]] = {}
     h = ipt_service_hash(spn)
     svc_chain = f"{P}SVC-{h}"
     svl_chain = f"{P}SVL-{h}"
-    chains: dict[tuple[str, str], tuple[str, ...]] = {}
+    ext_chain = f"{P}EXT-{h}"
+    fw_chain = f"{P}FW-{h}"
+    vips = [(ip, "external IP") for ip in svc.external_ips] + [(ip, "loadbalancer IP") for ip in svc.lb_ips]
+
+    if svc.uses_firewall:
+        # loadBalancerSourceRanges: the nat rule for an LB IP goes through FW-, which sends
+        # allowed sources on to EXT- (DNAT); the rest stay addressed to the LB IP, and the
+        # filter PROXY-FIREWALL chain drops them (DNATed packets no longer match it).
+        for ip in svc.lb_ips:
+            top.setdefault(("filter", PROXY_FIREWALL), []).append(
+                f"-m comment --comment {quote(f'{spn} traffic not accepted by {fw_chain}')} "
+                f"{_proto(proto)} -d {ip}/32 --dport {svc.port} -j DROP")
+
+    if not endpoints:
+        # A TCP reset is not rate-limited; ICMP port-unreachable (UDP, SCTP) is, per client.
+        reject = "-j REJECT --reject-with tcp-reset" if proto == "tcp" else "-j REJECT"
+        none = f"-m comment --comment {quote(f'{spn} has no endpoints')}"
+        top[("filter", SERVICES)] = [f"{none} {_proto(proto)} {dst} {reject}"]
+        ext = [f"{none} {_proto(proto)} -d {ip}/32 --dport {svc.port} {reject}" for ip, _ in vips]
+        if svc.node_port:
+            ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} {reject}")
+        if ext:
+            top[("filter", EXTERNAL_SERVICES)] = ext
+        return IptFragment(top_rules={k: tuple(v) for k, v in top.items()})
+
     masq: list[str] = []
     cip_comment = f"-m comment --comment {quote(f'{spn} cluster IP')} {_proto(proto)} {dst}"
     if config.masquerade_all:
@@ -133,7 +151,8 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     elif config.cluster_cidrs:
         masq.append(f"{cip_comment} -j {MASQ_NON_POD}")
 
-    local = sps.local_endpoints(config.hostname) if svc.internal_local else ()
+    uses_local = svc.internal_local or (svc.external_local and svc.externally_accessible)
+    local = sps.local_endpoints(config.hostname) if uses_local else ()
     sep_of = {ep: f"{P}SEP-{ipt_endpoint_hash(spn, ep)}" for ep in dict.fromkeys((*endpoints, *local))}
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
@@ -146,32 +165,69 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
             rules.append(f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} {stat}-j {sep_of[ep]}")
         return tuple(rules)
 
-    if not svc.internal_local or svc.node_port:
+    if not svc.internal_local or svc.externally_accessible:
         chains[("nat", svc_chain)] = pick(endpoints)
+    if local:
+        chains[("nat", svl_chain)] = pick(local)
     if not svc.internal_local:
         top[("nat", SERVICES)] = [f"{cip_comment} -j {svc_chain}"]
     elif local:
-        chains[("nat", svl_chain)] = pick(local)
         top[("nat", SERVICES)] = [f"{cip_comment} -j {svl_chain}"]
     else:
         # internalTrafficPolicy: Local with nothing on this node: drop, as upstream does.
         top[("filter", SERVICES)] = [
             f"-m comment --comment {quote(f'{spn} has no local endpoints')} {_proto(proto)} {dst} -j DROP"]
-    seps = list(sep_of.items())
 
     c = f"-m comment --comment {quote(str(spn))}"
-    for ep, sep in seps:
+    for ep, sep in sep_of.items():
         recent = f"-m recent --name {sep} --set " if svc.affinity_timeout else ""
         chains[("nat", sep)] = (
             f"{c} -s {ep.ip}/32 -j {MARK_MASQ}",
             f"{c} {recent}{_proto(proto)} -j DNAT --to-destination {ep.addr}",
         )
 
-    if svc.node_port:
-        ext = f"{P}EXT-{h}"
-        top[("nat", NODEPORTS)] = [f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext}"]
-        chains[("nat", ext)] = (
-            f"-m comment --comment {quote(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
-            f"-j {svc_chain}",
-        )
+    if svc.externally_accessible:
+        for ip, kind in vips:
+            target = fw_chain if kind == "loadbalancer IP" and svc.uses_firewall else ext_chain
+            top.setdefault(("nat", SERVICES), []).append(
+                f"-m comment --comment {quote(f'{spn} {kind}')} {_proto(proto)} -d {ip}/32 "
+                f"--dport {svc.port} -j {target}")
+        if svc.uses_firewall:
+            allowed = list(svc.source_ranges or ())
+            if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
+                # Node-to-VIP traffic often comes back with the VIP as its source address.
+                allowed += [f"{ip}/32" for ip in svc.lb_ips]
+            lb = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
+            chains[("nat", fw_chain)] = (
+                *(f"{lb} -s {cidr} -j {ext_chain}" for cidr in allowed),
+                f"-m comment --comment {quote(f'other traffic to {spn} will be dropped by {PROXY_FIREWALL}')}",
+            )
+        if svc.node_port:
+            top[("nat", NODEPORTS)] = [f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext_chain}"]
+        if not svc.external_local:
+            chains[("nat", ext_chain)] = (
+                f"-m comment --comment {quote(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
+                f"-j {svc_chain}",
+            )
+        else:
+            rules = [
+                f"-m comment --comment {quote(f'pod traffic for {spn} external destinations')} -s {cidr} -j {svc_chain}"
+                for cidr in config.cluster_cidrs
+            ]
+            rules += [
+                f"-m comment --comment {quote(f'masquerade LOCAL traffic for {spn} external destinations')} "
+                f"-m addrtype --src-type LOCAL -j {MARK_MASQ}",
+                f"-m comment --comment {quote(f'route LOCAL traffic for {spn} external destinations')} "
+                f"-m addrtype --src-type LOCAL -j {svc_chain}",
+            ]
+            if local:
+                rules.append(f"-j {svl_chain}")
+            chains[("nat", ext_chain)] = tuple(rules)
+            if not local:
+                # External clients are dropped (pod and node traffic was DNATed above).
+                none = f"-m comment --comment {quote(f'{spn} has no local endpoints')}"
+                ext = [f"{none} {_proto(proto)} -d {ip}/32 --dport {svc.port} -j DROP" for ip, _ in vips]
+                if svc.node_port:
+                    ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} -j DROP")
+                top.setdefault(("filter", EXTERNAL_SERVICES), []).extend(ext)
     return IptFragment(chains=chains, top_rules={k: tuple(v) for k, v in top.items()})

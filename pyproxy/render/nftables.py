@@ -22,6 +22,7 @@ same 10k services load in about 12 s.
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
+from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import nft_endpoint_base, nft_service_base
@@ -36,6 +37,8 @@ BASE_CHAINS = {
     "nat-prerouting": "type nat hook prerouting priority -100 ;",
     "nat-output": "type nat hook output priority -100 ;",
     "nat-postrouting": "type nat hook postrouting priority 100 ;",
+    "filter-prerouting-pre-dnat": "type filter hook prerouting priority -110 ;",
+    "filter-output-pre-dnat": "type filter hook output priority -110 ;",
     "filter-input": "type filter hook input priority 0 ;",
     "filter-forward": "type filter hook forward priority 0 ;",
     "filter-output": "type filter hook output priority 0 ;",
@@ -49,6 +52,7 @@ SETS = {
     "service-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ;",
     "no-endpoint-services": f"type {KEY} : verdict ; comment \"services with no endpoints\" ;",
     "no-endpoint-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePorts with no endpoints\" ;",
+    "firewall-ips": f"type {KEY} : verdict ; comment \"LB IPs subject to loadBalancerSourceRanges\" ;",
 }
 
 
@@ -59,6 +63,9 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
         "nat-prerouting": ("jump services",),
         "nat-output": ("jump services",),
         "nat-postrouting": ("jump masquerading",),
+        "filter-prerouting-pre-dnat": ("ct state new jump firewall-check",),
+        "filter-output-pre-dnat": ("ct state new jump firewall-check",),
+        "firewall-check": ("ip daddr . meta l4proto . th dport vmap @firewall-ips",),
         "filter-input": (
             "ct state new jump nodeport-endpoints-check",
             "ct state new jump service-endpoints-check",
@@ -110,19 +117,36 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     base = nft_service_base(spn)
     comment = f'comment "{spn}"'
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
+    vip_keys = [f"{ip} . {proto} . {svc.port}" for ip in svc.external_vips]
+    np_key = f"{proto} . {svc.node_port}"
     elements: dict[tuple[str, str], str] = {}
+    chains: dict[str, tuple[str, ...]] = {}
+    sets: dict[str, str] = {}
+
+    if svc.uses_firewall:
+        # loadBalancerSourceRanges: checked before DNAT (filter prerouting/output at -110),
+        # on the LB IPs only; NodePorts and external IPs are not subject to them.
+        fw_chain = f"firewall-{base}"
+        allowed = list(svc.source_ranges or ())
+        if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
+            # Node-to-VIP traffic often comes back with the VIP as its source address.
+            allowed += list(svc.lb_ips)
+        chains[fw_chain] = (f"ip saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
+        for ip in svc.lb_ips:
+            elements[("firewall-ips", f"{ip} . {proto} . {svc.port}")] = f"goto {fw_chain}"
+
     endpoints = sps.usable_endpoints
     if not endpoints:
         # No service chain at all: the filter hooks reject, so clients fail at once instead
         # of timing out.
-        elements[("no-endpoint-services", cip_key)] = "goto reject-chain"
+        for key in (cip_key, *vip_keys):
+            elements[("no-endpoint-services", key)] = "goto reject-chain"
         if svc.node_port:
-            elements[("no-endpoint-nodeports", f"{proto} . {svc.node_port}")] = "goto reject-chain"
-        return NftFragment(elements=elements)
+            elements[("no-endpoint-nodeports", np_key)] = "goto reject-chain"
+        return NftFragment(chains=chains, sets=sets, elements=elements)
 
     service_chain = f"service-{base}"
-    chains: dict[str, tuple[str, ...]] = {}
-    sets: dict[str, str] = {}
+    local_chain = f"local-{base}"
     masq: list[str] = []
     match = f"ip daddr {svc.cluster_ip} {proto} dport {svc.port}"
     if config.masquerade_all:
@@ -130,10 +154,10 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     elif config.cluster_cidrs:
         # Traffic from outside the pod network is masqueraded so replies come back through
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
-        cidrs = ", ".join(config.cluster_cidrs)
-        masq.append(f"{match} ip saddr != {{ {cidrs} }} jump mark-for-masquerade")
+        masq.append(f"{match} ip saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
 
-    local = sps.local_endpoints(config.hostname) if svc.internal_local else ()
+    uses_local = svc.internal_local or (svc.external_local and svc.externally_accessible)
+    local = sps.local_endpoints(config.hostname) if uses_local else ()
     ep_chains: dict[Endpoint, str] = {}
     affinity: dict[Endpoint, str] = {}
     for ep in dict.fromkeys((*endpoints, *local)):
@@ -157,28 +181,60 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
             rules.append(f"goto {ep_chains[ep]}" if last else f"numgen random mod {len(eps) - i} 0 goto {ep_chains[ep]}")
         return tuple(rules)
 
-    if not svc.internal_local or svc.node_port:
+    # The cluster chain serves ClusterIP traffic (internalTrafficPolicy: Cluster) and external
+    # traffic that may cross nodes: eTP Cluster, or pod and node sources under eTP Local.
+    if not svc.internal_local or svc.externally_accessible:
         chains[service_chain] = pick(endpoints)
+    if local:
+        chains[local_chain] = pick(local)
     if not svc.internal_local:
         elements[("service-ips", cip_key)] = f"goto {service_chain}"
     elif local:
-        local_chain = f"local-{base}"
-        chains[local_chain] = pick(local)
         elements[("service-ips", cip_key)] = f"goto {local_chain}"
     else:
         # internalTrafficPolicy: Local and nothing on this node: drop (as upstream), unlike a
         # service with no endpoints anywhere, which rejects.
         elements[("no-endpoint-services", cip_key)] = "drop"
 
-    if svc.node_port:
-        # NodePorts are external traffic: internalTrafficPolicy does not apply to them.
+    if svc.externally_accessible:
+        # NodePorts, external IPs and LB IPs are external traffic: internalTrafficPolicy does
+        # not apply to them.
         ext_chain = f"external-{base}"
-        chains[ext_chain] = (
-            f"jump mark-for-masquerade {comment}",
-            f"goto {service_chain}",
-        )
-        elements[("service-nodeports", f"{proto} . {svc.node_port}")] = f"goto {ext_chain}"
+        if not svc.external_local:
+            chains[ext_chain] = (f"jump mark-for-masquerade {comment}", f"goto {service_chain}")
+        else:
+            rules = []
+            if config.cluster_cidrs:
+                # Pods reaching an external address are treated like a trip out to the load
+                # balancer and back: every endpoint, no masquerade.
+                rules.append(f'ip saddr {{ {_cidrs(config)} }} goto {service_chain} '
+                             f'comment "short-circuit pod traffic"')
+            rules += [
+                # The node itself: its source address would be the VIP or a node IP, which the
+                # endpoint cannot answer directly, so masquerade, and use every endpoint.
+                f'fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
+                f'fib saddr type local goto {service_chain} comment "short-circuit local traffic"',
+            ]
+            if local:
+                rules.append(f"goto {local_chain}")
+            chains[ext_chain] = tuple(rules)
+        for key in vip_keys:
+            elements[("service-ips", key)] = f"goto {ext_chain}"
+        if svc.node_port:
+            elements[("service-nodeports", np_key)] = f"goto {ext_chain}"
+        if svc.external_local and not local:
+            # eTP Local without a local endpoint: external clients are dropped (the load
+            # balancer's health check sends them elsewhere); pod and node traffic was DNATed
+            # above, before the filter hooks look here.
+            for key in vip_keys:
+                elements[("no-endpoint-services", key)] = "drop"
+            if svc.node_port:
+                elements[("no-endpoint-nodeports", np_key)] = "drop"
     return NftFragment(chains=chains, sets=sets, elements=elements)
+
+
+def _cidrs(config: ProxyConfig) -> str:
+    return ", ".join(config.cluster_cidrs)
 
 
 def render_full(config: ProxyConfig, state: DesiredState) -> list[NftFragment]:

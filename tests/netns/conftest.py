@@ -130,11 +130,10 @@ class Programmed:
             self.proc = None
 
 
-@pytest.fixture(params=ALL_MODES)
-def programmed(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -> Iterator[Programmed]:
+def _programmed(topo: Topology, mode: str, path: Path) -> Iterator[Programmed]:
     cleanup = topo.pyproxy("cleanup")
     assert cleanup.returncode == 0, cleanup.stderr
-    prog = Programmed(topo, request.param, tmp_path / "cluster.yaml")
+    prog = Programmed(topo, mode, path)
     try:
         prog.apply(base_objects(topo))
         yield prog
@@ -144,3 +143,15 @@ def programmed(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -
         assert cleanup.returncode == 0, cleanup.stderr
         # Conntrack entries would carry one mode's NAT decisions into the next test.
         ns_exec(topo.node_ns, ["conntrack", "-F"])
+
+
+@pytest.fixture(params=ALL_MODES)
+def programmed(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -> Iterator[Programmed]:
+    """The base objects loaded in every mode, userspace included."""
+    yield from _programmed(topo, request.param, tmp_path / "cluster.yaml")
+
+
+@pytest.fixture(params=MODES)
+def kernel(request: pytest.FixtureRequest, topo: Topology, tmp_path: Path) -> Iterator[Programmed]:
+    """The base objects loaded in the kernel modes (features userspace mode does not have)."""
+    yield from _programmed(topo, request.param, tmp_path / "cluster.yaml")
