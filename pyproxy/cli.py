@@ -282,6 +282,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     pending = True
     delay = 1.0
     next_try = 0.0
+    from pyproxy.service_health import HealthCheckThread
+
+    # The health check node ports say "unhealthy" while a changed file waits to be applied.
+    checks = HealthCheckThread(proxy_healthy=lambda: not pending)
     try:
         while True:
             now = time.monotonic()
@@ -297,6 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     record(proxier.sync(state))
                     cleaner.after_sync(state)
                     pending, delay = False, 1.0
+                    checks.update(state)
                 except SyncFailed as err:
                     next_try = now + delay * random.uniform(0.8, 1.2)
                     log.error("sync failed, full resync in %.1fs: %s", next_try - now, err)
@@ -306,6 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Never delete rules on exit: traffic keeps flowing while pyproxy restarts.
         log.info("stopping; rules stay in place (use 'pyproxy cleanup' to remove them)")
         return 0
+    finally:
+        checks.close()
 
 
 def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:

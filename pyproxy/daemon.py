@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from pyproxy.config import ProxyConfig
 from pyproxy.health import ProxyHealth, health_app, metrics_app, start_site
+from pyproxy.model.objects import DesiredState
 from pyproxy.proxier.base import Proxier
 from pyproxy.runner import Periods, SyncRunner
+from pyproxy.service_health import HealthCheckServer, health_checks
 from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
 
 log = logging.getLogger("pyproxy.daemon")
@@ -51,8 +53,13 @@ async def serve(config: ProxyConfig, settings: Settings, *,
         await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
                                 iptables_backend=getattr(proxier.executor, "backend", None))
     health = ProxyHealth(timeout=2 * settings.sync_period)
+    checks = HealthCheckServer(proxy_healthy=health.healthy)
+
+    async def follow_checks(state: DesiredState) -> None:
+        await checks.update(health_checks(state), state.nodeport_ips)
+
     runner = SyncRunner(
-        proxier=proxier, config=config, health=health, clean_conntrack=True,
+        proxier=proxier, config=config, health=health, clean_conntrack=True, on_synced=follow_checks,
         # pyroute2's synchronous API runs an event loop of its own: not on ours.
         interface_ips=await asyncio.to_thread(interface_ipv4s),
         periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
@@ -86,4 +93,5 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     await asyncio.gather(*tasks, return_exceptions=True)
     for site in sites:
         await site.cleanup()
+    await checks.close()
     await client.close()

@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -22,6 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
+from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.proxier.base import Proxier, SyncFailed, record
 
@@ -73,7 +75,8 @@ class SyncRunner:
 
     def __init__(self, *, proxier: Proxier, config: ProxyConfig, periods: Periods,
                  health: ProxyHealth, interface_ips: tuple[str, ...] = (),
-                 clean_conntrack: bool = False) -> None:
+                 clean_conntrack: bool = False,
+                 on_synced: Callable[[DesiredState], Awaitable[None]] | None = None) -> None:
         self.proxier = proxier
         self.config = config
         self.periods = periods
@@ -85,6 +88,8 @@ class SyncRunner:
         self._pending_triggers: list[float] = []
         self._pending = {"Service": 0, "EndpointSlice": 0}
         self.syncs = 0
+        self.on_synced = on_synced
+        """Called after each successful sync (the health check node ports follow it)."""
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
@@ -188,6 +193,11 @@ class SyncRunner:
                     FINE_PROGRAMMING.observe(done - ts)
             if result.full:
                 last_full = time.monotonic()
+            if self.on_synced is not None:
+                try:
+                    await self.on_synced(state)
+                except Exception:  # noqa: BLE001 - a listener problem must not stop syncing
+                    log.exception("after-sync hook failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.periods.sync)
             except asyncio.TimeoutError:

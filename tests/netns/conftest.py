@@ -79,6 +79,8 @@ class Programmed:
         self.topo = topo
         self.mode = mode
         self.path = path
+        self.background = False
+        """Keep ``pyproxy run`` running (as userspace mode must), e.g. for its listeners."""
         self.proc: subprocess.Popen[str] | None = None
         self.log = path.with_suffix(".log")
 
@@ -91,7 +93,7 @@ class Programmed:
                 self.topo.cluster_cidr, *mode_flags(self.mode), *extra]
 
     def apply(self, objects: list[dict], *extra: str) -> str:
-        if self.userspace:
+        if self.userspace or self.background:
             return self._apply_background(objects, *extra)
         self.path.write_text(sc.dump(objects))
         proc = self.topo.pyproxy("run", "--once", *self.flags(*extra))

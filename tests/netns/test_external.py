@@ -131,3 +131,60 @@ def test_external_traffic_policy_local(external: Programmed):
         assert topo.probe(topo.client_ns, target, count=2, timeout=1).errors == {"timeout": 2}, target
     again = topo.probe(pod3.ns, f"{LB_IP}:80", count=12)
     assert again.errors == {} and set(again.pods) <= ALL
+
+
+HC_PORT = 32100
+FETCH = """
+import json, sys, urllib.error, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=5)
+except urllib.error.HTTPError as err:
+    r = err
+print(json.dumps({"status": r.status, "headers": dict(r.headers), "body": json.loads(r.read())}))
+"""
+
+
+def _health_check(topo) -> dict[str, Any]:
+    import json
+    import sys
+
+    proc = ns_exec(topo.client_ns, [sys.executable, "-c", FETCH, f"http://{topo.node_ip}:{HC_PORT}/"])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_health_check_node_port(external: Programmed):
+    topo = external.topo
+    external.background = True  # the listener lives in the running pyproxy
+
+    def objects(nodes, conditions=None):
+        objs = _objects(topo, etp="Local", nodes=nodes)
+        for obj in objs:
+            if obj["metadata"]["name"] == "lb":
+                obj["spec"]["healthCheckNodePort"] = HC_PORT
+            if obj["metadata"]["name"] == "lb-a" and conditions:
+                for ep, cond in zip(obj["endpoints"], conditions):
+                    ep["conditions"] = cond
+        return objs
+
+    external.apply(objects((NODE, NODE, "node-2")))
+    got = _health_check(topo)
+    assert got["status"] == 200
+    assert got["body"] == {"service": {"namespace": "test", "name": "lb"}, "localEndpoints": 2,
+                           "serviceProxyHealthy": True}
+    assert got["headers"]["Content-Type"] == "application/json"
+    assert got["headers"]["X-Content-Type-Options"] == "nosniff"
+    assert got["headers"]["X-Load-Balancing-Endpoint-Weight"] == "2"
+    # A terminating endpoint no longer counts, even while it still serves.
+    terminating = {"ready": False, "serving": True, "terminating": True}
+    external.apply(objects((NODE, NODE, "node-2"), [{"ready": True}, terminating, {"ready": True}]))
+    assert _health_check(topo)["body"]["localEndpoints"] == 1
+    # Nothing local: 503, so the load balancer stops sending this node traffic.
+    external.apply(objects(("node-2", "node-2", "node-3")))
+    got = _health_check(topo)
+    assert got["status"] == 503 and got["body"]["localEndpoints"] == 0
+    assert got["headers"]["X-Load-Balancing-Endpoint-Weight"] == "0"
+    # Back to Cluster policy: the listener goes away.
+    external.apply(_objects(topo, etp="Cluster"))
+    refused = topo.probe(topo.client_ns, f"{topo.node_ip}:{HC_PORT}", count=1)
+    assert refused.errors == {"refused": 1}
