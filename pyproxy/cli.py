@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="masquerade all traffic sent to ClusterIPs")
         p.add_argument("--iptables-masquerade-bit", type=int, default=14, metavar="BIT",
                        help="packet mark bit (0-31) that flags traffic for masquerading (default 14)")
+        p.add_argument("--iptables-localhost-nodeports", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="iptables mode: NodePorts also answer on 127.0.0.1 when loopback is among "
+                       "the NodePort addresses; sets route_localnet=1 and adds the CVE-2020-8558 "
+                       "martian-packet drop rule (default off; nftables mode has none)")
         p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                        help="iptables mode only: which iptables binaries to drive; auto picks "
                        "the one already holding rules, as iptables-wrapper does (default auto)")
@@ -154,12 +159,17 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
                                       keywords=("primary",)),
         masquerade_all=args.masquerade_all,
         masquerade_bit=args.iptables_masquerade_bit,
+        localhost_nodeports=args.iptables_localhost_nodeports,
     )
 
 
 def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
                  netns: str | None = None) -> Proxier:
     """The proxier for ``config.mode`` with its real executor."""
+    if config.localhost_nodeports and not config.localhost_nodeports_active:
+        log.warning("--iptables-localhost-nodeports has no effect here: it needs --proxy-mode "
+                    "iptables and loopback among --nodeport-addresses (nftables mode has no "
+                    "localhost NodePorts, as upstream)")
     if config.mode == "userspace":
         from pyproxy.nft.executor import NftCli
         from pyproxy.userspace.proxier import UserspaceProxier
@@ -171,6 +181,11 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
 
         backend = detect_backend(netns=netns) if iptables_backend == "auto" else iptables_backend
         log.info("iptables backend: %s", backend)
+        if config.localhost_nodeports_active and netns is None:
+            from pyproxy.hostnet import set_sysctl
+
+            # Without it the kernel drops packets to 127.0.0.0/8 once DNAT sends them out.
+            set_sysctl("net.ipv4.conf.all.route_localnet", "1")
         return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns))
     from pyproxy.nft.executor import NftCli
     from pyproxy.proxier.nftables import NftProxier

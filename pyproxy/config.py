@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 PROXY_MODES = ("nftables", "iptables", "userspace")
@@ -29,8 +30,25 @@ class ProxyConfig:
     masquerade_all: bool = False
     """Masquerade every packet sent to a ClusterIP (``--masquerade-all``)."""
 
+    localhost_nodeports: bool = False
+    """iptables mode: NodePorts also answer on 127.0.0.1 (``--iptables-localhost-nodeports``),
+    which needs ``route_localnet=1`` and the martian-packet drop rule of CVE-2020-8558. Off by
+    default, unlike upstream; nftables mode has no localhost NodePorts (as upstream)."""
+
     masquerade_bit: int = 14
     """Which packet-mark bit flags a packet for masquerading (``--iptables-masquerade-bit``)."""
+
+    @property
+    def localhost_nodeports_active(self) -> bool:
+        """Asked for, in iptables mode, and loopback among the NodePort addresses (an empty
+        ``--nodeport-addresses`` means all addresses), as upstream decides."""
+        if self.mode != "iptables" or not self.localhost_nodeports:
+            return False
+        cidrs = tuple(c for c in self.nodeport_addresses if c != "primary")
+        if not self.nodeport_addresses:
+            return True
+        return any(ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(c) for c in cidrs
+                   if ":" not in c)
 
     @property
     def masquerade_mark(self) -> str:

@@ -56,6 +56,7 @@ FIELDS: list[tuple[str, str, str]] = [
     ("iptables.masqueradeAll", "masquerade-all", "bool"),
     ("nftables.masqueradeBit", "iptables-masquerade-bit", "int"),
     ("iptables.masqueradeBit", "iptables-masquerade-bit", "int"),
+    ("iptables.localhostNodePorts", "iptables-localhost-nodeports", "bool"),
     ("minSyncPeriod", "min-sync-period", "duration"),
     ("nftables.minSyncPeriod", "min-sync-period", "duration"),
     ("iptables.minSyncPeriod", "min-sync-period", "duration"),
@@ -114,6 +115,8 @@ def from_settings(settings: dict[str, Any]) -> dict[str, Any]:
         "masqueradeAll": bool(settings.get("masquerade_all")),
         "masqueradeBit": settings.get("iptables_masquerade_bit", 14),
     }
+    if mode == "iptables":
+        doc[section]["localhostNodePorts"] = bool(settings.get("iptables_localhost_nodeports"))
     if settings.get("min_sync_period") is not None:
         doc[section]["minSyncPeriod"] = dur(settings["min_sync_period"])
     if settings.get("sync_period") is not None:

@@ -29,6 +29,7 @@ MARK_MASQ = P + "MARK-MASQ"
 MASQ_NON_POD = P + "MASQ-NON-POD"
 FORWARD = P + "FORWARD"
 PROXY_FIREWALL = P + "PROXY-FIREWALL"
+LOCALNET_FIREWALL = P + "FIREWALL"
 
 # (table, chain) of the chains every sync owns; service chains come and go.
 TOP_CHAINS = (
@@ -36,6 +37,7 @@ TOP_CHAINS = (
     ("filter", EXTERNAL_SERVICES),
     ("filter", FORWARD),
     ("filter", PROXY_FIREWALL),
+    ("filter", LOCALNET_FIREWALL),
     ("nat", SERVICES),
     ("nat", NODEPORTS),
     ("nat", POSTROUTING),
@@ -58,6 +60,8 @@ HOOK_JUMPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     *(("filter", hook, ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
                         "pyproxy load balancer firewall", "-j", PROXY_FIREWALL))
       for hook in ("INPUT", "OUTPUT", "FORWARD")),
+    *(("filter", hook, ("-m", "comment", "--comment", "pyproxy localnet firewall", "-j", LOCALNET_FIREWALL))
+      for hook in ("INPUT", "OUTPUT")),
     ("nat", "PREROUTING", ("-m", "comment", "--comment", "pyproxy service portals", "-j", SERVICES)),
     ("nat", "OUTPUT", ("-m", "comment", "--comment", "pyproxy service portals", "-j", SERVICES)),
     ("nat", "POSTROUTING", ("-m", "comment", "--comment", "pyproxy postrouting rules", "-j", POSTROUTING)),
@@ -103,6 +107,16 @@ def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
     comment = '-m comment --comment "pyproxy service nodeports; NOTE: this must be the last rule in this chain"'
     for ip in state.nodeport_ips:
         tail.append(f"{comment} -d {ip}/32 -j {NODEPORTS}")
+    if config.localhost_nodeports_active:
+        tail.append(f"{comment} -d 127.0.0.0/8 -j {NODEPORTS}")
+        # CVE-2020-8558: route_localnet=1 (which localhost NodePorts need) would also let a
+        # neighbour reach services bound to 127.0.0.1 by sending packets addressed to it. Drop
+        # such martians unless they are replies or were DNATed by us. (kubelet writes the same
+        # rule in its own chain; this one does not depend on kubelet.)
+        chains[("filter", LOCALNET_FIREWALL)] = (
+            '-m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 '
+            "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        )
     return IptFragment(chains=chains, top_rules={("nat", SERVICES): tuple(tail)})
 
 

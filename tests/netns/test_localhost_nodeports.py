@@ -1,0 +1,81 @@
+"""Localhost NodePorts (iptables mode, opt-in) and the CVE-2020-8558 guard, with real packets.
+
+A neighbour's SYN to 127.0.0.1 is sent as a hand-built frame (``pyproxy.lab.martian``): with
+route_localnet=1 and no guard the node answers it (the control case proves the probe can see
+the hole); with pyproxy's localnet firewall it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyproxy.lab.netns import ns_exec
+from tests.netns.conftest import WEB_NODEPORT, Programmed, base_objects
+
+pytestmark = pytest.mark.netns
+
+LOOPBACK_PORT = 9555
+FLAG = "--iptables-localhost-nodeports"
+ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
+
+
+def _martian_answered(topo) -> bool:
+    mac = ns_exec(topo.node_ns, ["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+    # The node must know the neighbour's MAC already (as after any earlier traffic): its own
+    # ARP request would ask "tell 127.0.0.1", which the neighbour rightly ignores.
+    client_mac = ns_exec(topo.client_ns, ["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+    neigh = ns_exec(topo.node_ns, ["ip", "neigh", "replace", topo.client_ip, "lladdr", client_mac,
+                                   "dev", "eth0", "nud", "reachable"])
+    assert neigh.returncode == 0, neigh.stderr
+    proc = ns_exec(topo.client_ns, [sys.executable, "-m", "pyproxy.lab.martian", "--iface", "eth0",
+                                    "--dst-mac", mac, "--src", topo.client_ip, "--port", str(LOOPBACK_PORT)])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["syn_ack"]
+
+
+@pytest.fixture
+def loopback_listener(kernel: Programmed):
+    """Something on the node listening on 127.0.0.1 only; route_localnet restored afterwards."""
+    topo = kernel.topo
+    code = ("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('127.0.0.1', {LOOPBACK_PORT})); s.listen(); print('ready', flush=True); time.sleep(120)")
+    proc = subprocess.Popen(["ip", "netns", "exec", topo.node_ns, sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield kernel
+    finally:
+        proc.kill()
+        proc.wait()
+        ns_exec(topo.node_ns, ["sh", "-c", f"echo 0 > {ROUTE_LOCALNET}"])
+
+
+def test_localhost_nodeports(loopback_listener: Programmed):
+    prog = loopback_listener
+    topo = prog.topo
+    target = f"127.0.0.1:{WEB_NODEPORT}"
+    # Off by default: nothing listens on 127.0.0.1 at the NodePort.
+    assert topo.probe(topo.node_ns, target, count=2).errors == {"refused": 2}
+    prog.apply(base_objects(topo), FLAG)
+    if prog.mode == "nftables":
+        # Upstream's nftables mode has no localhost NodePorts; neither has ours.
+        assert topo.probe(topo.node_ns, target, count=2).errors == {"refused": 2}
+        return
+    assert ns_exec(topo.node_ns, ["cat", ROUTE_LOCALNET]).stdout.strip() == "1"
+    probe = topo.probe(topo.node_ns, target, count=30)
+    assert probe.errors == {} and set(probe.pods) == {"pod0", "pod1", "pod2"}
+    # Localhost traffic is always masqueraded (the pod could not answer 127.0.0.1).
+    assert probe.seen_ips == {topo.bridge_ip}
+    # The guard: a neighbour's packet to 127.0.0.1 gets no answer.
+    assert not _martian_answered(topo)
+
+
+def test_martian_probe_sees_the_hole_without_the_guard(loopback_listener: Programmed):
+    """The control case: route_localnet=1 without the drop rule answers the neighbour."""
+    topo = loopback_listener.topo
+    ns_exec(topo.node_ns, ["sh", "-c", f"echo 1 > {ROUTE_LOCALNET}"])
+    assert _martian_answered(topo)
