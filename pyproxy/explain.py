@@ -22,7 +22,7 @@ class Explanation:
     why: str
     service: str = ""
     path: str = ""
-    """clusterip or nodeport."""
+    """clusterip, nodeport, externalip or loadbalancer."""
     chains: list[str] = field(default_factory=list)
     candidates: list[tuple[str, float]] = field(default_factory=list)
     """(ip:port, probability of a new connection going there)."""
@@ -42,18 +42,32 @@ def _in(ip: str, cidrs: tuple[str, ...]) -> bool:
     return any(addr in ipaddress.ip_network(c) for c in cidrs)
 
 
+PATH_NAMES = {"clusterip": "ClusterIP", "nodeport": "NodePort", "externalip": "external IP",
+              "loadbalancer": "LoadBalancer IP"}
+
+
 def explain(state: DesiredState, config: ProxyConfig, *, dst: str, port: int, proto: str,
-            src: str | None = None) -> Explanation:
+            src: str | None = None, src_is_node: bool = False) -> Explanation:
+    """What happens to a new connection ``src`` → ``dst:port/proto`` on this node.
+
+    ``src_is_node``: the packet starts on the node itself (its own address as source)."""
     proto = proto.lower()
     nodeport = dst in state.nodeport_ips
+    src_is_node = src_is_node or bool(src and src in state.nodeport_ips)
     for sps in sorted(state.services.values(), key=lambda s: s.service.name):
         svc = sps.service
         if svc.name.protocol != proto:
             continue
         if nodeport and svc.node_port == port:
-            return _decide(sps, config, src, path="nodeport")
-        if svc.cluster_ip == dst and svc.port == port:
-            return _decide(sps, config, src, path="clusterip")
+            return _decide(sps, config, src, path="nodeport", src_is_node=src_is_node)
+        if svc.port != port:
+            continue
+        if svc.cluster_ip == dst:
+            return _decide(sps, config, src, path="clusterip", src_is_node=src_is_node)
+        if dst in svc.external_ips:
+            return _decide(sps, config, src, path="externalip", src_is_node=src_is_node)
+        if dst in svc.lb_ips:
+            return _decide(sps, config, src, path="loadbalancer", src_is_node=src_is_node)
     if any(s.service.cluster_ip == dst for s in state.services.values()):
         if config.mode == "nftables":
             return Explanation("reject", f"{dst} is a ClusterIP but no Service port matches "
@@ -64,33 +78,71 @@ def explain(state: DesiredState, config: ProxyConfig, *, dst: str, port: int, pr
                        "pyproxy leaves the packet alone")
 
 
-def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path: str) -> Explanation:
+def _firewall(sps: ServicePortState, src: str | None) -> Explanation | None:
+    """loadBalancerSourceRanges, checked before anything else on an LB IP."""
+    svc = sps.service
+    allowed = tuple(svc.source_ranges or ())
+    if any(_in(ip, allowed) for ip in sps.node.addresses if allowed):
+        allowed += tuple(f"{ip}/32" for ip in svc.lb_ips)
+    name = str(svc.name)
+    if src is None:
+        return Explanation("drop", f"{name} admits only sources in loadBalancerSourceRanges "
+                           f"({', '.join(allowed) or 'none of this family'}): give --from to know", service=name,
+                           path="loadbalancer")
+    if not allowed or not _in(src, allowed):
+        return Explanation("drop", f"{src} is outside {name}'s loadBalancerSourceRanges "
+                           f"({', '.join(allowed) or 'none of this family'}): dropped before DNAT",
+                           service=name, path="loadbalancer")
+    return None
+
+
+def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path: str,
+            src_is_node: bool = False) -> Explanation:
     svc = sps.service
     name = str(svc.name)
-    where = "NodePort" if path == "nodeport" else "ClusterIP"
-    if path == "clusterip" and svc.internal_local:
+    where = PATH_NAMES[path]
+    external = path != "clusterip"
+    if path == "loadbalancer" and svc.uses_firewall:
+        blocked = _firewall(sps, src)
+        if blocked is not None:
+            return blocked
+    cluster = sps.usable_endpoints
+    if not cluster:
+        return Explanation("reject", f"{name} has no usable endpoint: refused at once "
+                           "(a TCP reset; ICMP port unreachable for UDP)", service=name, path=path)
+    from_pod = bool(src and config.cluster_cidrs and _in(src, config.cluster_cidrs))
+    local_policy = (svc.external_local if external else svc.internal_local)
+    short_circuit = external and svc.external_local and (from_pod or src_is_node)
+    if local_policy and not short_circuit:
         eps = sps.local_endpoints(config.hostname)
+        policy = "externalTrafficPolicy" if external else "internalTrafficPolicy"
         if not eps:
-            if not sps.usable_endpoints:
-                return Explanation("reject", f"{name} has no usable endpoint anywhere: refused at once",
-                                   service=name, path=path)
-            return Explanation("drop", f"{name} has internalTrafficPolicy: Local and no usable endpoint on "
+            return Explanation("drop", f"{name} has {policy}: Local and no usable endpoint on "
                                f"{config.hostname}: dropped", service=name, path=path)
-        pool = f"this node's endpoints (internalTrafficPolicy: Local, {len(eps)})"
+        pool = f"this node's endpoints ({policy}: Local, {len(eps)})"
     else:
-        eps = sps.usable_endpoints
-        if not eps:
-            return Explanation("reject", f"{name} has no usable endpoint: refused at once "
-                               "(a TCP reset; ICMP port unreachable for UDP)", service=name, path=path)
+        eps = cluster
         ready = any(e.ready for e in sps.endpoints)
         pool = "its ready endpoints" if ready else "its serving endpoints that are terminating (none is ready)"
-    chains = _chains(config, sps, eps, path)
+        if short_circuit:
+            who = "a pod" if from_pod else "the node itself"
+            pool += f" (externalTrafficPolicy: Local does not apply to {who})"
+        if ready and sps.topology_mode:
+            scope = f"node {sps.node.name}" if sps.topology_mode == "PreferSameNode" else f"zone {sps.node.zone}"
+            pool += f", narrowed by topology hints to those for {scope}"
+    chains = _chains(config, sps, eps, path, local=local_policy and not short_circuit)
     share = 1.0 / len(eps)
     out = Explanation("dnat", f"{where} of {name}: a new connection goes to one of {pool}, uniformly at random",
                       service=name, path=path, chains=chains,
                       candidates=[(e.addr, share) for e in eps], affinity_timeout=svc.affinity_timeout)
-    if path == "nodeport":
-        out.masquerade, out.masquerade_why = True, "NodePort traffic is always masqueraded (replies must come back here)"
+    if external and not svc.external_local:
+        out.masquerade, out.masquerade_why = True, (
+            f"{where} traffic is masqueraded under externalTrafficPolicy: Cluster (replies must come back here)")
+    elif external and src_is_node:
+        out.masquerade, out.masquerade_why = True, "traffic from the node itself is masqueraded"
+    elif external:
+        out.masquerade_why = ("a pod keeps its own source address" if from_pod
+                              else "externalTrafficPolicy: Local keeps the client's address")
     elif config.masquerade_all:
         out.masquerade, out.masquerade_why = True, "--masquerade-all"
     elif config.cluster_cidrs and src and not _in(src, config.cluster_cidrs):
@@ -102,16 +154,22 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     return out
 
 
-def _chains(config: ProxyConfig, sps: ServicePortState, eps: tuple[Endpoint, ...], path: str) -> list[str]:
+def _chains(config: ProxyConfig, sps: ServicePortState, eps: tuple[Endpoint, ...], path: str, *,
+            local: bool) -> list[str]:
     svc = sps.service
+    external = path != "clusterip"
     if config.mode == "iptables":
         h = ipt_service_hash(svc.name)
-        first = [f"PYPROXY-EXT-{h}", f"PYPROXY-SVC-{h}"] if path == "nodeport" else \
-            [f"PYPROXY-{'SVL' if svc.internal_local else 'SVC'}-{h}"]
+        policy = f"PYPROXY-{'SVL' if local else 'SVC'}-{h}"
+        first = [f"PYPROXY-EXT-{h}", policy] if external else [policy]
+        if path == "loadbalancer" and svc.uses_firewall:
+            first.insert(0, f"PYPROXY-FW-{h}")
         return [*first, *(f"PYPROXY-SEP-{ipt_endpoint_hash(svc.name, e)}" for e in eps)]
     base = nft_service_base(svc.name)
-    first = [f"external-{base}", f"service-{base}"] if path == "nodeport" else \
-        [f"{'local' if svc.internal_local else 'service'}-{base}"]
+    policy = f"{'local' if local else 'service'}-{base}"
+    first = [f"external-{base}", policy] if external else [policy]
+    if path == "loadbalancer" and svc.uses_firewall:
+        first.insert(0, f"firewall-{base}")
     return [*first, *(f"endpoint-{nft_endpoint_base(svc.name, e)}" for e in eps)]
 
 

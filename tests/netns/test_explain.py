@@ -49,3 +49,29 @@ def test_explain_matches_traffic(programmed: Programmed, case: str):
         assert probe.seen_ips == {topo.bridge_ip}
     else:
         assert probe.seen_ips == {src}
+
+
+@pytest.mark.parametrize("case", ["client-to-lb-local", "pod-to-lb-local", "denied-source", "external-ip"])
+def test_explain_matches_external_traffic(kernel: Programmed, case: str):
+    from tests.netns.test_external import EXT_IP, LB_IP, _objects
+
+    topo = kernel.topo
+    ip_of = {p.ip: p.name for p in topo.pods}
+    allowed, denied = topo.client_sources[0], topo.client_sources[1]
+    kernel.apply(_objects(topo, etp="Local", nodes=(NODE, "node-2", NODE), ranges=[f"{allowed}/32", topo.cluster_cidr]))
+    src_ns, src, target = {
+        "client-to-lb-local": (topo.client_ns, allowed, f"{LB_IP}:80"),
+        "pod-to-lb-local": (topo.pod("pod3").ns, topo.pod("pod3").ip, f"{LB_IP}:80"),
+        "denied-source": (topo.client_ns, denied, f"{LB_IP}:80"),
+        "external-ip": (topo.client_ns, allowed, f"{EXT_IP}:80"),
+    }[case]
+    said = _explain(kernel, f"{target}/tcp", src)
+    if said["verdict"] == "drop":
+        assert case == "denied-source"
+        assert topo.probe(src_ns, target, count=2, timeout=1, sources=[src] if src_ns == topo.client_ns else None
+                          ).errors == {"timeout": 2}
+        return
+    probe = topo.probe(src_ns, target, count=45, sources=[src] if src_ns == topo.client_ns else None)
+    assert said["verdict"] == "dnat" and probe.errors == {}
+    assert set(probe.pods) == {ip_of[c["endpoint"].split(":")[0]] for c in said["candidates"]}
+    assert probe.seen_ips == ({topo.bridge_ip} if said["masquerade"] else {src})
