@@ -53,7 +53,8 @@ def health_checks(state: DesiredState) -> dict[int, HealthCheck]:
 def response(check: HealthCheck, *, proxy_healthy: bool) -> tuple[int, dict[str, str], str]:
     """Status, headers and body of one answer (pure)."""
     body = json.dumps({"service": {"namespace": check.namespace, "name": check.name},
-                       "localEndpoints": check.local_endpoints, "serviceProxyHealthy": proxy_healthy})
+                       "localEndpoints": check.local_endpoints, "serviceProxyHealthy": proxy_healthy},
+                      separators=(",", ":"))  # compact, as Go's encoder writes it
     status = 200 if check.local_endpoints > 0 and proxy_healthy else 503
     headers = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff",
                "X-Load-Balancing-Endpoint-Weight": str(check.local_endpoints)}
