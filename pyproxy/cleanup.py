@@ -33,15 +33,16 @@ def _clean_nft(netns: str | None) -> list[str]:
 def _clean_iptables(backends: Iterable[str], netns: str | None) -> list[str]:
     removed: list[str] = []
     for backend in backends:
-        if shutil.which(f"iptables-{backend}-restore") is None:
-            continue
-        proxier = IptProxier(config=ProxyConfig(mode="iptables"),
-                             executor=IptablesCli(backend=backend, netns=netns))
-        try:
-            if proxier.cleanup():
-                removed.append(f"iptables-{backend} PYPROXY-* chains")
-        except IptablesError as err:
-            log.warning("could not clean iptables-%s: %s", backend, err)
+        for family, tool in ((4, "iptables"), (6, "ip6tables")):
+            if shutil.which(f"{tool}-{backend}-restore") is None:
+                continue
+            proxier = IptProxier(config=ProxyConfig(mode="iptables", family=family),
+                                 executor=IptablesCli(backend=backend, netns=netns, family=family))
+            try:
+                if proxier.cleanup():
+                    removed.append(f"{tool}-{backend} PYPROXY-* chains")
+            except IptablesError as err:
+                log.warning("could not clean %s-%s: %s", tool, backend, err)
     return removed
 
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="masquerade all traffic sent to ClusterIPs")
         p.add_argument("--iptables-masquerade-bit", type=int, default=14, metavar="BIT",
                        help="packet mark bit (0-31) that flags traffic for masquerading (default 14)")
+        p.add_argument("--ip-families", default="4,6", metavar="LIST",
+                       help="which IP families to program: 4, 6 or 4,6 (default 4,6: each family has "
+                       "its own table or ip6tables chains and syncs on its own, so one family's "
+                       "failure cannot break the other; userspace mode is IPv4 only)")
         p.add_argument("--iptables-localhost-nodeports", action=argparse.BooleanOptionalAction,
                        default=False,
                        help="iptables mode: NodePorts also answer on 127.0.0.1 when loopback is among "
@@ -160,12 +164,23 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         masquerade_all=args.masquerade_all,
         masquerade_bit=args.iptables_masquerade_bit,
         localhost_nodeports=args.iptables_localhost_nodeports,
+        ip_families=_families(args.ip_families),
     )
+
+
+def _families(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part not in ("4", "6") or int(part) in out:
+            raise UsageError(f"--ip-families {text!r}: give 4, 6 or 4,6")
+        out.append(int(part))
+    return tuple(out)
+
 
 
 def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
                  netns: str | None = None) -> Proxier:
-    """The proxier for ``config.mode`` with its real executor."""
+    """The proxier for ``config.mode`` and ``config.family`` with its real executor."""
     if config.localhost_nodeports and not config.localhost_nodeports_active:
         log.warning("--iptables-localhost-nodeports has no effect here: it needs --proxy-mode "
                     "iptables and loopback among --nodeport-addresses (nftables mode has no "
@@ -186,7 +201,8 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
 
             # Without it the kernel drops packets to 127.0.0.0/8 once DNAT sends them out.
             set_sysctl("net.ipv4.conf.all.route_localnet", "1")
-        return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns))
+        return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
+                                                              family=config.family))
     from pyproxy.nft.executor import NftCli
     from pyproxy.proxier.nftables import NftProxier
 
@@ -194,22 +210,26 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
 
 
 class FileSource:
-    """Builds desired states from the source file, re-parsing only objects that changed."""
+    """Builds desired states of one family from the source file, re-parsing only objects that
+    changed."""
 
-    def __init__(self, path: str, config: ProxyConfig) -> None:
+    def __init__(self, path: str, config: ProxyConfig, *, reported: set[str] | None = None) -> None:
         self.path = path
         self.config = config
-        self.builder = StateBuilder(node_name=config.hostname)
+        self.builder = StateBuilder(node_name=config.hostname, family=config.family)
         self.stamp: tuple[int, int, int] | None = None
         self._reported: set[str] = set()
+        self._shared = reported if reported is not None else set()
+        """Problems another family's source already logged (most are the same object's)."""
 
     def load(self) -> DesiredState:
         self.stamp = file_stamp(self.path)
         objects = load_objects(self.path)
         self.builder.replace_all(objects)
-        from pyproxy.hostnet import interface_ipv4s
+        from pyproxy.hostnet import interface_ips
 
-        state = self.builder.build_for_node(cidrs=self.config.nodeport_addresses, interfaces=interface_ipv4s)
+        state = self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
+                                            interfaces=lambda: interface_ips(self.config.family))
         self._report(state)
         return state
 
@@ -221,32 +241,47 @@ class FileSource:
         for problem in state.problems:
             counts[problem.kind] = counts.get(problem.kind, 0) + 1
             text = str(problem)
-            if text not in self._reported:
+            if text not in self._reported and text not in self._shared:
                 log.warning("skipping invalid %s (fix the object; the others are programmed)", text)
+        self._shared.difference_update(self._reported)
         self._reported = {str(p) for p in state.problems}
-        for kind, n in counts.items():
-            metrics.INVALID_OBJECTS.labels(kind=kind).set(n)
+        self._shared.update(self._reported)
+        if self.config.family == 4:  # the same objects are judged per family: count them once
+            for kind, n in counts.items():
+                metrics.INVALID_OBJECTS.labels(kind=kind).set(n)
         for skip in self.builder.skips:
             log.debug("not proxying %s %s/%s: %s", skip.kind, *skip.key, skip.reason)
 
 
+def file_sources(path: str, config: ProxyConfig) -> list[FileSource]:
+    """One source per family, sharing which problems were logged."""
+    reported: set[str] = set()
+    return [FileSource(path, c, reported=reported) for c in config.family_configs()]
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    state = FileSource(args.source_file, config).load()
-    if config.mode == "iptables":
-        from pyproxy.ipt.executor import FakeIptables
-        from pyproxy.proxier.iptables import IptProxier
-
-        text = IptProxier(config=config, executor=FakeIptables()).render_text(state)
-    elif config.mode == "userspace":
+    if config.mode == "userspace":
         raise UsageError("render shows kernel rulesets; userspace mode's redirects depend on the "
                          "ports its relays get at run time (use nftables or iptables)")
-    else:
-        from pyproxy.nft.executor import FakeNft
-        from pyproxy.proxier.nftables import NftProxier
+    for source in file_sources(args.source_file, config):
+        fam = source.config
+        state = source.load()
+        if fam.family == 6 and not state.services and len(config.ip_families) > 1:
+            continue  # nothing of IPv6 to show: spare the reader an empty table
+        if config.mode == "iptables":
+            from pyproxy.ipt.executor import FakeIptables
+            from pyproxy.proxier.iptables import IptProxier
 
-        text = NftProxier(config=config, executor=FakeNft()).render_text(state)
-    sys.stdout.write(text)
+            if fam.family == 6:
+                sys.stdout.write("# IPv6: ip6tables-restore input\n")
+            text = IptProxier(config=fam, executor=FakeIptables(family=fam.family)).render_text(state)
+        else:
+            from pyproxy.nft.executor import FakeNft
+            from pyproxy.proxier.nftables import NftProxier
+
+            text = NftProxier(config=fam, executor=FakeNft()).render_text(state)
+        sys.stdout.write(text)
     return 0
 
 
@@ -276,58 +311,81 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_api(args, config)
     if args.min_sync_period is None:
         args.min_sync_period = 1.0
-    source = FileSource(args.source_file, config)
-    state = source.load()
     if args.once and config.mode == "userspace":
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
-    proxier = make_proxier(config, iptables_backend=args.iptables_backend)
+    families = [_FileFamily(source, args.iptables_backend) for source in file_sources(args.source_file, config)]
     from pyproxy.cleanup import cleanup_other_modes
 
-    cleanup_other_modes(mode=config.mode, iptables_backend=getattr(proxier.executor, "backend", None))
-    cleaner = ConntrackCleaner()
+    cleanup_other_modes(mode=config.mode,
+                        iptables_backend=getattr(families[0].proxier.executor, "backend", None))
     if args.once:
-        if sync_with_retries(proxier, state, attempts=max(1, args.retries), cleaner=cleaner):
+        # Every family is tried, whatever another one did: they are independent.
+        ok = [sync_with_retries(f.proxier, f.state, attempts=max(1, args.retries), cleaner=f.cleaner)
+              for f in families]
+        if all(ok):
             return 0
         print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
               "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
               "nft/iptables work here (are you root?).", file=sys.stderr)
         return 1
     log.info("watching %s for changes every %.1fs", args.source_file, args.min_sync_period)
-    pending = True
-    delay = 1.0
-    next_try = 0.0
     from pyproxy.service_health import HealthCheckThread
 
     # The health check node ports say "unhealthy" while a changed file waits to be applied.
-    checks = HealthCheckThread(proxy_healthy=lambda: not pending)
+    checks = {f.config.family: HealthCheckThread(proxy_healthy=lambda f=f: not f.pending, family=f.config.family)
+              for f in families}
     try:
         while True:
             now = time.monotonic()
-            if source.changed():
-                try:
-                    state = source.load()
-                    pending = True
-                except SourceError as err:
-                    # Keep serving the last good state: a half-written file must not drop rules.
-                    log.error("%s (keeping the rules of the last good version)", err)
-            if pending and now >= next_try:
-                try:
-                    record(proxier.sync(state))
-                    cleaner.after_sync(state)
-                    pending, delay = False, 1.0
-                    checks.update(state)
-                except SyncFailed as err:
-                    next_try = now + delay * random.uniform(0.8, 1.2)
-                    log.error("sync failed, full resync in %.1fs: %s", next_try - now, err)
-                    delay = min(delay * 2, 30.0)
+            for fam in families:
+                if fam.step(now):
+                    checks[fam.config.family].update(fam.state)
             time.sleep(args.min_sync_period)
     except KeyboardInterrupt:
         # Never delete rules on exit: traffic keeps flowing while pyproxy restarts.
         log.info("stopping; rules stay in place (use 'pyproxy cleanup' to remove them)")
         return 0
     finally:
-        checks.close()
+        for c in checks.values():
+            c.close()
+
+
+class _FileFamily:
+    """One family's source, proxier and retry state in the file loop."""
+
+    def __init__(self, source: FileSource, iptables_backend: str) -> None:
+        self.source = source
+        self.config = source.config
+        self.state = source.load()
+        self.proxier = make_proxier(source.config, iptables_backend=iptables_backend)
+        self.cleaner = ConntrackCleaner(family=source.config.family)
+        self.pending = True
+        self.delay = 1.0
+        self.next_try = 0.0
+
+    def step(self, now: float) -> bool:
+        """Reload if the file changed and sync if needed; True after a successful sync."""
+        if self.source.changed():
+            try:
+                self.state = self.source.load()
+                self.pending = True
+            except SourceError as err:
+                # Keep serving the last good state: a half-written file must not drop rules.
+                log.error("%s (keeping the rules of the last good version)", err)
+        if not self.pending or now < self.next_try:
+            return False
+        try:
+            record(self.proxier.sync(self.state))
+            self.cleaner.after_sync(self.state)
+        except SyncFailed as err:
+            self.next_try = now + self.delay * random.uniform(0.8, 1.2)
+            log.error("IPv%d sync failed, full resync in %.1fs: %s", self.config.family,
+                      self.next_try - now, err)
+            self.delay = min(self.delay * 2, 30.0)
+            return False
+        self.pending, self.delay = False, 1.0
+        return True
 
 
 def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
@@ -382,13 +440,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     addr, _, proto = args.packet.partition("/")
     ip, _, port = addr.rpartition(":")
     try:
-        ip = canonical_ip(ip)[0]
+        ip, family = canonical_ip(ip.strip("[]"))
         port_n = int(port)
         if not 1 <= port_n <= 65535 or proto.lower() not in ("tcp", "udp", "sctp"):
             raise ValueError
     except (ValueError, BadAddress):
-        raise UsageError(f"{args.packet!r}: write the packet as IP:PORT/PROTO, e.g. 10.96.0.10:80/tcp") from None
-    config = config_from_args(args)
+        raise UsageError(f"{args.packet!r}: write the packet as IP:PORT/PROTO, e.g. 10.96.0.10:80/tcp "
+                         "or [fd00::10]:80/tcp") from None
+    config = config_from_args(args).for_family(family)
     if args.source_file:
         state = FileSource(args.source_file, config).load()
     else:
@@ -406,7 +465,7 @@ def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState
 
     from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource
 
-    builder = StateBuilder(node_name=config.hostname)
+    builder = StateBuilder(node_name=config.hostname, family=config.family)
 
     async def snap() -> None:
         client = await KubeClient.from_config(kubeconfig=args.kubeconfig)
@@ -419,9 +478,10 @@ def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UsageError("give --source-file FILE or --kubeconfig FILE")
     asyncio.run(snap())
-    from pyproxy.hostnet import interface_ipv4s
+    from pyproxy.hostnet import interface_ips
 
-    return builder.build_for_node(cidrs=config.nodeport_addresses, interfaces=interface_ipv4s)
+    return builder.build_for_node(cidrs=config.nodeport_addresses,
+                                  interfaces=lambda: interface_ips(config.family))
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PROXY_MODES = ("nftables", "iptables", "userspace")
 
@@ -35,14 +35,35 @@ class ProxyConfig:
     which needs ``route_localnet=1`` and the martian-packet drop rule of CVE-2020-8558. Off by
     default, unlike upstream; nftables mode has no localhost NodePorts (as upstream)."""
 
+    family: int = 4
+    """The IP family this proxier programs (4 or 6). Dual-stack runs one proxier per family,
+    each with its own table or binaries, so one family's failure cannot break the other."""
+
+    ip_families: tuple[int, ...] = (4, 6)
+    """Which families to program (``--ip-families``): both by default; an empty family (no
+    Services of it) costs one empty table."""
+
     masquerade_bit: int = 14
     """Which packet-mark bit flags a packet for masquerading (``--iptables-masquerade-bit``)."""
+
+    def for_family(self, family: int) -> ProxyConfig:
+        """This configuration for one family: CIDRs of the other family left out."""
+        def mine(cidrs: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(c for c in cidrs if c == "primary" or (":" in c) == (family == 6))
+
+        return replace(self, family=family, cluster_cidrs=mine(self.cluster_cidrs),
+                       nodeport_addresses=mine(self.nodeport_addresses))
+
+    def family_configs(self) -> list[ProxyConfig]:
+        """One configuration per family to program (userspace mode relays IPv4 only)."""
+        families = [f for f in self.ip_families if not (self.mode == "userspace" and f == 6)]
+        return [self.for_family(f) for f in families]
 
     @property
     def localhost_nodeports_active(self) -> bool:
         """Asked for, in iptables mode, and loopback among the NodePort addresses (an empty
         ``--nodeport-addresses`` means all addresses), as upstream decides."""
-        if self.mode != "iptables" or not self.localhost_nodeports:
+        if self.mode != "iptables" or not self.localhost_nodeports or self.family != 4:
             return False
         cidrs = tuple(c for c in self.nodeport_addresses if c != "primary")
         if not self.nodeport_addresses:

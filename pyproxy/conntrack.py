@@ -43,7 +43,8 @@ def udp_serving(state: DesiredState) -> Serving:
         if svc.name.protocol != "udp":
             continue
         ips = {e.ip for e in sps.endpoints if e.serving}
-        out.setdefault((svc.cluster_ip, svc.port), set()).update(ips)
+        for vip in (svc.cluster_ip, *svc.external_vips):
+            out.setdefault((vip, svc.port), set()).update(ips)
         if svc.node_port:
             out.setdefault(("nodeport", svc.node_port), set()).update(ips)
     return {k: frozenset(v) for k, v in out.items()}
@@ -63,8 +64,8 @@ def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
     return doomed
 
 
-def clean(serving: Serving) -> int:
-    """Delete stale UDP entries in this network namespace; return how many."""
+def clean(serving: Serving, *, family: int = 4) -> int:
+    """Delete stale UDP entries of one family in this network namespace; return how many."""
     from pyroute2 import Conntrack
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
@@ -73,8 +74,11 @@ def clean(serving: Serving) -> int:
     t0 = time.perf_counter()
     deleted = 0
     with Conntrack() as ct:
-        entries = list(ct.dump_entries(tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_UDP)))
-        keys = [(e.tuple_orig.daddr, e.tuple_orig.dport, e.tuple_reply.saddr) for e in entries]
+        af = socket.AF_INET6 if family == 6 else socket.AF_INET
+        entries = [e for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=socket.IPPROTO_UDP))
+                   if (":" in (e.tuple_orig.daddr or "")) == (family == 6)]
+        keys = [(_canonical(e.tuple_orig.daddr), e.tuple_orig.dport, _canonical(e.tuple_reply.saddr))
+                for e in entries]
         for i in stale(keys, serving):
             try:
                 ct.delete(entries[i])
@@ -88,10 +92,20 @@ def clean(serving: Serving) -> int:
     return deleted
 
 
+def _canonical(ip: str | None) -> str:
+    """Addresses as the model writes them (IPv6 compressed, lower case)."""
+    if not ip or ":" not in ip:
+        return ip or ""
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(ip))
+
+
 class ConntrackCleaner:
     """Runs :func:`clean` after syncs that changed what UDP services may be answered by."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, family: int = 4) -> None:
+        self.family = family
         self._last: Serving | None = None
 
     def after_sync(self, state: DesiredState) -> int:
@@ -99,7 +113,7 @@ class ConntrackCleaner:
         if serving == self._last:
             return 0
         try:
-            deleted = clean(serving)
+            deleted = clean(serving, family=self.family)
         except OSError as err:  # no conntrack support here: nothing to clean
             log.warning("conntrack cleanup skipped: %s", err)
             return 0

@@ -7,9 +7,10 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyproxy.config import ProxyConfig
-from pyproxy.health import ProxyHealth, health_app, metrics_app, start_site
+from pyproxy.health import AllHealthy, ProxyHealth, health_app, metrics_app, start_site
 from pyproxy.model.objects import DesiredState
 from pyproxy.proxier.base import Proxier
 from pyproxy.runner import Periods, SyncRunner
@@ -43,31 +44,48 @@ class Settings:
 
 async def serve(config: ProxyConfig, settings: Settings, *,
                 make_proxier: Callable[..., Proxier]) -> None:
-    """Run until SIGTERM or SIGINT. Rules stay in the kernel afterwards."""
-    from pyproxy.hostnet import interface_ipv4s
+    """Run until SIGTERM or SIGINT. Rules stay in the kernel afterwards.
 
+    Dual-stack: one proxier, store and sync loop per family, fed by the same reflectors, so a
+    family whose sync fails retries on its own while the other keeps syncing."""
     from pyproxy.cleanup import cleanup_other_modes
+    from pyproxy.hostnet import interface_ips
 
-    proxier = make_proxier(config, iptables_backend=settings.iptables_backend)
+    configs = config.family_configs()
+    proxiers = [make_proxier(c, iptables_backend=settings.iptables_backend) for c in configs]
     if settings.clean_other_modes:
         await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
-                                iptables_backend=getattr(proxier.executor, "backend", None))
-    health = ProxyHealth(timeout=2 * settings.sync_period)
-    checks = HealthCheckServer(proxy_healthy=health.healthy)
+                                iptables_backend=getattr(proxiers[0].executor, "backend", None))
+    healths = [ProxyHealth(timeout=2 * settings.sync_period) for _ in configs]
+    health = AllHealthy(healths)
+    runners: list[SyncRunner] = []
+    checks: list[HealthCheckServer] = []
+    for fam, proxier, fam_health in zip(configs, proxiers, healths):
+        server = HealthCheckServer(proxy_healthy=fam_health.healthy, family=fam.family)
+        checks.append(server)
 
-    async def follow_checks(state: DesiredState) -> None:
-        await checks.update(health_checks(state), state.nodeport_ips)
+        async def follow_checks(state: DesiredState, server: HealthCheckServer = server) -> None:
+            await server.update(health_checks(state), state.nodeport_ips)
 
-    runner = SyncRunner(
-        proxier=proxier, config=config, health=health, clean_conntrack=True, on_synced=follow_checks,
-        # pyroute2's synchronous API runs an event loop of its own: not on ours.
-        interface_ips=await asyncio.to_thread(interface_ipv4s),
-        periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
-                        full_sync=settings.full_sync_period),
-    )
+        runners.append(SyncRunner(
+            proxier=proxier, config=fam, health=fam_health, clean_conntrack=True, on_synced=follow_checks,
+            # pyroute2's synchronous API runs an event loop of its own: not on ours.
+            interface_ips=await asyncio.to_thread(interface_ips, fam.family),
+            periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
+                            full_sync=settings.full_sync_period),
+        ))
+
+    def on_replace(kind: str, objects: list[dict[str, Any]]) -> None:
+        for r in runners:
+            r.on_replace(kind, objects)
+
+    def on_event(event: str, kind: str, obj: dict[str, Any]) -> None:
+        for r in runners:
+            r.on_event(event, kind, obj)
+
     client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
     reflectors = [
-        Reflector(client, resource, on_replace=runner.on_replace, on_event=runner.on_event)
+        Reflector(client, resource, on_replace=on_replace, on_event=on_event)
         for resource in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname))
     ]
     sites = []
@@ -81,7 +99,8 @@ async def serve(config: ProxyConfig, settings: Settings, *,
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(r.run(), name=f"reflector-{r.resource.kind}") for r in reflectors]
     synced = asyncio.ensure_future(wait_synced(reflectors))
-    tasks.append(asyncio.create_task(runner.run(synced), name="sync-loop"))
+    for fam, runner in zip(configs, runners):
+        tasks.append(asyncio.create_task(runner.run(synced), name=f"sync-loop-ipv{fam.family}"))
     log.info("watching the API as node %s in %s mode", config.hostname, config.mode)
     done_waiter = asyncio.ensure_future(stop.wait())
     finished, _ = await asyncio.wait([done_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -93,5 +112,6 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     await asyncio.gather(*tasks, return_exceptions=True)
     for site in sites:
         await site.cleanup()
-    await checks.close()
+    for server in checks:
+        await server.close()
     await client.close()

@@ -50,7 +50,26 @@ class ProxyHealth:
                 "nodeEligible": not self.node_deleting}
 
 
-def health_app(health: ProxyHealth) -> web.Application:
+class AllHealthy:
+    """Several families' health as one: healthy when every family is (dual-stack)."""
+
+    def __init__(self, parts: list[ProxyHealth]) -> None:
+        self.parts = parts
+
+    def healthy(self, now: float | None = None) -> bool:
+        return all(p.healthy(now) for p in self.parts)
+
+    @property
+    def node_deleting(self) -> bool:
+        return any(p.node_deleting for p in self.parts)
+
+    def body(self, now: float) -> dict[str, object]:
+        # The oldest family's last update: what a reader of "lastUpdated" must assume.
+        oldest = min(self.parts, key=lambda p: p.last_updated)
+        return {**oldest.body(now), "nodeEligible": not self.node_deleting}
+
+
+def health_app(health: ProxyHealth | AllHealthy) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         now = time.time()
         ok = health.healthy(now) and not health.node_deleting  # /healthz fails on node deletion

@@ -7,11 +7,14 @@ import socket
 from pyroute2 import IPRoute
 
 
-def interface_ipv4s() -> tuple[str, ...]:
-    """Every IPv4 address on the namespace's interfaces, loopback included (callers filter)."""
+def interface_ips(family: int = 4) -> tuple[str, ...]:
+    """Every address of one family on the namespace's interfaces, loopback included (callers
+    filter); IPv6 link-local addresses are left out (a NodePort there would need a zone)."""
     with IPRoute() as ipr:
-        addrs = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr(family=socket.AF_INET)]
-    return tuple(a for a in addrs if a)
+        msgs = ipr.get_addr(family=socket.AF_INET6 if family == 6 else socket.AF_INET)
+        addrs = [msg.get_attr("IFA_ADDRESS") for msg in msgs]
+    return tuple(a for a in addrs if a and not a.lower().startswith("fe80:"))
+
 
 
 def set_sysctl(name: str, value: str) -> None:

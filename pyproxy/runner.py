@@ -81,9 +81,9 @@ class SyncRunner:
         self.config = config
         self.periods = periods
         self.health = health
-        self.builder = StateBuilder(node_name=config.hostname)
+        self.builder = StateBuilder(node_name=config.hostname, family=config.family)
         self.interface_ips = interface_ips
-        self.cleaner: ConntrackCleaner | None = ConntrackCleaner() if clean_conntrack else None
+        self.cleaner: ConntrackCleaner | None = ConntrackCleaner(family=config.family) if clean_conntrack else None
         self._wake = asyncio.Event()
         self._pending_triggers: list[float] = []
         self._pending = {"Service": 0, "EndpointSlice": 0}

@@ -65,8 +65,11 @@ class HealthCheckServer:
     """Keeps one listener per health check node port, on each NodePort address (every address
     when there are none), following :meth:`update`. Runs on the caller's event loop."""
 
-    def __init__(self, *, proxy_healthy: Callable[[], bool]) -> None:
+    def __init__(self, *, proxy_healthy: Callable[[], bool], family: int = 4) -> None:
         self.proxy_healthy = proxy_healthy
+        self.family = family
+        """One server per family (dual-stack); asyncio binds IPv6 sockets IPv6-only, so the two
+        families' wildcard listeners do not collide."""
         self._checks: dict[int, HealthCheck] = {}
         self._servers: dict[int, tuple[tuple[str, ...], list[asyncio.AbstractServer]]] = {}
 
@@ -81,7 +84,7 @@ class HealthCheckServer:
 
     async def update(self, checks: dict[int, HealthCheck], ips: tuple[str, ...]) -> None:
         self._checks = dict(checks)
-        hosts = ips or ("0.0.0.0",)
+        hosts = ips or (("::",) if self.family == 6 else ("0.0.0.0",))
         for port in [p for p, (bound, _) in self._servers.items() if p not in checks or bound != hosts]:
             await self._close(port)
         loop = asyncio.get_running_loop()
@@ -117,11 +120,11 @@ class HealthCheckServer:
 class HealthCheckThread:
     """:class:`HealthCheckServer` on an event loop of its own, for the synchronous file loop."""
 
-    def __init__(self, *, proxy_healthy: Callable[[], bool]) -> None:
+    def __init__(self, *, proxy_healthy: Callable[[], bool], family: int = 4) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="healthcheck", daemon=True)
         self._thread.start()
-        self.server = HealthCheckServer(proxy_healthy=proxy_healthy)
+        self.server = HealthCheckServer(proxy_healthy=proxy_healthy, family=family)
 
     def update(self, state: DesiredState) -> None:
         asyncio.run_coroutine_threadsafe(

@@ -31,8 +31,9 @@ class IptExecutor(Protocol):
     def delete_jump(self, table: str, chain: str, args: tuple[str, ...]) -> bool: ...
 
 
-def _bin(backend: str, tool: str) -> str:
-    return f"iptables-{backend}{tool}" if tool else f"iptables-{backend}"
+def _bin(backend: str, tool: str, family: int = 4) -> str:
+    base = "ip6tables" if family == 6 else "iptables"
+    return f"{base}-{backend}{tool}" if tool else f"{base}-{backend}"
 
 
 def detect_backend(*, netns: str | None = None) -> str:
@@ -57,13 +58,15 @@ def detect_backend(*, netns: str | None = None) -> str:
 
 
 class IptablesCli:
-    """Runs the real binaries of one backend (``iptables-nft-*`` or ``iptables-legacy-*``)."""
+    """Runs the real binaries of one backend (``iptables-nft-*`` or ``iptables-legacy-*``) for one
+    family (``ip6tables-*`` for IPv6)."""
 
-    def __init__(self, *, backend: str, netns: str | None = None) -> None:
+    def __init__(self, *, backend: str, netns: str | None = None, family: int = 4) -> None:
         if backend not in BACKENDS:
             raise IptablesError(f"unknown iptables backend {backend!r}; use nft or legacy")
         self.backend = backend
         self.netns = netns
+        self.family = family
 
     def _run(self, argv: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
         if shutil.which(argv[0]) is None:
@@ -77,12 +80,12 @@ class IptablesCli:
     def restore(self, payload: RestorePayload) -> None:
         if not payload:
             return
-        proc = self._run([_bin(self.backend, "-restore"), "--noflush", "-w", WAIT_SECONDS], payload.render_bytes())
+        proc = self._run([_bin(self.backend, "-restore", self.family), "--noflush", "-w", WAIT_SECONDS], payload.render_bytes())
         if proc.returncode != 0:
             raise IptablesError(proc.stderr.strip() or f"iptables-restore exited {proc.returncode}")
 
     def our_chains(self, table: str, prefix: str) -> set[str]:
-        proc = self._run([_bin(self.backend, "-save"), "-t", table])
+        proc = self._run([_bin(self.backend, "-save", self.family), "-t", table])
         if proc.returncode != 0:
             return set()  # table not loaded yet: nothing of ours in it
         return {
@@ -92,7 +95,7 @@ class IptablesCli:
         }
 
     def ensure_jump(self, table: str, chain: str, args: tuple[str, ...]) -> None:
-        base = [_bin(self.backend, ""), "-w", WAIT_SECONDS, "-t", table]
+        base = [_bin(self.backend, "", self.family), "-w", WAIT_SECONDS, "-t", table]
         if self._run([*base, "-C", chain, *args]).returncode == 0:
             return
         proc = self._run([*base, "-I", chain, "1", *args])
@@ -100,7 +103,7 @@ class IptablesCli:
             raise IptablesError(f"cannot insert jump in {table}/{chain}: {proc.stderr.strip()}")
 
     def delete_jump(self, table: str, chain: str, args: tuple[str, ...]) -> bool:
-        base = [_bin(self.backend, ""), "-w", WAIT_SECONDS, "-t", table]
+        base = [_bin(self.backend, "", self.family), "-w", WAIT_SECONDS, "-t", table]
         removed = False
         # Delete every copy: a crash between -C and -I of an older version could leave two.
         while self._run([*base, "-D", chain, *args]).returncode == 0:
@@ -111,8 +114,9 @@ class IptablesCli:
 class FakeIptables:
     """In-memory iptables for unit tests: applies payloads all-or-nothing per call."""
 
-    def __init__(self, backend: str = "nft") -> None:
+    def __init__(self, backend: str = "nft", family: int = 4) -> None:
         self.backend = backend
+        self.family = family
         self.chains: dict[tuple[str, str], list[str]] = {}
         self.jumps: list[tuple[str, str, tuple[str, ...]]] = []
         self.payloads: list[RestorePayload] = []

@@ -24,11 +24,13 @@ class NftProxier:
     """Programs table ``ip pyproxy``; keeps what it applied so later syncs send only diffs."""
 
     mode = "nftables"
-    family = render.TABLE_FAMILY
     table = render.TABLE_NAME
 
     def __init__(self, *, config: ProxyConfig, executor: NftExecutor, gc_period: float = 60.0) -> None:
         self.config = config
+        self.family = render.table_family(config.family)
+        """``ip`` or ``ip6``: each family has a table of its own (dual-stack runs two proxiers)."""
+        self.set_specs = render.sets_for(config.family)
         self.executor = executor
         self.gc_period = gc_period
         """Flushed chains and unused sets are deleted in the next sync that deletes anything
@@ -49,7 +51,7 @@ class NftProxier:
         """The whole table: the base fragment, then every service port in name order."""
         return full_transaction(
             [base, *(self._render_service(state.services[k]) for k in sorted(state.services))],
-            family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=render.SETS,
+            family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=self.set_specs,
         )
 
     def sync(self, state: DesiredState) -> SyncResult:
@@ -89,7 +91,7 @@ class NftProxier:
             tx = self._full_transaction(base, state)
             garbage: dict[str, tuple[str, float]] = {}
         else:
-            tx = Transaction(family=self.family, table=self.table, set_specs=render.SETS)
+            tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
             phases.write(tx)
             garbage = self._collect(phases, tx)
         t1 = time.perf_counter()

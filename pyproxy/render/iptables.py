@@ -78,13 +78,23 @@ def probability(n: int) -> str:
     return f"{1.0 / n:.10f}"
 
 
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _proto(proto: str) -> str:
     return f"-m {proto} -p {proto}"
+
+
+def _host(config: ProxyConfig) -> int:
+    """Prefix length of one address: 32, or 128 in ip6tables."""
+    return 128 if config.family == 6 else 32
 
 
 def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
     """Fixed rules of the top-level chains (services add theirs through ``top_rules``)."""
     mark = config.masquerade_mark
+    h = _host(config)
     chains: dict[tuple[str, str], tuple[str, ...]] = {
         ("nat", POSTROUTING): (
             f"-m mark ! --mark {mark}/{mark} -j RETURN",
@@ -106,7 +116,7 @@ def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
     tail = []
     comment = '-m comment --comment "pyproxy service nodeports; NOTE: this must be the last rule in this chain"'
     for ip in state.nodeport_ips:
-        tail.append(f"{comment} -d {ip}/32 -j {NODEPORTS}")
+        tail.append(f"{comment} -d {ip}/{h} -j {NODEPORTS}")
     if config.localhost_nodeports_active:
         tail.append(f"{comment} -d 127.0.0.0/8 -j {NODEPORTS}")
         # CVE-2020-8558: route_localnet=1 (which localhost NodePorts need) would also let a
@@ -124,7 +134,8 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     svc = sps.service
     spn = svc.name
     proto = svc.name.protocol
-    dst = f"-d {svc.cluster_ip}/32 --dport {svc.port}"
+    m = _host(config)
+    dst = f"-d {svc.cluster_ip}/{m} --dport {svc.port}"
     endpoints = sps.usable_endpoints
     top: dict[tuple[str, str], list[str]] = {}
     chains: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -142,14 +153,14 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         for ip in svc.lb_ips:
             top.setdefault(("filter", PROXY_FIREWALL), []).append(
                 f"-m comment --comment {quote(f'{spn} traffic not accepted by {fw_chain}')} "
-                f"{_proto(proto)} -d {ip}/32 --dport {svc.port} -j DROP")
+                f"{_proto(proto)} -d {ip}/{m} --dport {svc.port} -j DROP")
 
     if not endpoints:
         # A TCP reset is not rate-limited; ICMP port-unreachable (UDP, SCTP) is, per client.
         reject = "-j REJECT --reject-with tcp-reset" if proto == "tcp" else "-j REJECT"
         none = f"-m comment --comment {quote(f'{spn} has no endpoints')}"
         top[("filter", SERVICES)] = [f"{none} {_proto(proto)} {dst} {reject}"]
-        ext = [f"{none} {_proto(proto)} -d {ip}/32 --dport {svc.port} {reject}" for ip, _ in vips]
+        ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} {reject}" for ip, _ in vips]
         if svc.node_port:
             ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} {reject}")
         if ext:
@@ -196,21 +207,21 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     for ep, sep in sep_of.items():
         recent = f"-m recent --name {sep} --set " if svc.affinity_timeout else ""
         chains[("nat", sep)] = (
-            f"{c} -s {ep.ip}/32 -j {MARK_MASQ}",
-            f"{c} {recent}{_proto(proto)} -j DNAT --to-destination {ep.addr}",
+            f"{c} -s {ep.ip}/{m} -j {MARK_MASQ}",
+            f"{c} {recent}{_proto(proto)} -j DNAT --to-destination {_hostport(ep.ip, ep.port)}",
         )
 
     if svc.externally_accessible:
         for ip, kind in vips:
             target = fw_chain if kind == "loadbalancer IP" and svc.uses_firewall else ext_chain
             top.setdefault(("nat", SERVICES), []).append(
-                f"-m comment --comment {quote(f'{spn} {kind}')} {_proto(proto)} -d {ip}/32 "
+                f"-m comment --comment {quote(f'{spn} {kind}')} {_proto(proto)} -d {ip}/{m} "
                 f"--dport {svc.port} -j {target}")
         if svc.uses_firewall:
             allowed = list(svc.source_ranges or ())
             if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
                 # Node-to-VIP traffic often comes back with the VIP as its source address.
-                allowed += [f"{ip}/32" for ip in svc.lb_ips]
+                allowed += [f"{ip}/{m}" for ip in svc.lb_ips]
             lb = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
             chains[("nat", fw_chain)] = (
                 *(f"{lb} -s {cidr} -j {ext_chain}" for cidr in allowed),
@@ -240,7 +251,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
             if not local:
                 # External clients are dropped (pod and node traffic was DNATed above).
                 none = f"-m comment --comment {quote(f'{spn} has no local endpoints')}"
-                ext = [f"{none} {_proto(proto)} -d {ip}/32 --dport {svc.port} -j DROP" for ip, _ in vips]
+                ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} -j DROP" for ip, _ in vips]
                 if svc.node_port:
                     ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} -j DROP")
                 top.setdefault(("filter", EXTERNAL_SERVICES), []).extend(ext)

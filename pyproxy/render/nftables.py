@@ -44,28 +44,45 @@ BASE_CHAINS = {
     "filter-output": "type filter hook output priority 0 ;",
 }
 
-KEY = "ipv4_addr . inet_proto . inet_service"
-SETS = {
-    "cluster-ips": "type ipv4_addr ; comment \"active ClusterIPs\" ;",
-    "nodeport-ips": "type ipv4_addr ; comment \"node addresses that accept NodePorts\" ;",
-    "service-ips": f"type {KEY} : verdict ; comment \"ClusterIP traffic\" ;",
-    "service-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ;",
-    "no-endpoint-services": f"type {KEY} : verdict ; comment \"services with no endpoints\" ;",
-    "no-endpoint-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePorts with no endpoints\" ;",
-    "firewall-ips": f"type {KEY} : verdict ; comment \"LB IPs subject to loadBalancerSourceRanges\" ;",
-}
+
+def table_family(family: int) -> str:
+    """The nft table family (and address keyword): ``ip`` or ``ip6``."""
+    return "ip6" if family == 6 else "ip"
+
+
+def sets_for(family: int) -> dict[str, str]:
+    """Declarations of the fixed sets and maps of one family's table."""
+    addr = "ipv6_addr" if family == 6 else "ipv4_addr"
+    key = f"{addr} . inet_proto . inet_service"
+    return {
+        "cluster-ips": f"type {addr} ; comment \"active ClusterIPs\" ;",
+        "nodeport-ips": f"type {addr} ; comment \"node addresses that accept NodePorts\" ;",
+        "service-ips": f"type {key} : verdict ; comment \"ClusterIP, external and LB IP traffic\" ;",
+        "service-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ;",
+        "no-endpoint-services": f"type {key} : verdict ; comment \"services with no endpoints\" ;",
+        "no-endpoint-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePorts with no endpoints\" ;",
+        "firewall-ips": f"type {key} : verdict ; comment \"LB IPs subject to loadBalancerSourceRanges\" ;",
+    }
+
+
+SETS = sets_for(4)
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
     """The fixed chains and maps, and the node addresses that accept NodePorts."""
     mark = config.masquerade_mark
+    a = table_family(config.family)
     chains: dict[str, tuple[str, ...]] = {
         "nat-prerouting": ("jump services",),
         "nat-output": ("jump services",),
         "nat-postrouting": ("jump masquerading",),
         "filter-prerouting-pre-dnat": ("ct state new jump firewall-check",),
         "filter-output-pre-dnat": ("ct state new jump firewall-check",),
-        "firewall-check": ("ip daddr . meta l4proto . th dport vmap @firewall-ips",),
+        "firewall-check": (f"{a} daddr . meta l4proto . th dport vmap @firewall-ips",),
         "filter-input": (
             "ct state new jump nodeport-endpoints-check",
             "ct state new jump service-endpoints-check",
@@ -79,15 +96,15 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
             "ct state new jump cluster-ips-check",
         ),
         "services": (
-            "ip daddr . meta l4proto . th dport vmap @service-ips",
-            "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+            f"{a} daddr . meta l4proto . th dport vmap @service-ips",
+            f"{a} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ),
-        "service-endpoints-check": ("ip daddr . meta l4proto . th dport vmap @no-endpoint-services",),
+        "service-endpoints-check": (f"{a} daddr . meta l4proto . th dport vmap @no-endpoint-services",),
         "nodeport-endpoints-check": (
-            "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+            f"{a} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
         ),
         "cluster-ips-check": (
-            'ip daddr @cluster-ips goto reject-chain comment "no service on this port of a ClusterIP"',
+            f'{a} daddr @cluster-ips goto reject-chain comment "no service on this port of a ClusterIP"',
         ),
         # TCP gets a reset, which the kernel sends at any rate; ICMP errors (for UDP and SCTP)
         # are rate-limited per client (a burst of 6, then 1/s), so under load some UDP clients
@@ -106,7 +123,8 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
     # while some port uses it.
     for sps in state.services.values():
         elements[("cluster-ips", sps.service.cluster_ip)] = ""
-    return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=dict(SETS), elements=elements)
+    return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=sets_for(config.family),
+                       elements=elements)
 
 
 def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
@@ -114,6 +132,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     svc = sps.service
     spn = svc.name
     proto = spn.protocol
+    a = table_family(config.family)
     base = nft_service_base(spn)
     comment = f'comment "{spn}"'
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
@@ -131,7 +150,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
             # Node-to-VIP traffic often comes back with the VIP as its source address.
             allowed += list(svc.lb_ips)
-        chains[fw_chain] = (f"ip saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
+        chains[fw_chain] = (f"{a} saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
         for ip in svc.lb_ips:
             elements[("firewall-ips", f"{ip} . {proto} . {svc.port}")] = f"goto {fw_chain}"
 
@@ -148,13 +167,13 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     service_chain = f"service-{base}"
     local_chain = f"local-{base}"
     masq: list[str] = []
-    match = f"ip daddr {svc.cluster_ip} {proto} dport {svc.port}"
+    match = f"{a} daddr {svc.cluster_ip} {proto} dport {svc.port}"
     if config.masquerade_all:
         masq.append(f"{match} jump mark-for-masquerade")
     elif config.cluster_cidrs:
         # Traffic from outside the pod network is masqueraded so replies come back through
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
-        masq.append(f"{match} ip saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
+        masq.append(f"{match} {a} saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
 
     uses_local = svc.internal_local or (svc.external_local and svc.externally_accessible)
     local = sps.local_endpoints(config.hostname) if uses_local else ()
@@ -164,18 +183,19 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         ep_base = nft_endpoint_base(spn, ep)
         ep_chain = f"endpoint-{ep_base}"
         ep_chains[ep] = ep_chain
-        rules = [f"ip saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
+        rules = [f"{a} saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
         if svc.affinity_timeout:
             aff = f"affinity-{ep_base}"
             affinity[ep] = aff
-            sets[aff] = f"type ipv4_addr ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
-            rules.append(f"update @{aff} {{ ip saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}")
+            addr_type = "ipv6_addr" if config.family == 6 else "ipv4_addr"
+            sets[aff] = f"type {addr_type} ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
+            rules.append(f"update @{aff} {{ {a} saddr }}")
+        rules.append(f"meta l4proto {proto} dnat to {_hostport(ep.ip, ep.port)}")
         chains[ep_chain] = tuple(rules)
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
         """Affinity first, then a uniform choice: rule i fires with probability 1/(n-i)."""
-        rules = [*masq, *(f"ip saddr @{affinity[ep]} goto {ep_chains[ep]}" for ep in eps if ep in affinity)]
+        rules = [*masq, *(f"{a} saddr @{affinity[ep]} goto {ep_chains[ep]}" for ep in eps if ep in affinity)]
         for i, ep in enumerate(eps):
             last = i == len(eps) - 1
             rules.append(f"goto {ep_chains[ep]}" if last else f"numgen random mod {len(eps) - i} 0 goto {ep_chains[ep]}")
@@ -207,7 +227,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
             if config.cluster_cidrs:
                 # Pods reaching an external address are treated like a trip out to the load
                 # balancer and back: every endpoint, no masquerade.
-                rules.append(f'ip saddr {{ {_cidrs(config)} }} goto {service_chain} '
+                rules.append(f'{a} saddr {{ {_cidrs(config)} }} goto {service_chain} '
                              f'comment "short-circuit pod traffic"')
             rules += [
                 # The node itself: its source address would be the VIP or a node IP, which the

@@ -52,7 +52,7 @@ def test_stale_entries():
 
 def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
     calls = []
-    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving: calls.append(serving) or 0)
+    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving, family=4: calls.append(serving) or 0)
     cleaner = ConntrackCleaner()
     cleaner.after_sync(_state(["10.244.1.1"]))
     cleaner.after_sync(_state(["10.244.1.1"]))

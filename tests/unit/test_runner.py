@@ -418,7 +418,7 @@ def test_reflectors_feed_the_runner_end_to_end() -> None:
 def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from pyproxy import daemon, hostnet
 
-    monkeypatch.setattr(hostnet, "interface_ipv4s", lambda: ("127.0.0.1", "192.168.9.9"))
+    monkeypatch.setattr(hostnet, "interface_ips", lambda family=4: ("127.0.0.1", "192.168.9.9") if family == 4 else ())
     fake = FakeNft()
 
     def make_proxier(config: ProxyConfig, **_: Any) -> NftProxier:
