@@ -36,11 +36,10 @@ def _cidr_list(text: str, flag: str, *, keywords: tuple[str, ...] = ()) -> tuple
             out.append(item)
             continue
         try:
-            cidr, family = canonical_cidr(item)
+            cidr, _ = canonical_cidr(item)
         except BadAddress:
-            raise UsageError(f"{flag}: {item!r} is not a CIDR; write it like 10.244.0.0/16") from None
-        if family != 4:
-            raise UsageError(f"{flag}: {item} is IPv6; this version programs IPv4 only, drop it")
+            raise UsageError(f"{flag}: {item!r} is not a CIDR; write it like 10.244.0.0/16 "
+                             "or fd00:10::/64") from None
         out.append(cidr)
     return tuple(out)
 

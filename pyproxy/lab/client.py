@@ -15,11 +15,21 @@ import time
 from collections import Counter
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def split_target(text: str) -> tuple[str, int]:
+    """``IP:PORT`` or ``[IPv6]:PORT``."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeout: float,
                http: bool = False) -> tuple[str, str] | str:
     """One attempt: ``(pod, seen_ip)`` or an error word (refused, timeout, unreachable, ...)."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as s:
+    with socket.socket(_family(target[0]), kind) as s:
         s.settimeout(timeout)
         if source:
             s.bind((source, 0))
@@ -60,7 +70,7 @@ def udp_stream(target: tuple[str, int], *, seconds: float, interval: float) -> N
     """One UDP socket (one source port, so one conntrack entry) sending every ``interval``
     for ``seconds``; prints a JSON line per reply: monotonic time and who answered."""
     end = time.monotonic() + seconds
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(target[0]), socket.SOCK_DGRAM) as s:
         s.connect(target)
         s.settimeout(interval)
         while time.monotonic() < end:
@@ -94,7 +104,7 @@ def hold(target: tuple[str, int], timeout: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--target", required=True, help="IP:PORT")
+    parser.add_argument("--target", required=True, help="IP:PORT or [IPv6]:PORT")
     parser.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--source", action="append", default=[],
@@ -108,12 +118,12 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true",
                         help="instead: keep one TCP connection and exchange a line per stdin line")
     args = parser.parse_args()
-    host, _, port = args.target.rpartition(":")
+    host, port = split_target(args.target)
     if args.hold:
-        hold((host, int(port)), args.timeout)
+        hold((host, port), args.timeout)
         return
     if args.udp_stream:
-        udp_stream((host, int(port)), seconds=min(args.udp_stream, 60), interval=args.interval)
+        udp_stream((host, port), seconds=min(args.udp_stream, 60), interval=args.interval)
         return
     answers = []
     errors: Counter[str] = Counter()
@@ -125,7 +135,7 @@ def main() -> None:
             errors["deadline"] += args.count - i
             break
         t0 = time.monotonic()
-        result = probe_once((host, int(port)), proto=args.proto, source=sources[i % len(sources)],
+        result = probe_once((host, port), proto=args.proto, source=sources[i % len(sources)],
                             timeout=args.timeout, http=args.http)
         durations.append(time.monotonic() - t0)
         if isinstance(result, tuple):

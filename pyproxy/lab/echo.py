@@ -27,7 +27,7 @@ class _Udp(asyncio.DatagramProtocol):
 BULK_BYTES = 256 * 1024 * 1024
 
 
-async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | None = None,
+async def serve(name: str, host: str | list[str], ports: list[int], http_ports: list[int] | None = None,
                 bulk_ports: list[int] | None = None, stream_ports: list[int] | None = None) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Server speaks first: one line, then close. No request to wait for, so the probe
@@ -79,15 +79,20 @@ async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | 
 
     loop = asyncio.get_running_loop()
     servers = []
+    hosts = [host] if isinstance(host, str) else list(host)
+    if "::" in hosts and not _ipv6_works():
+        hosts.remove("::")  # IPv6 disabled in this namespace: serve IPv4 only
     for port in ports:
-        servers.append(await asyncio.start_server(handle, host, port, reuse_address=True, backlog=512))
-        await loop.create_datagram_endpoint(lambda: _Udp(name), local_addr=(host, port))
+        # One socket per family: asyncio binds IPv6 sockets IPv6-only, so both can coexist.
+        servers.append(await asyncio.start_server(handle, hosts, port, reuse_address=True, backlog=512))
+        for h in hosts:
+            await loop.create_datagram_endpoint(lambda: _Udp(name), sock=_udp_socket(h, port))
     for port in http_ports or []:
-        servers.append(await asyncio.start_server(handle_http, host, port, reuse_address=True, backlog=512))
+        servers.append(await asyncio.start_server(handle_http, hosts, port, reuse_address=True, backlog=512))
     for port in stream_ports or []:
-        servers.append(await asyncio.start_server(handle_stream, host, port, reuse_address=True))
+        servers.append(await asyncio.start_server(handle_stream, hosts, port, reuse_address=True))
     for port in bulk_ports or []:
-        servers.append(await asyncio.start_server(handle_bulk, host, port, reuse_address=True))
+        servers.append(await asyncio.start_server(handle_bulk, hosts, port, reuse_address=True))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -97,10 +102,37 @@ async def serve(name: str, host: str, ports: list[int], http_ports: list[int] | 
         s.close()
 
 
+def _udp_socket(host: str, port: int):  # type: ignore[no-untyped-def]
+    """A bound UDP socket; IPv6 ones IPv6-only (asyncio does that for TCP, not for UDP), so
+    an IPv4 socket on the same port can coexist."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    return s
+
+
+def _ipv6_works() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True, help="the name to answer with")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", action="append", default=None,
+                        help="address to listen on (repeatable; default 0.0.0.0 and ::)")
     parser.add_argument("--port", type=int, action="append", required=True,
                         help="TCP and UDP port to serve (repeatable)")
     parser.add_argument("--http-port", type=int, action="append", default=[],
@@ -116,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.address:
         _configure_eth0(args.address, args.gateway)
-    asyncio.run(serve(args.name, args.host, args.port, args.http_port, args.bulk_port, args.stream_port))
+    asyncio.run(serve(args.name, args.host or ["0.0.0.0", "::"], args.port, args.http_port, args.bulk_port, args.stream_port))
 
 
 def _configure_eth0(address: str, gateway: str | None, timeout: float = 20.0) -> None:

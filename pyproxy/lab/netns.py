@@ -4,6 +4,8 @@
 
     client ns (external)              node ns                          pod ns (one per pod)
     eth0 192.168.50.1/24  <--veth-->  eth0 192.168.50.2/24
+         fd00:50::1/64                     fd00:50::2/64               (every link is dual-stack:
+                                      br0  fd00:244:1::1/64             pods fd00:244:1::1x/64)
      + extra client sources           br0  10.244.1.1/24  <--veth-->  eth0 10.244.1.1x/24
        192.168.50.101...              default via 192.168.50.1          default via 10.244.1.1
      routes 10.96.0.0/12 and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +42,11 @@ class Pod:
     name: str
     ns: str
     ip: str
+    ip6: str = ""
+    """The pod's IPv6 address (every lab pod is dual-stack)."""
+
+
+NODAD = 0x02  # IFA_F_NODAD: the address is usable at once, without duplicate detection
 
 
 @dataclass
@@ -92,6 +100,11 @@ class Topology:
     pod_cidr: str = "10.244.1.0/24"
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
+    node_ip6: str = "fd00:50::2"
+    client_ip6: str = "fd00:50::1"
+    bridge_ip6: str = "fd00:244:1::1"
+    cluster_cidr6: str = "fd00:244::/32"
+    service_cidr6: str = "fd00:96::/108"
     external_cidr: str = "192.168.60.0/24"
     """Where external IPs and LoadBalancer IPs live: the client routes it to the node. The node
     routes it back (its default route) and the client, which does not forward, drops it: an
@@ -144,12 +157,15 @@ class Topology:
             ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": client})
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth0, address=self.node_ip, prefixlen=24)
+            ipr.addr("add", index=eth0, address=self.node_ip6, prefixlen=64, flags=NODAD)
             ipr.link("set", index=eth0, state="up")
             ipr.link("add", ifname="br0", kind="bridge")
             br0 = ipr.link_lookup(ifname="br0")[0]
             ipr.addr("add", index=br0, address=self.bridge_ip, prefixlen=24)
+            ipr.addr("add", index=br0, address=self.bridge_ip6, prefixlen=64, flags=NODAD)
             ipr.link("set", index=br0, state="up")
             ipr.route("add", dst="default", gateway=self.client_ip)
+            ipr.route("add", dst="::/0", gateway=self.client_ip6, family=socket.AF_INET6)
         with IPRoute(netns=client) as ipr:
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth0, address=self.client_ip, prefixlen=24)
@@ -157,22 +173,26 @@ class Topology:
                 src = f"192.168.50.{101 + i}"
                 ipr.addr("add", index=eth0, address=src, prefixlen=24)
                 self.client_sources.append(src)
+            ipr.addr("add", index=eth0, address=self.client_ip6, prefixlen=64, flags=NODAD)
             ipr.link("set", index=eth0, state="up")
             # The external client may reach ClusterIPs through the node (as a router would).
             ipr.route("add", dst=self.service_cidr, gateway=self.node_ip)
+            ipr.route("add", dst=self.service_cidr6, gateway=self.node_ip6, family=socket.AF_INET6)
             ipr.route("add", dst=self.external_cidr, gateway=self.node_ip)
         for name, value in (
             ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
             ("net.bridge.bridge-nf-call-iptables", "1"),
+            ("net.bridge.bridge-nf-call-ip6tables", "1"),
             # Not a CNI setting: lifts the kernel's per-client ICMP rate limit (a burst of 6,
             # then 1/s) so tests that count "port unreachable" answers for UDP are exact.
             ("net.ipv4.icmp_ratelimit", "0"),
         ):
             _sysctl(node, name, value)
         for i in range(n_pods):
-            self.add_pod(f"pod{i}", f"10.244.1.{10 + i}")
+            self.add_pod(f"pod{i}", f"10.244.1.{10 + i}", f"fd00:244:1::{10 + i}")
 
-    def add_pod(self, name: str, ip: str) -> Pod:
+    def add_pod(self, name: str, ip: str, ip6: str = "") -> Pod:
         ns = self._new_ns(f"{self.tag}-{name}")
         with IPRoute(netns=self.node_ns) as ipr:
             host_if = f"v{name}"[:15]
@@ -189,9 +209,13 @@ class Topology:
         with IPRoute(netns=ns) as ipr:
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth0, address=ip, prefixlen=24)
+            if ip6:
+                ipr.addr("add", index=eth0, address=ip6, prefixlen=64, flags=NODAD)
             ipr.link("set", index=eth0, state="up")
             ipr.route("add", dst="default", gateway=self.bridge_ip)
-        pod = Pod(name, ns, ip)
+            if ip6:
+                ipr.route("add", dst="::/0", gateway=self.bridge_ip6, family=socket.AF_INET6)
+        pod = Pod(name, ns, ip, ip6)
         self.pods.append(pod)
         return pod
 
