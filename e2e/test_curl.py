@@ -171,3 +171,70 @@ def test_apiserver_restart(lab: ClusterLab, fleet: ProxyFleet):
              lambda: {f"{app}-0", f"{app}-1"} <= set(answers(lab, f"http://{cip}/", 30, node=2)) or None,
              timeout=60)
     _delete(lab, app)
+
+
+def test_prefer_close_keeps_traffic_in_the_zone(lab: ClusterLab, fleet: ProxyFleet):
+    """trafficDistribution: PreferClose through the real EndpointSlice controller: it writes
+    zone hints from the nodes' topology.kubernetes.io/zone labels (node 1: zone-a, node 2:
+    zone-b), and pyproxy keeps each node's traffic in its own zone."""
+    import json
+
+    app = f"close-{fleet.mode[:3]}"
+    svc = service(app, {"app": app})
+    svc["spec"]["trafficDistribution"] = "PreferClose"
+    pods = [pod(f"{app}-{k}", lab.node_name(1 + k % lab.nodes), labels={"app": app}) for k in range(4)]
+    lab.kubectl_apply([svc, *pods])
+    try:
+        wait_ready_endpoints(lab, app, 4)
+
+        def hinted() -> bool:
+            out = lab.kubectl("get", "endpointslices", "-n", "e2e", "-l", f"kubernetes.io/service-name={app}",
+                              "-o", "json").stdout
+            eps = [e for s in json.loads(out)["items"] for e in s.get("endpoints") or []]
+            return len(eps) == 4 and all((e.get("hints") or {}).get("forZones") for e in eps)
+
+        wait_for("zone hints from the EndpointSlice controller", hinted)
+        cip = cluster_ip(lab, app)
+        for i in range(1, lab.nodes + 1):
+            mine = {f"{app}-{k}" for k in range(4) if 1 + k % lab.nodes == i}
+            wait_for(f"node {i} keeps to its zone",
+                     lambda i=i, mine=mine: set(answers(lab, f"http://{cip}/", 20, node=i)) == mine or None)
+    finally:
+        _delete(lab, app)
+
+
+def test_external_traffic_policy_local_and_health_check(lab: ClusterLab, fleet: ProxyFleet):
+    """A LoadBalancer Service with externalTrafficPolicy: Local and its pod on node 1: the API
+    server allocates the health check node port, pyproxy serves it on every node (200 where
+    the endpoint is, 503 elsewhere) and NodePort clients keep their address on node 1."""
+    import json
+
+    app = f"local-{fleet.mode[:3]}"
+    svc = service(app, {"app": app})
+    svc["spec"]["type"] = "LoadBalancer"
+    svc["spec"]["externalTrafficPolicy"] = "Local"
+    lab.kubectl_apply([svc, pod(f"{app}-0", lab.node_name(1), labels={"app": app})])
+    try:
+        wait_ready_endpoints(lab, app, 1)
+        spec = json.loads(lab.kubectl("get", "svc", app, "-n", "e2e", "-o", "json").stdout)["spec"]
+        hc, np = spec["healthCheckNodePort"], spec["ports"][0]["nodePort"]
+
+        def health(i: int) -> dict:
+            out = curl(lab, f"http://{node_ip(i)}:{hc}/", ext=True, timeout=2)
+            return json.loads(out) if out.startswith("{") else {}
+
+        got = wait_for("health check 200 on node 1", lambda: health(1).get("localEndpoints") == 1 and health(1))
+        assert got == {"service": {"namespace": "e2e", "name": app}, "localEndpoints": 1,
+                       "serviceProxyHealthy": True}
+        assert wait_for("health check on node 2", lambda: health(2) or None)["localEndpoints"] == 0
+        code = subprocess.run(["ip", "netns", "exec", lab.ext_ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                               "--max-time", "2", f"http://{node_ip(2)}:{hc}/"], capture_output=True, text=True)
+        assert code.stdout == "503"
+        # Node 1 has the endpoint: the external client's own address reaches the pod.
+        out = wait_for("NodePort on node 1", lambda: curl(lab, f"http://{node_ip(1)}:{np}/", ext=True)
+                       .startswith(f"{app}-0") and curl(lab, f"http://{node_ip(1)}:{np}/", ext=True))
+        assert out.split(" ")[1] == EXT_IP
+        # Node 2 has none: external clients are dropped there (a timeout, not a refusal).
+        assert "timed out" in curl(lab, f"http://{node_ip(2)}:{np}/", ext=True, timeout=1).lower()
+    finally:
+        _delete(lab, app)

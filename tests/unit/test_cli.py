@@ -113,10 +113,41 @@ def test_bad_cidr_exits_2_with_a_hint(capsys, flag, value):
     assert flag in err and "10.244.0.0/16" in err and "is not a CIDR" in err
 
 
-def test_ipv6_cidr_is_refused(capsys):
+def test_ipv6_cidrs_go_to_the_ipv6_family(capsys):
+    code, out, _ = _render(capsys, "--source-file", DEMO, "--hostname-override", "node-a",
+                           "--cluster-cidr", "10.244.0.0/16,fd00:10::/64")
+    assert code == 0 and "fd00:10::/64" not in out  # no IPv6 Service in the demo: no ip6 table shown
+    assert "10.244.0.0/16" in out
+
+
+@pytest.mark.parametrize("value", ["5", "4,4", "4,6,6", ""])
+def test_bad_ip_families_exit_2(capsys, value):
     code, _, err = _render(capsys, "--source-file", DEMO, "--hostname-override", "node-a",
-                           "--cluster-cidr", "fd00::/48")
-    assert code == 2 and "IPv6" in err
+                           "--ip-families", value)
+    assert code == 2 and "--ip-families" in err and "4,6" in err
+
+
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_render_shows_each_family(capsys, tmp_path, mode):
+    svc = sc.service("ds", "10.96.0.40", [sc.port(80, name="http")])
+    svc["spec"]["clusterIPs"] = ["10.96.0.40", "fd00:96::40"]
+    v4 = sc.endpoint_slice("ds", ["10.244.1.10"], [sc.port(8080, name="http")], suffix="v4")
+    v6 = sc.endpoint_slice("ds", ["fd00:244:1::10"], [sc.port(8080, name="http")], suffix="v6")
+    v6["addressType"] = "IPv6"
+    path = tmp_path / "ds.yaml"
+    path.write_text(sc.dump([svc, v4, v6]))
+    code, out, _ = _render(capsys, "--source-file", str(path), "--hostname-override", "node-1",
+                           "--proxy-mode", mode, "--cluster-cidr", "10.244.0.0/16,fd00:244::/32")
+    assert code == 0
+    assert "10.244.1.10:8080" in out and "[fd00:244:1::10]:8080" in out
+    if mode == "nftables":
+        assert "add table ip pyproxy" in out and "add table ip6 pyproxy" in out
+        assert "ip6 saddr != { fd00:244::/32 }" in out
+    else:
+        assert "# IPv6: ip6tables-restore input" in out and "-d fd00:96::40/128" in out
+    code, out, _ = _render(capsys, "--source-file", str(path), "--hostname-override", "node-1",
+                           "--proxy-mode", mode, "--ip-families", "6")
+    assert code == 0 and "10.244.1.10" not in out and "fd00:244:1::10" in out
 
 
 def test_bad_masquerade_bit_exits_2(capsys):

@@ -238,3 +238,45 @@ def test_health_checks_count_ready_local_endpoint_ips():
     assert status == 200 and headers["X-Load-Balancing-Endpoint-Weight"] == "1"
     assert body == '{"service":{"namespace":"test","name":"lb"},"localEndpoints":1,"serviceProxyHealthy":true}'
     assert response(check, proxy_healthy=False)[0] == 503
+
+
+# -- dual-stack ------------------------------------------------------------------------------
+
+def test_family_configs_split_cidrs():
+    cfg = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/32"),
+                      nodeport_addresses=("primary", "192.168.0.0/16"))
+    v4, v6 = cfg.family_configs()
+    assert (v4.family, v4.cluster_cidrs, v4.nodeport_addresses) == (4, ("10.244.0.0/16",), ("primary", "192.168.0.0/16"))
+    assert (v6.family, v6.cluster_cidrs, v6.nodeport_addresses) == (6, ("fd00:244::/32",), ("primary",))
+    assert [c.family for c in ProxyConfig(mode="userspace").family_configs()] == [4]
+
+
+def _v6_state(**kw):
+    svc = sc.service("web", "fd00:96::10", [sc.port(80, name="http")], **kw)
+    sl = sc.endpoint_slice("web", ["fd00:244:1::10"], [sc.port(8080, name="http")])
+    sl["addressType"] = "IPv6"
+    b = StateBuilder(node_name="node-1", family=6)
+    b.replace_all([svc, sl])
+    return next(iter(b.build().services.values()))
+
+
+def test_nft_ipv6():
+    cfg = ProxyConfig(hostname="node-1", cluster_cidrs=("fd00:244::/32",), family=6)
+    base = nft.render_base(cfg, build([]))
+    assert "ip6 daddr . meta l4proto . th dport vmap @service-ips" in base.chains["services"]
+    assert base.sets["service-ips"].startswith("type ipv6_addr . inet_proto")
+    frag = nft.render_service(cfg, _v6_state(affinity_timeout=30))
+    rules = " ; ".join(r for chain in frag.chains.values() for r in chain)
+    assert "dnat to [fd00:244:1::10]:8080" in rules and "update @affinity-" in rules
+    assert "ip6 saddr != { fd00:244::/32 }" in rules and "{ ip6 saddr }" in rules
+    assert all(spec.startswith("type ipv6_addr") for spec in frag.sets.values())
+
+
+def test_ipt_ipv6():
+    cfg = ProxyConfig(mode="iptables", hostname="node-1", family=6)
+    frag = ipt.render_service(cfg, _v6_state())
+    rules = " ".join(r for chain in frag.chains.values() for r in chain)
+    assert "--to-destination [fd00:244:1::10]:8080" in rules and "-s fd00:244:1::10/128" in rules
+    assert "-d fd00:96::10/128 --dport 80" in frag.top_rules[("nat", ipt.SERVICES)][0]
+    # Localhost NodePorts are IPv4 only.
+    assert not ProxyConfig(mode="iptables", localhost_nodeports=True, family=6).localhost_nodeports_active

@@ -213,3 +213,18 @@ def test_start_site_serves_on_the_given_address() -> None:
             await site.cleanup()
 
     run(main)
+
+
+def test_all_healthy_needs_every_family():
+    from pyproxy.health import AllHealthy, ProxyHealth
+
+    v4, v6 = ProxyHealth(timeout=10), ProxyHealth(timeout=10)
+    both = AllHealthy([v4, v6])
+    v4.updated()
+    v6.updated()
+    assert both.healthy()
+    v6.queued()
+    v6.last_queued -= 60  # an IPv6 change has waited a minute: that family is stale
+    assert v4.healthy() and not both.healthy()
+    v4.node_deleting = True
+    assert both.node_deleting and both.body(0)["nodeEligible"] is False

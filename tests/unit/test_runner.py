@@ -455,3 +455,43 @@ def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, mon
             assert node_list.query["fieldSelector"] == "metadata.name=node-1"
 
     run(main)
+
+
+def test_daemon_families_sync_independently(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dual-stack: the IPv6 proxier failing every sync does not hold back IPv4."""
+    from pyproxy import daemon, hostnet
+    from pyproxy.nft.executor import NftError
+
+    monkeypatch.setattr(hostnet, "interface_ips", lambda family=4: ("192.168.9.9",) if family == 4 else ())
+    v4 = FakeNft()
+
+    class Refusing(FakeNft):
+        def run(self, tx: Any) -> None:
+            raise NftError("IPv6 refused for the test")
+
+    def make_proxier(config: ProxyConfig, **_: Any) -> NftProxier:
+        return NftProxier(config=config, executor=v4 if config.family == 4 else Refusing())
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "t",
+                "clusters": [{"name": "c", "cluster": {"server": api.host}}],
+                "users": [{"name": "u", "user": {"token": "tok"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
+            api.add_list(SVC_PATH, page([web_service()], rv="1"))
+            api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
+            api.add_list(NODE_PATH, page([], rv="1"))
+            settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
+                                       healthz_bind_address="", metrics_bind_address="",
+                                       clean_other_modes=False)
+            serve = asyncio.create_task(daemon.serve(ProxyConfig(hostname="node-1"), settings,
+                                                     make_proxier=make_proxier))
+            await until(lambda: v4.transactions or serve.done(), "the IPv4 sync", timeout=3)
+            assert not serve.done(), serve.exception()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(serve, 2)
+            assert set(v4.tables[("ip", "pyproxy")].elements["service-ips"]) == {"10.96.0.10 . tcp . 80"}
+
+    run(main)
