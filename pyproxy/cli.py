@@ -154,6 +154,8 @@ def _setup_logging(verbosity: int) -> None:
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise UsageError("--iptables-masquerade-bit must be between 0 and 31 (kube-proxy uses 14)")
+    if args.proxy_mode == "userspace" and _families(args.ip_families) == (6,):
+        raise UsageError("userspace mode relays IPv4 only; use --ip-families 4 (or a kernel mode for IPv6)")
     return ProxyConfig(
         mode=args.proxy_mode,
         hostname=args.hostname_override or socket.gethostname(),

@@ -50,13 +50,9 @@ class UserspaceProxier(NftProxier):
         self._thread = threading.Thread(target=self.loop.run_forever, name="userspace-relays", daemon=True)
         self._thread.start()
 
-    def _port_for(self, name: ServicePortName) -> int:
-        port = self.ports.get(name)
-        if port is None:
-            used = set(self.ports.values())
-            port = next(p for p in range(*self.port_range) if p not in used)
-            self.ports[name] = port
-        return port
+    def _free_port(self, taken: set[int]) -> int | None:
+        used = set(self.ports.values()) | taken
+        return next((p for p in range(*self.port_range) if p not in used), None)
 
     def _render_service(self, sps: ServicePortState) -> NftFragment:
         return render.render_service(sps, self.ports.get(sps.service.name))
@@ -70,16 +66,8 @@ class UserspaceProxier(NftProxier):
             eps = tuple((e.ip, e.port) for e in sps.usable_endpoints)
             relay = self.relays.get(name)
             if relay is None:
-                balancer = Balancer()
-                balancer.update(eps, sps.service.affinity_timeout)
-                port = self._port_for(name)
-                relay = (UdpRelay(str(name), port, balancer, self.udp_timeout) if name.protocol == "udp"
-                         else TcpRelay(str(name), port, balancer))
-                try:
-                    await relay.start()
-                except OSError as err:  # e.g. SCTP, or the port taken: skip this one, not the rest
-                    log.warning("userspace: cannot listen for %s on %d: %s", name, port, err)
-                    self.ports.pop(name, None)
+                relay = await self._start_relay(name, eps, sps.service.affinity_timeout)
+                if relay is None:
                     continue
                 self.relays[name] = relay
             else:
@@ -88,6 +76,34 @@ class UserspaceProxier(NftProxier):
                     relay.forget_backends_not_in(eps)
         for name in [n for n in self.ports if n not in self.relays]:
             self.ports.pop(name)
+
+    async def _start_relay(self, name: ServicePortName, eps: tuple[tuple[str, int], ...],
+                           affinity: int) -> Any:
+        """A listener on a free port of the range. A port can be taken by someone else, e.g. an
+        outgoing connection's ephemeral port (the kernel hands those out from the same range):
+        then try the next, a few times."""
+        if name.protocol == "sctp":
+            log.warning("userspace: %s is SCTP, which this mode does not relay", name)
+            return None
+        taken: set[int] = set()
+        for _ in range(20):
+            port = self._free_port(taken)
+            if port is None:
+                break
+            balancer = Balancer()
+            balancer.update(eps, affinity)
+            relay = (UdpRelay(str(name), port, balancer, self.udp_timeout) if name.protocol == "udp"
+                     else TcpRelay(str(name), port, balancer))
+            try:
+                await relay.start()
+            except OSError as err:
+                log.info("userspace: port %d is taken for %s (%s); trying another", port, name, err)
+                taken.add(port)
+                continue
+            self.ports[name] = port
+            return relay
+        log.warning("userspace: no free port for %s in %d-%d; it gets no relay", name, *self.port_range)
+        return None
 
     def sync(self, state: DesiredState) -> SyncResult:
         # Listeners first, so a redirect never points at a port nobody listens on.
