@@ -280,3 +280,21 @@ def test_ipt_ipv6():
     assert "-d fd00:96::10/128 --dport 80" in frag.top_rules[("nat", ipt.SERVICES)][0]
     # Localhost NodePorts are IPv4 only.
     assert not ProxyConfig(mode="iptables", localhost_nodeports=True, family=6).localhost_nodeports_active
+
+
+def test_explain_external_paths():
+    from pyproxy.explain import explain
+
+    # Both endpoints on node-1 (the slice's default node).
+    state = build([lb_service(etp="Local", ranges=["203.0.113.0/25"], external_ips=["192.168.60.10"]),
+                   sc.endpoint_slice("lb", ["10.244.1.10", "10.244.1.11"], [sc.port(8080, name="http")]),
+                   sc.node("node-1", ["192.168.50.2"])], nodeport_ips=("192.168.50.2",))
+    denied = explain(state, CFG, dst="192.168.60.20", port=80, proto="tcp", src="198.51.100.7")
+    assert denied.verdict == "drop" and "loadBalancerSourceRanges" in denied.why
+    ok = explain(state, CFG, dst="192.168.60.20", port=80, proto="tcp", src="203.0.113.9")
+    assert ok.verdict == "dnat" and ok.path == "loadbalancer" and not ok.masquerade
+    assert ok.chains[0].startswith("firewall-") and ok.chains[2].startswith("local-")
+    pod = explain(state, CFG, dst="192.168.60.10", port=80, proto="tcp", src="10.244.2.5")
+    assert pod.path == "externalip" and "does not apply to a pod" in pod.why and not pod.masquerade
+    node = explain(state, CFG, dst="192.168.50.2", port=30090, proto="tcp", src="192.168.50.2")
+    assert node.path == "nodeport" and node.masquerade
