@@ -31,8 +31,12 @@ Serving = dict[tuple[str, int], frozenset[str]]
 """(service IP, port) or ("nodeport", port) → the IPs of serving endpoints."""
 
 
-def udp_serving(state: DesiredState) -> Serving:
-    """What a UDP flow may legitimately be answered by, per service address (from the state).
+CLEANED = {"udp": socket.IPPROTO_UDP, "sctp": 132}
+"""Protocols whose flows outlive a backend: no connection close tells the client to move on."""
+
+
+def udp_serving(state: DesiredState, protocol: str = "udp") -> Serving:
+    """What a UDP (or SCTP) flow may legitimately be answered by, per service address.
 
     Serving endpoints, whatever the traffic policy or topology, as upstream does: an entry to
     an endpoint that still serves is left alone even if it is no longer the preferred one.
@@ -40,7 +44,7 @@ def udp_serving(state: DesiredState) -> Serving:
     out: dict[tuple[str, int], set[str]] = {}
     for sps in state.services.values():
         svc = sps.service
-        if svc.name.protocol != "udp":
+        if svc.name.protocol != protocol:
             continue
         ips = {e.ip for e in sps.endpoints if e.serving}
         for vip in (svc.cluster_ip, *svc.external_vips):
@@ -64,8 +68,8 @@ def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
     return doomed
 
 
-def clean(serving: Serving, *, family: int = 4) -> int:
-    """Delete stale UDP entries of one family in this network namespace; return how many."""
+def clean(serving: Serving, *, family: int = 4, protocol: str = "udp") -> int:
+    """Delete stale entries of one family and protocol in this network namespace; return how many."""
     from pyroute2 import Conntrack
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
@@ -75,7 +79,7 @@ def clean(serving: Serving, *, family: int = 4) -> int:
     deleted = 0
     with Conntrack() as ct:
         af = socket.AF_INET6 if family == 6 else socket.AF_INET
-        entries = [e for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=socket.IPPROTO_UDP))
+        entries = [e for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=CLEANED[protocol]))
                    if (":" in (e.tuple_orig.daddr or "")) == (family == 6)]
         keys = [(_canonical(e.tuple_orig.daddr), e.tuple_orig.dport, _canonical(e.tuple_reply.saddr))
                 for e in entries]
@@ -88,7 +92,7 @@ def clean(serving: Serving, *, family: int = 4) -> int:
     DELETED.inc(deleted)
     DURATION.observe(time.perf_counter() - t0)
     if deleted:
-        log.info("deleted %d stale UDP conntrack entries", deleted)
+        log.info("deleted %d stale %s conntrack entries", deleted, protocol.upper())
     return deleted
 
 
@@ -106,16 +110,18 @@ class ConntrackCleaner:
 
     def __init__(self, *, family: int = 4) -> None:
         self.family = family
-        self._last: Serving | None = None
+        self._last: dict[str, Serving] = {}
 
     def after_sync(self, state: DesiredState) -> int:
-        serving = udp_serving(state)
-        if serving == self._last:
-            return 0
-        try:
-            deleted = clean(serving, family=self.family)
-        except OSError as err:  # no conntrack support here: nothing to clean
-            log.warning("conntrack cleanup skipped: %s", err)
-            return 0
-        self._last = serving
+        deleted = 0
+        for protocol in CLEANED:
+            serving = udp_serving(state, protocol)
+            if not serving or serving == self._last.get(protocol):
+                continue  # no such service, or nothing changed since the last clean
+            try:
+                deleted += clean(serving, family=self.family, protocol=protocol)
+            except OSError as err:  # no conntrack support here: nothing to clean
+                log.warning("conntrack cleanup skipped: %s", err)
+                continue
+            self._last[protocol] = serving
         return deleted

@@ -339,10 +339,13 @@ class StateBuilder:
     def build_for_node(self, *, cidrs: tuple[str, ...],
                        interfaces: Callable[[], tuple[str, ...]]) -> DesiredState:
         """:meth:`build` with the NodePort addresses worked out: our Node object's addresses,
-        or, when it is missing or has none, the interfaces' (``interfaces`` is only called
-        then: it reads the network namespace)."""
+        or, when it is missing or has none, the interfaces'; with ``--nodeport-addresses``
+        CIDRs, both (``interfaces`` is only called when needed: it reads the namespace)."""
         node = self.node
-        ifaces = interfaces() if node is None or not node.addresses else ()
+        # With CIDRs, any local address inside them takes NodePorts, as upstream: the
+        # interfaces count too, not only the Node object's addresses.
+        wants_cidrs = any(c != "primary" for c in cidrs)
+        ifaces = interfaces() if node is None or not node.addresses or wants_cidrs else ()
         return self.build(nodeport_ips=nodeport_ips(node=node, interface_ips=ifaces, cidrs=cidrs))
 
     def _claim(self, dirty: set[Key]) -> None:

@@ -52,10 +52,20 @@ def test_stale_entries():
 
 def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
     calls = []
-    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving, family=4: calls.append(serving) or 0)
+    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving, family=4, protocol="udp": calls.append(serving) or 0)
     cleaner = ConntrackCleaner()
     cleaner.after_sync(_state(["10.244.1.1"]))
     cleaner.after_sync(_state(["10.244.1.1"]))
     assert len(calls) == 1
     cleaner.after_sync(_state(["10.244.1.2"]))
     assert len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {"10.244.1.2"}
+
+
+def test_sctp_flows_are_cleaned_like_udp(monkeypatch):
+    calls = []
+    monkeypatch.setattr("pyproxy.conntrack.clean",
+                        lambda serving, family=4, protocol="udp": calls.append((protocol, serving)) or 0)
+    state = build([sc.service("s", "10.96.0.50", [sc.port(80, name="s", protocol="SCTP")]),
+                   sc.endpoint_slice("s", ["10.244.1.3"], [sc.port(8080, name="s", protocol="SCTP")])])
+    ConntrackCleaner().after_sync(state)
+    assert calls == [("sctp", {("10.96.0.50", 80): frozenset({"10.244.1.3"})})]

@@ -550,3 +550,18 @@ def test_nodeport_addresses_primary_keyword():
     # With CIDRs too: the primary address plus what the CIDRs select.
     assert nodeport_ips(node=node, interface_ips=ifaces, cidrs=("primary", "172.17.0.0/16")) == (
         "192.168.1.5", "172.17.0.1")
+
+
+def test_build_for_node_with_cidrs_reads_the_interfaces_too():
+    b = _builder([_web(), {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+                           "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.1"}]}}])
+    calls = []
+
+    def interfaces():
+        calls.append(1)
+        return ("10.0.0.7", "192.168.1.1")
+
+    assert b.build_for_node(cidrs=(), interfaces=interfaces).nodeport_ips == ("192.168.1.1",)
+    assert not calls  # the Node's addresses suffice: the namespace is not read
+    got = b.build_for_node(cidrs=("10.0.0.0/8", "192.168.0.0/16"), interfaces=interfaces)
+    assert set(got.nodeport_ips) == {"192.168.1.1", "10.0.0.7"}
