@@ -42,7 +42,8 @@ class Endpoint:
 
     @property
     def addr(self) -> str:
-        return f"{self.ip}:{self.port}"
+        """``ip:port``, or ``[ip]:port`` for IPv6 (Go's JoinHostPort, which upstream hashes)."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
