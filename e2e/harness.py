@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyproxy.lab.cluster import CLUSTER_CIDR, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
+from pyproxy.lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
 
 SA = "pyproxy"
 SA_NAMESPACE = "kube-system"
@@ -57,7 +57,7 @@ class ProxyFleet:
         log = open(self.lab.path / f"pyproxy-{i}.log", "ab")  # noqa: SIM115
         argv = ["ip", "netns", "exec", self.lab.node_ns(i), sys.executable, "-m", "pyproxy", "run",
                 "--config", self.chart_config(), "--kubeconfig", self.kubeconfig,
-                "--hostname-override", self.lab.node_name(i), "--cluster-cidr", CLUSTER_CIDR,
+                "--hostname-override", self.lab.node_name(i), "--cluster-cidr", f"{CLUSTER_CIDR},{CLUSTER_CIDR6}",
                 "--proxy-mode", self.mode, "--v", "1"]
         self.procs[i] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

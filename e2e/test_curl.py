@@ -238,3 +238,42 @@ def test_external_traffic_policy_local_and_health_check(lab: ClusterLab, fleet: 
         assert "timed out" in curl(lab, f"http://{node_ip(2)}:{np}/", ext=True, timeout=1).lower()
     finally:
         _delete(lab, app)
+
+
+def test_dual_stack_service(lab: ClusterLab, fleet: ProxyFleet):
+    """A RequireDualStack Service in the dual-stack lab: the API server gives it a ClusterIP of
+    each family, the EndpointSlice controller an IPv4 and an IPv6 slice, and pyproxy programs
+    both families; pods keep their own IPv6 address, NodePorts answer on the nodes' IPv6."""
+    import json
+
+    from pyproxy.lab.cluster import node_ip6
+
+    app = f"ds-{fleet.mode[:3]}"
+    svc = service(app, {"app": app}, node_port=30000 + (190 if fleet.mode == "nftables" else 191))
+    svc["spec"]["ipFamilyPolicy"] = "RequireDualStack"
+    pods = [pod(f"{app}-{k}", lab.node_name(1 + k % lab.nodes), labels={"app": app}) for k in range(3)]
+    lab.kubectl_apply([svc, *pods])
+    backends = {f"{app}-{k}" for k in range(3)}
+    try:
+        wait_ready_endpoints(lab, app, 6)  # three pods, one endpoint per family each
+        cips = json.loads(lab.kubectl("get", "svc", app, "-n", "e2e", "-o", "json").stdout)["spec"]["clusterIPs"]
+        cip6 = next(ip for ip in cips if ":" in ip)
+        clients = _client_pods(lab)
+        for i, pid in clients.items():
+            wait_for(f"every backend over IPv6 from client-{i}",
+                     lambda pid=pid: backends <= set(answers(lab, f"http://[{cip6}]/", 30, pod_pid=pid)) or None)
+            ips = json.loads(lab.kubectl("get", "pod", f"client-{i}", "-n", "e2e", "-o", "json").stdout)
+            ip6 = next(p["ip"] for p in ips["status"]["podIPs"] if ":" in p["ip"])
+            # Five answers (a rare first-contact timeout, seen once in the lab, is retried: this
+            # checks the source address, not loss).
+            got = [a for a in (curl(lab, f"http://[{cip6}]/", pod_pid=pid) for _ in range(10))
+                   if a.startswith(app)][:5]
+            assert len(got) == 5 and {a.split(" ")[1] for a in got} == {ip6}  # no masquerade, IPv6 too
+        np = svc["spec"]["ports"][0]["nodePort"]
+        for i in range(1, lab.nodes + 1):
+            got = wait_for(f"IPv6 NodePort on node {i}",
+                           lambda i=i: backends <= set(answers(lab, f"http://[{node_ip6(i)}]:{np}/", 30, ext=True))
+                           or None)
+            assert got
+    finally:
+        _delete(lab, app)

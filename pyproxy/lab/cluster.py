@@ -10,6 +10,10 @@ kube-controller-manager (EndpointSlice controllers only), built from Go modules 
                                   via their node IPs (flannel host-gw); the lab kubelet; pyproxy
     <tag>-ext     192.168.60.200  an external client for NodePorts
 
+Dual-stack: every link also has an IPv6 address (fd00:60::1, fd00:60::1X, fd00:60::200; pod
+bridges fd00:244:X::1/64), Services get a ClusterIP of each family (fd00:96::/108), and pods
+get an address of each family.
+
 Every address lives in namespaces the lab creates. ``pyproxy lab up|down|status`` drives it;
 the e2e tests use :class:`ClusterLab` directly.
 """
@@ -22,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +42,11 @@ CP_IP = "192.168.60.1"
 EXT_IP = "192.168.60.200"
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_CIDR = "10.244.0.0/16"
+CP_IP6 = "fd00:60::1"
+EXT_IP6 = "fd00:60::200"
+SERVICE_CIDR6 = "fd00:96::/108"
+CLUSTER_CIDR6 = "fd00:244::/32"
+NODAD = 0x02  # IFA_F_NODAD: IPv6 addresses usable at once
 API_PORT = 6443
 
 
@@ -46,6 +56,14 @@ def node_ip(i: int) -> str:
 
 def pod_cidr(i: int) -> str:
     return f"10.244.{i}.0/24"
+
+
+def node_ip6(i: int) -> str:
+    return f"fd00:60::{10 + i}"
+
+
+def pod_cidr6(i: int) -> str:
+    return f"fd00:244:{i}::/64"
 
 
 def ns_run(ns: str | None, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -174,10 +192,13 @@ class ClusterLab:
             ipr.link("add", ifname="under", kind="bridge")
             br = ipr.link_lookup(ifname="under")[0]
             ipr.addr("add", index=br, address=CP_IP, prefixlen=24)
+            ipr.addr("add", index=br, address=CP_IP6, prefixlen=64, flags=NODAD)
             ipr.link("set", index=br, state="up")
         self._sysctl(self.cp_ns, "net.ipv4.ip_forward", "1")
-        attach = [(self.node_ns(i), node_ip(i)) for i in range(1, self.nodes + 1)] + [(self.ext_ns, EXT_IP)]
-        for k, (ns, ip) in enumerate(attach):
+        self._sysctl(self.cp_ns, "net.ipv6.conf.all.forwarding", "1")
+        attach = [(self.node_ns(i), node_ip(i), node_ip6(i)) for i in range(1, self.nodes + 1)] + [
+            (self.ext_ns, EXT_IP, EXT_IP6)]
+        for k, (ns, ip, ip6) in enumerate(attach):
             self._new_ns(ns)
             with IPRoute(netns=self.cp_ns) as ipr:
                 host_if = f"u{k}"
@@ -187,19 +208,26 @@ class ClusterLab:
             with IPRoute(netns=ns) as ipr:
                 idx = ipr.link_lookup(ifname="eth0")[0]
                 ipr.addr("add", index=idx, address=ip, prefixlen=24)
+                ipr.addr("add", index=idx, address=ip6, prefixlen=64, flags=NODAD)
                 ipr.link("set", index=idx, state="up")
                 ipr.route("add", dst="default", gateway=CP_IP)
+                ipr.route("add", dst="::/0", gateway=CP_IP6, family=socket.AF_INET6)
         for i in range(1, self.nodes + 1):
             ns = self.node_ns(i)
             with IPRoute(netns=ns) as ipr:
                 ipr.link("add", ifname="cbr0", kind="bridge")
                 br = ipr.link_lookup(ifname="cbr0")[0]
                 ipr.addr("add", index=br, address=pod_cidr(i).replace(".0/24", ".1"), prefixlen=24)
+                ipr.addr("add", index=br, address=pod_cidr6(i).replace("::/64", "::1"), prefixlen=64,
+                         flags=NODAD)
                 ipr.link("set", index=br, state="up")
                 for j in range(1, self.nodes + 1):
                     if j != i:  # flannel host-gw: the other nodes' pod CIDRs via their node IPs
                         ipr.route("add", dst=pod_cidr(j), gateway=node_ip(j))
-            for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1")):
+                        ipr.route("add", dst=pod_cidr6(j), gateway=node_ip6(j), family=socket.AF_INET6)
+            for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1"),
+                               ("net.ipv6.conf.all.forwarding", "1"),
+                               ("net.bridge.bridge-nf-call-ip6tables", "1")):
                 self._sysctl(ns, key, value)
 
     def _certs(self) -> None:
@@ -257,7 +285,7 @@ class ClusterLab:
             f"--client-ca-file={d / 'ca.crt'}", f"--token-auth-file={d / 'tokens.csv'}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d / 'sa.key'}", f"--service-account-signing-key-file={d / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
+            f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}", "--authorization-mode=RBAC",
             "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
             "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"])
 
@@ -282,9 +310,10 @@ class ClusterLab:
                     "metadata": {"name": self.node_name(i), "labels": {
                         "kubernetes.io/hostname": self.node_name(i),
                         "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"}},
-                    "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i)]}}
+                    "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i), pod_cidr6(i)]}}
             self.kubectl_apply([node])
             status = {"status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)},
+                                               {"type": "InternalIP", "address": node_ip6(i)},
                                                {"type": "Hostname", "address": self.node_name(i)}],
                                  "conditions": [{"type": "Ready", "status": "True",
                                                  "reason": "KubeletReady", "message": "lab kubelet"}]}}
@@ -294,7 +323,7 @@ class ClusterLab:
     def _start_kubelet(self, i: int) -> None:
         self._spawn(f"kubelet-{i}", self.node_ns(i), [
             sys.executable, "-m", "pyproxy.lab.kubelet", "--kubeconfig", self.node_admin_kubeconfig,
-            "--node", self.node_name(i), "--pod-cidr", pod_cidr(i), "--state-dir", str(self.path / f"node-{i}")])
+            "--node", self.node_name(i), "--pod-cidr", f"{pod_cidr(i)},{pod_cidr6(i)}", "--state-dir", str(self.path / f"node-{i}")])
 
     # -- using it ------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -145,14 +145,19 @@ def main() -> None:
                         "namespace, give it this IP/prefix and a default route, then serve; used by "
                         "the lab's pod runner, which starts us under 'unshare --net'")
     parser.add_argument("--gateway")
+    parser.add_argument("--address6", help="with --address: an IPv6 address/prefix as well")
+    parser.add_argument("--gateway6")
     args = parser.parse_args()
     if args.address:
-        _configure_eth0(args.address, args.gateway)
+        _configure_eth0(args.address, args.gateway, args.address6, args.gateway6)
     asyncio.run(serve(args.name, args.host or ["0.0.0.0", "::"], args.port, args.http_port, args.bulk_port, args.stream_port))
 
 
-def _configure_eth0(address: str, gateway: str | None, timeout: float = 20.0) -> None:
-    """Bring up lo and eth0 (moved in by the pod runner) with an address and default route."""
+def _configure_eth0(address: str, gateway: str | None, address6: str | None = None,
+                    gateway6: str | None = None, timeout: float = 20.0) -> None:
+    """Bring up lo and eth0 (moved in by the pod runner) with an address and default route
+    (and an IPv6 pair for a dual-stack pod)."""
+    import socket
     import time
 
     from pyroute2 import IPRoute
@@ -167,9 +172,14 @@ def _configure_eth0(address: str, gateway: str | None, timeout: float = 20.0) ->
             time.sleep(0.02)
         idx = ipr.link_lookup(ifname="eth0")[0]
         ipr.addr("add", index=idx, address=ip, prefixlen=int(prefix or 24))
+        if address6:
+            ip6, _, prefix6 = address6.partition("/")
+            ipr.addr("add", index=idx, address=ip6, prefixlen=int(prefix6 or 64), flags=0x02)  # no DAD
         ipr.link("set", index=idx, state="up")
         if gateway:
             ipr.route("add", dst="default", gateway=gateway)
+        if address6 and gateway6:
+            ipr.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,12 @@ class Kubelet:
     def __init__(self, *, client: LabClient, node: str, pod_cidr: str, bridge: str, state_dir: Path) -> None:
         self.client = client
         self.node = node
-        net = ipaddress.ip_network(pod_cidr)
+        # "v4[,v6]": a dual-stack pod gets the same host number in each family's CIDR.
+        nets = [ipaddress.ip_network(c) for c in pod_cidr.split(",")]
+        net = nets[0]
         self.gateway = str(net.network_address + 1)
         self.prefix = net.prefixlen
+        self.net6 = next((n for n in nets if n.version == 6), None)
         self.free = [str(net.network_address + i) for i in range(10, min(net.num_addresses - 1, 250))]
         self.bridge = bridge
         self.state_dir = state_dir / "pods"
@@ -124,6 +127,12 @@ class Kubelet:
                 ports = [8080]
             argv = ["unshare", "--net", sys.executable, "-m", "pyproxy.lab.echo", "--name", name,
                     "--address", f"{ip}/{self.prefix}", "--gateway", self.gateway]
+            ip6 = ""
+            if self.net6 is not None:
+                host = int(ipaddress.ip_address(ip)) & 0xFF
+                ip6 = str(self.net6.network_address + host)
+                argv += ["--address6", f"{ip6}/{self.net6.prefixlen}",
+                         "--gateway6", str(self.net6.network_address + 1)]
             argv += [a for p in ports for a in ("--port", str(p))]
             argv += [a for p in http_ports for a in ("--http-port", str(p))]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -140,7 +149,8 @@ class Kubelet:
             now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             cond = [{"type": t, "status": "True", "lastTransitionTime": now}
                     for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
-            status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now,
+            pod_ips = [{"ip": ip}, *([{"ip": ip6}] if ip6 else [])]
+            status = {"status": {"phase": "Running", "podIP": ip, "podIPs": pod_ips, "startTime": now,
                                  "conditions": cond}}
             code = await self.client.send("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", body=status)
             log.info("pod %s/%s running at %s (status patch: %s)", ns, name, ip, code)
