@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
+from pyproxy.metrics import INVALID_OBJECTS
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.proxier.base import Proxier, SyncFailed, record
@@ -76,7 +77,8 @@ class SyncRunner:
     def __init__(self, *, proxier: Proxier, config: ProxyConfig, periods: Periods,
                  health: ProxyHealth, interface_ips: tuple[str, ...] = (),
                  clean_conntrack: bool = False,
-                 on_synced: Callable[[DesiredState], Awaitable[None]] | None = None) -> None:
+                 on_synced: Callable[[DesiredState], Awaitable[None]] | None = None,
+                 shared_reported: set[str] | None = None, count_problems: bool = True) -> None:
         self.proxier = proxier
         self.config = config
         self.periods = periods
@@ -90,6 +92,10 @@ class SyncRunner:
         self.syncs = 0
         self.on_synced = on_synced
         """Called after each successful sync (the health check node ports follow it)."""
+        self._shared = shared_reported if shared_reported is not None else set()
+        """Problems another family's runner already logged (most are the same object's)."""
+        self.count_problems = count_problems
+        """Set the invalid-objects gauge (one runner does, not each family's)."""
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
@@ -157,9 +163,17 @@ class SyncRunner:
             ENDPOINT_CHANGES.set(0)
             SERVICE_CHANGES.set(0)
             for problem in state.problems:
-                if str(problem) not in reported:
+                if str(problem) not in reported and str(problem) not in self._shared:
                     log.warning("skipping invalid %s (fix the object; the others are programmed)", problem)
+            self._shared.difference_update(reported)
             reported = {str(p) for p in state.problems}
+            self._shared.update(reported)
+            if self.count_problems:
+                counts = {"Service": 0, "EndpointSlice": 0, "Node": 0}
+                for problem in state.problems:
+                    counts[problem.kind] = counts.get(problem.kind, 0) + 1
+                for kind, n in counts.items():
+                    INVALID_OBJECTS.labels(kind=kind).set(n)
             last_sync = time.monotonic()
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0

@@ -268,6 +268,25 @@ def test_events_and_relists_reach_the_kernel() -> None:
     run(main)
 
 
+def test_invalid_objects_are_counted_in_api_mode() -> None:
+    async def main() -> None:
+        rig = Rig()
+        bad = web_service("bad", "10.96.0.99")
+        bad["spec"]["ports"][0]["port"] = 0
+        rig.runner.on_replace("Service", [web_service(), bad])
+        rig.runner.on_replace("EndpointSlice", [web_slice(["10.244.1.5"])])
+        rig.runner.on_replace("Node", [NODE])
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the first sync")
+        assert sample("pyproxy_invalid_objects", {"kind": "Service"}) == 1
+        assert rig.service_ips() == {"10.96.0.10 . tcp . 80"}  # the good one is programmed
+        rig.runner.on_replace("Service", [web_service()])
+        await until(lambda: sample("pyproxy_invalid_objects", {"kind": "Service"}) == 0, "the gauge back to 0")
+        await stop(task)
+
+    run(main)
+
+
 def test_node_events_set_node_deleting() -> None:
     rig = Rig()
     deleting = json.loads(json.dumps(NODE))
