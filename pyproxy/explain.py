@@ -6,10 +6,10 @@ into rules, written out. A netns test checks its answers against real traffic.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from pyproxy.config import ProxyConfig
+from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.naming import ipt_endpoint_hash, ipt_service_hash, nft_endpoint_base, nft_service_base
 
@@ -35,11 +35,6 @@ class Explanation:
                 "chains": self.chains, "candidates": [{"endpoint": e, "probability": p} for e, p in self.candidates],
                 "masquerade": self.masquerade, "masquerade_why": self.masquerade_why,
                 "affinity_timeout": self.affinity_timeout}
-
-
-def _in(ip: str, cidrs: tuple[str, ...]) -> bool:
-    addr = ipaddress.ip_address(ip)
-    return any(addr in ipaddress.ip_network(c) for c in cidrs)
 
 
 PATH_NAMES = {"clusterip": "ClusterIP", "nodeport": "NodePort", "externalip": "external IP",
@@ -81,15 +76,13 @@ def explain(state: DesiredState, config: ProxyConfig, *, dst: str, port: int, pr
 def _firewall(sps: ServicePortState, src: str | None) -> Explanation | None:
     """loadBalancerSourceRanges, checked before anything else on an LB IP."""
     svc = sps.service
-    allowed = tuple(svc.source_ranges or ())
-    if any(_in(ip, allowed) for ip in sps.node.addresses if allowed):
-        allowed += tuple(f"{ip}/32" for ip in svc.lb_ips)
+    allowed = sps.firewall_sources
     name = str(svc.name)
     if src is None:
         return Explanation("drop", f"{name} admits only sources in loadBalancerSourceRanges "
                            f"({', '.join(allowed) or 'none of this family'}): give --from to know", service=name,
                            path="loadbalancer")
-    if not allowed or not _in(src, allowed):
+    if not allowed or not ip_in_cidrs(src, allowed):
         return Explanation("drop", f"{src} is outside {name}'s loadBalancerSourceRanges "
                            f"({', '.join(allowed) or 'none of this family'}): dropped before DNAT",
                            service=name, path="loadbalancer")
@@ -110,7 +103,7 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     if not cluster:
         return Explanation("reject", f"{name} has no usable endpoint: refused at once "
                            "(a TCP reset; ICMP port unreachable for UDP)", service=name, path=path)
-    from_pod = bool(src and config.cluster_cidrs and _in(src, config.cluster_cidrs))
+    from_pod = bool(src and config.cluster_cidrs and ip_in_cidrs(src, config.cluster_cidrs))
     local_policy = (svc.external_local if external else svc.internal_local)
     short_circuit = external and svc.external_local and (from_pod or src_is_node)
     if local_policy and not short_circuit:
@@ -145,7 +138,7 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
                               else "externalTrafficPolicy: Local keeps the client's address")
     elif config.masquerade_all:
         out.masquerade, out.masquerade_why = True, "--masquerade-all"
-    elif config.cluster_cidrs and src and not _in(src, config.cluster_cidrs):
+    elif config.cluster_cidrs and src and not ip_in_cidrs(src, config.cluster_cidrs):
         out.masquerade, out.masquerade_why = True, f"the source {src} is outside --cluster-cidr"
     elif src and any(e.ip == src for e in eps):
         out.masquerade_why = f"only if {src} gets itself as the backend (hairpin)"

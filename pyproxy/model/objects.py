@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyproxy.model.ipaddr import ip_in_cidrs
+
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 
@@ -82,6 +84,11 @@ class ServicePort:
         return bool(self.node_port or self.external_ips or self.lb_ips)
 
     @property
+    def uses_local_endpoints(self) -> bool:
+        """Some traffic of this port is limited to this node's endpoints (either policy)."""
+        return self.internal_local or (self.external_local and self.externally_accessible)
+
+    @property
     def uses_firewall(self) -> bool:
         """LoadBalancer IPs with source ranges: traffic to them is filtered before DNAT."""
         return bool(self.lb_ips) and self.source_ranges is not None
@@ -150,6 +157,16 @@ class ServicePortState:
         if ready:
             return ready
         return tuple(e for e in self.endpoints if e.serving and e.terminating)
+
+    @property
+    def firewall_sources(self) -> tuple[str, ...]:
+        """Sources admitted to the LB IPs under ``loadBalancerSourceRanges``: the ranges, plus
+        the LB IPs themselves when a range holds one of our Node's addresses (node-to-VIP
+        traffic often comes back with the VIP as its source). Empty: nobody."""
+        ranges = tuple(self.service.source_ranges or ())
+        if any(ip_in_cidrs(ip, ranges) for ip in self.node.addresses):
+            return (*ranges, *self.service.lb_ips)
+        return ranges
 
     @property
     def local_ready_ips(self) -> frozenset[str]:

@@ -15,7 +15,6 @@ touch each other's chains:
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
-from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import IptFragment
 from pyproxy.render.naming import IPT_PREFIX, ipt_endpoint_hash, ipt_service_hash
@@ -76,10 +75,6 @@ def quote(text: str) -> str:
 def probability(n: int) -> str:
     """1/n with ten decimals, as upstream formats it (``%0.10f``)."""
     return f"{1.0 / n:.10f}"
-
-
-def _hostport(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _proto(proto: str) -> str:
@@ -176,8 +171,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     elif config.cluster_cidrs:
         masq.append(f"{cip_comment} -j {MASQ_NON_POD}")
 
-    uses_local = svc.internal_local or (svc.external_local and svc.externally_accessible)
-    local = sps.local_endpoints(config.hostname) if uses_local else ()
+    local = sps.local_endpoints(config.hostname) if svc.uses_local_endpoints else ()
     sep_of = {ep: f"{P}SEP-{ipt_endpoint_hash(spn, ep)}" for ep in dict.fromkeys((*endpoints, *local))}
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
@@ -208,7 +202,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         recent = f"-m recent --name {sep} --set " if svc.affinity_timeout else ""
         chains[("nat", sep)] = (
             f"{c} -s {ep.ip}/{m} -j {MARK_MASQ}",
-            f"{c} {recent}{_proto(proto)} -j DNAT --to-destination {_hostport(ep.ip, ep.port)}",
+            f"{c} {recent}{_proto(proto)} -j DNAT --to-destination {ep.addr}",
         )
 
     if svc.externally_accessible:
@@ -218,10 +212,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
                 f"-m comment --comment {quote(f'{spn} {kind}')} {_proto(proto)} -d {ip}/{m} "
                 f"--dport {svc.port} -j {target}")
         if svc.uses_firewall:
-            allowed = list(svc.source_ranges or ())
-            if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
-                # Node-to-VIP traffic often comes back with the VIP as its source address.
-                allowed += [f"{ip}/{m}" for ip in svc.lb_ips]
+            allowed = [a if "/" in a else f"{a}/{m}" for a in sps.firewall_sources]
             lb = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
             chains[("nat", fw_chain)] = (
                 *(f"{lb} -s {cidr} -j {ext_chain}" for cidr in allowed),

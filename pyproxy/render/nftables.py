@@ -22,7 +22,6 @@ same 10k services load in about 12 s.
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
-from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import nft_endpoint_base, nft_service_base
@@ -50,9 +49,14 @@ def table_family(family: int) -> str:
     return "ip6" if family == 6 else "ip"
 
 
+def addr_type(family: int) -> str:
+    """The nft type of one family's addresses."""
+    return "ipv6_addr" if family == 6 else "ipv4_addr"
+
+
 def sets_for(family: int) -> dict[str, str]:
     """Declarations of the fixed sets and maps of one family's table."""
-    addr = "ipv6_addr" if family == 6 else "ipv4_addr"
+    addr = addr_type(family)
     key = f"{addr} . inet_proto . inet_service"
     return {
         "cluster-ips": f"type {addr} ; comment \"active ClusterIPs\" ;",
@@ -66,10 +70,6 @@ def sets_for(family: int) -> dict[str, str]:
 
 
 SETS = sets_for(4)
-
-
-def _hostport(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
@@ -146,10 +146,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # loadBalancerSourceRanges: checked before DNAT (filter prerouting/output at -110),
         # on the LB IPs only; NodePorts and external IPs are not subject to them.
         fw_chain = f"firewall-{base}"
-        allowed = list(svc.source_ranges or ())
-        if any(ip_in_cidrs(ip, allowed) for ip in sps.node.addresses):
-            # Node-to-VIP traffic often comes back with the VIP as its source address.
-            allowed += list(svc.lb_ips)
+        allowed = sps.firewall_sources
         chains[fw_chain] = (f"{a} saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
         for ip in svc.lb_ips:
             elements[("firewall-ips", f"{ip} . {proto} . {svc.port}")] = f"goto {fw_chain}"
@@ -175,8 +172,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
         masq.append(f"{match} {a} saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
 
-    uses_local = svc.internal_local or (svc.external_local and svc.externally_accessible)
-    local = sps.local_endpoints(config.hostname) if uses_local else ()
+    local = sps.local_endpoints(config.hostname) if svc.uses_local_endpoints else ()
     ep_chains: dict[Endpoint, str] = {}
     affinity: dict[Endpoint, str] = {}
     for ep in dict.fromkeys((*endpoints, *local)):
@@ -187,10 +183,9 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         if svc.affinity_timeout:
             aff = f"affinity-{ep_base}"
             affinity[ep] = aff
-            addr_type = "ipv6_addr" if config.family == 6 else "ipv4_addr"
-            sets[aff] = f"type {addr_type} ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
+            sets[aff] = f"type {addr_type(config.family)} ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
             rules.append(f"update @{aff} {{ {a} saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {_hostport(ep.ip, ep.port)}")
+        rules.append(f"meta l4proto {proto} dnat to {ep.addr}")
         chains[ep_chain] = tuple(rules)
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:

@@ -298,3 +298,18 @@ def test_explain_external_paths():
     assert pod.path == "externalip" and "does not apply to a pod" in pod.why and not pod.masquerade
     node = explain(state, CFG, dst="192.168.50.2", port=30090, proto="tcp", src="192.168.50.2")
     assert node.path == "nodeport" and node.masquerade
+
+
+def test_explain_ipv6_firewall_admits_the_lb_ip_when_the_node_is_in_range():
+    from pyproxy.explain import explain
+
+    svc = lb_service(ranges=["fd00:50::/64"], ingress=[{"ip": "fd00:60::20"}])
+    svc["spec"]["clusterIPs"] = ["10.96.0.21", "fd00:96::21"]
+    sl = sc.endpoint_slice("lb", ["fd00:244:1::10"], [sc.port(8080, name="http")])
+    sl["addressType"] = "IPv6"
+    b = StateBuilder(node_name="node-1", family=6)
+    b.replace_all([svc, sl, sc.node("node-1", ["fd00:50::2"])])
+    state = b.build()
+    cfg = ProxyConfig(hostname="node-1", family=6)
+    assert explain(state, cfg, dst="fd00:60::20", port=80, proto="tcp", src="fd00:60::20").verdict == "dnat"
+    assert explain(state, cfg, dst="fd00:60::20", port=80, proto="tcp", src="fd00:99::1").verdict == "drop"
