@@ -10,12 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pyproxy import __version__, metrics
+from pyproxy import __version__
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
+from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier, SyncFailed, record
 from pyproxy.sources.file import SourceError, file_stamp, load_objects
 from pyproxy.sources.kube import KubeError
@@ -214,14 +215,13 @@ class FileSource:
     """Builds desired states of one family from the source file, re-parsing only objects that
     changed."""
 
-    def __init__(self, path: str, config: ProxyConfig, *, reported: set[str] | None = None) -> None:
+    def __init__(self, path: str, config: ProxyConfig, *, problems: ProblemLog | None = None) -> None:
         self.path = path
         self.config = config
         self.builder = StateBuilder(node_name=config.hostname, family=config.family)
         self.stamp: tuple[int, int, int] | None = None
-        self._reported: set[str] = set()
-        self._shared = reported if reported is not None else set()
-        """Problems another family's source already logged (most are the same object's)."""
+        self.problems = problems if problems is not None else ProblemLog()
+        """Shared by the families' sources: each invalid object is logged and counted once."""
 
     def load(self) -> DesiredState:
         self.stamp = file_stamp(self.path)
@@ -238,26 +238,15 @@ class FileSource:
         return file_stamp(self.path) != self.stamp
 
     def _report(self, state: DesiredState) -> None:
-        counts: dict[str, int] = {"Service": 0, "EndpointSlice": 0, "Node": 0}
-        for problem in state.problems:
-            counts[problem.kind] = counts.get(problem.kind, 0) + 1
-            text = str(problem)
-            if text not in self._reported and text not in self._shared:
-                log.warning("skipping invalid %s (fix the object; the others are programmed)", text)
-        self._shared.difference_update(self._reported)
-        self._reported = {str(p) for p in state.problems}
-        self._shared.update(self._reported)
-        if self.config.family == 4:  # the same objects are judged per family: count them once
-            for kind, n in counts.items():
-                metrics.INVALID_OBJECTS.labels(kind=kind).set(n)
+        self.problems.report(self.config.family, state.problems)
         for skip in self.builder.skips:
             log.debug("not proxying %s %s/%s: %s", skip.kind, *skip.key, skip.reason)
 
 
 def file_sources(path: str, config: ProxyConfig) -> list[FileSource]:
     """One source per family, sharing which problems were logged."""
-    reported: set[str] = set()
-    return [FileSource(path, c, reported=reported) for c in config.family_configs()]
+    problems = ProblemLog()
+    return [FileSource(path, c, problems=problems) for c in config.family_configs()]
 
 
 def cmd_render(args: argparse.Namespace) -> int:

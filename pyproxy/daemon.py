@@ -12,6 +12,7 @@ from typing import Any
 from pyproxy.config import ProxyConfig
 from pyproxy.health import AllHealthy, ProxyHealth, health_app, metrics_app, start_site
 from pyproxy.model.objects import DesiredState
+from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier
 from pyproxy.runner import Periods, SyncRunner
 from pyproxy.service_health import HealthCheckServer, health_checks
@@ -60,7 +61,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     health = AllHealthy(healths)
     runners: list[SyncRunner] = []
     checks: list[HealthCheckServer] = []
-    reported: set[str] = set()  # problems logged by any family's runner, logged once
+    problems = ProblemLog()  # shared: each invalid object is logged and counted once
     for fam, proxier, fam_health in zip(configs, proxiers, healths):
         server = HealthCheckServer(proxy_healthy=fam_health.healthy, family=fam.family)
         checks.append(server)
@@ -70,7 +71,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
 
         runners.append(SyncRunner(
             proxier=proxier, config=fam, health=fam_health, clean_conntrack=True, on_synced=follow_checks,
-            shared_reported=reported, count_problems=not runners,
+            problems=problems,
             # pyroute2's synchronous API runs an event loop of its own: not on ours.
             interface_ips=await asyncio.to_thread(interface_ips, fam.family),
             periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,

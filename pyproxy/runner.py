@@ -23,9 +23,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
-from pyproxy.metrics import INVALID_OBJECTS
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
+from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier, SyncFailed, record
 
 log = logging.getLogger("pyproxy.runner")
@@ -78,7 +78,7 @@ class SyncRunner:
                  health: ProxyHealth, interface_ips: tuple[str, ...] = (),
                  clean_conntrack: bool = False,
                  on_synced: Callable[[DesiredState], Awaitable[None]] | None = None,
-                 shared_reported: set[str] | None = None, count_problems: bool = True) -> None:
+                 problems: ProblemLog | None = None) -> None:
         self.proxier = proxier
         self.config = config
         self.periods = periods
@@ -92,10 +92,8 @@ class SyncRunner:
         self.syncs = 0
         self.on_synced = on_synced
         """Called after each successful sync (the health check node ports follow it)."""
-        self._shared = shared_reported if shared_reported is not None else set()
-        """Problems another family's runner already logged (most are the same object's)."""
-        self.count_problems = count_problems
-        """Set the invalid-objects gauge (one runner does, not each family's)."""
+        self.problems = problems if problems is not None else ProblemLog()
+        """Shared by the families' runners: each invalid object is logged and counted once."""
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
@@ -147,7 +145,6 @@ class SyncRunner:
         last_sync = 0.0
         last_full = time.monotonic()
         backoff = 1.0
-        reported: set[str] = set()
         while True:
             now = time.monotonic()
             wait = max(0.0, last_sync + self.periods.min_sync - now)
@@ -162,18 +159,7 @@ class SyncRunner:
             pending, self._pending = self._pending, {"Service": 0, "EndpointSlice": 0}
             ENDPOINT_CHANGES.set(0)
             SERVICE_CHANGES.set(0)
-            for problem in state.problems:
-                if str(problem) not in reported and str(problem) not in self._shared:
-                    log.warning("skipping invalid %s (fix the object; the others are programmed)", problem)
-            self._shared.difference_update(reported)
-            reported = {str(p) for p in state.problems}
-            self._shared.update(reported)
-            if self.count_problems:
-                counts = {"Service": 0, "EndpointSlice": 0, "Node": 0}
-                for problem in state.problems:
-                    counts[problem.kind] = counts.get(problem.kind, 0) + 1
-                for kind, n in counts.items():
-                    INVALID_OBJECTS.labels(kind=kind).set(n)
+            self.problems.report(self.config.family, state.problems)
             last_sync = time.monotonic()
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
