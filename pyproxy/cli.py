@@ -155,7 +155,8 @@ def _setup_logging(verbosity: int) -> None:
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise UsageError("--iptables-masquerade-bit must be between 0 and 31 (kube-proxy uses 14)")
-    if args.proxy_mode == "userspace" and _families(args.ip_families) == (6,):
+    families = _families(args.ip_families)
+    if args.proxy_mode == "userspace" and families == (6,):
         raise UsageError("userspace mode relays IPv4 only; use --ip-families 4 (or a kernel mode for IPv6)")
     return ProxyConfig(
         mode=args.proxy_mode,
@@ -166,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         masquerade_all=args.masquerade_all,
         masquerade_bit=args.iptables_masquerade_bit,
         localhost_nodeports=args.iptables_localhost_nodeports,
-        ip_families=_families(args.ip_families),
+        ip_families=families,
     )
 
 

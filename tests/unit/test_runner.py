@@ -434,6 +434,19 @@ def test_reflectors_feed_the_runner_end_to_end() -> None:
     run(main)
 
 
+def _serve_one_service(api: Any, tmp_path: Any) -> Any:
+    """A kubeconfig for the fake API, which lists the web Service with one endpoint."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "c", "cluster": {"server": api.host}}],
+        "users": [{"name": "u", "user": {"token": "tok"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
+    api.add_list(SVC_PATH, page([web_service()], rv="1"))
+    api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
+    return kubeconfig
+
+
 def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from pyproxy import daemon, hostnet
 
@@ -445,14 +458,7 @@ def test_daemon_serve_syncs_from_the_api_and_stops_on_sigterm(tmp_path: Any, mon
 
     async def main() -> None:
         async with FakeApi() as api:
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "t",
-                "clusters": [{"name": "c", "cluster": {"server": api.host}}],
-                "users": [{"name": "u", "user": {"token": "tok"}}],
-                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
-            api.add_list(SVC_PATH, page([web_service()], rv="1"))
-            api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
+            kubeconfig = _serve_one_service(api, tmp_path)
             api.add_list(NODE_PATH, page([], rv="1"))  # no Node object: interface addresses
             settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
                                        healthz_bind_address="127.0.0.1:0", metrics_bind_address="",
@@ -493,14 +499,7 @@ def test_daemon_families_sync_independently(tmp_path: Any, monkeypatch: pytest.M
 
     async def main() -> None:
         async with FakeApi() as api:
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "t",
-                "clusters": [{"name": "c", "cluster": {"server": api.host}}],
-                "users": [{"name": "u", "user": {"token": "tok"}}],
-                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
-            api.add_list(SVC_PATH, page([web_service()], rv="1"))
-            api.add_list(SLICE_PATH, page([web_slice(["10.244.1.5"])], rv="1"))
+            kubeconfig = _serve_one_service(api, tmp_path)
             api.add_list(NODE_PATH, page([], rv="1"))
             settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
                                        healthz_bind_address="", metrics_bind_address="",
