@@ -181,6 +181,16 @@ def _families(text: str) -> tuple[int, ...]:
 
 
 
+def resolve_backend(config: ProxyConfig, iptables_backend: str) -> str:
+    """``auto`` decided once (it reads both backends' rules), so each family's proxier and the
+    cleanup of other modes agree on it."""
+    if config.mode != "iptables" or iptables_backend != "auto":
+        return iptables_backend
+    from pyproxy.ipt.executor import detect_backend
+
+    return detect_backend()
+
+
 def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
                  netns: str | None = None) -> Proxier:
     """The proxier for ``config.mode`` and ``config.family`` with its real executor."""
@@ -305,7 +315,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.once and config.mode == "userspace":
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
-    families = [_FileFamily(source, args.iptables_backend) for source in file_sources(args.source_file, config)]
+    backend = resolve_backend(config, args.iptables_backend)
+    families = [_FileFamily(source, backend) for source in file_sources(args.source_file, config)]
     from pyproxy.cleanup import cleanup_other_modes
 
     cleanup_other_modes(mode=config.mode,
@@ -393,7 +404,7 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
         raise UsageError("--once works with --source-file; with the API pyproxy keeps running")
     settings = Settings(
         kubeconfig=args.kubeconfig,
-        iptables_backend=args.iptables_backend,
+        iptables_backend=resolve_backend(config, args.iptables_backend),
         min_sync_period=0.1 if args.min_sync_period is None else args.min_sync_period,
         sync_period=args.sync_period,
         full_sync_period=args.full_sync_period,
