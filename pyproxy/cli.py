@@ -160,7 +160,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         raise UsageError("userspace mode relays IPv4 only; use --ip-families 4 (or a kernel mode for IPv6)")
     return ProxyConfig(
         mode=args.proxy_mode,
-        hostname=args.hostname_override or socket.gethostname(),
+        # As upstream: the node name is the host name, trimmed and lower-cased (Node names are).
+        hostname=(args.hostname_override or socket.gethostname()).strip().lower(),
         cluster_cidrs=_cidr_list(args.cluster_cidr, "--cluster-cidr"),
         nodeport_addresses=_cidr_list(args.nodeport_addresses, "--nodeport-addresses",
                                       keywords=("primary",)),
@@ -567,4 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PermissionError as err:
         print(f"pyproxy: {err}; programming the kernel needs root (or CAP_NET_ADMIN)", file=sys.stderr)
+        return 1
+    except SyncFailed as err:
+        print(f"pyproxy: {err}; this is a bug in pyproxy, please report it with the input",
+              file=sys.stderr)
         return 1

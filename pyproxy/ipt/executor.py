@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from typing import Protocol
 
-from pyproxy.ipt.restore import TABLES, RestorePayload
+from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
 from pyproxy.runcmd import netns_prefix
 
 BACKENDS = ("nft", "legacy")
@@ -80,7 +80,11 @@ class IptablesCli:
     def restore(self, payload: RestorePayload) -> None:
         if not payload:
             return
-        proc = self._run([_bin(self.backend, "-restore", self.family), "--noflush", "-w", WAIT_SECONDS], payload.render_bytes())
+        try:
+            data = payload.render_bytes()
+        except PayloadError as err:
+            raise IptablesError(f"payload not sent: {err}") from None
+        proc = self._run([_bin(self.backend, "-restore", self.family), "--noflush", "-w", WAIT_SECONDS], data)
         if proc.returncode != 0:
             raise IptablesError(proc.stderr.strip() or f"iptables-restore exited {proc.returncode}")
 
@@ -126,6 +130,10 @@ class FakeIptables:
         if self.fail_next is not None:
             msg, self.fail_next = self.fail_next, None
             raise IptablesError(msg)
+        try:
+            payload.render_bytes()  # what the real executor would refuse, this one refuses too
+        except PayloadError as err:
+            raise IptablesError(f"payload not sent: {err}") from None
         chains = {k: list(v) for k, v in self.chains.items()}
         for key, rules in payload.rewrite.items():
             chains[key] = list(rules)

@@ -8,9 +8,16 @@ applied atomically.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 TABLES = ("filter", "nat")
+_CHAIN = re.compile(r"[A-Za-z0-9_-]{1,28}")
+_LINE_BREAK = re.compile(r"[\n\r\x00]")
+
+
+class PayloadError(ValueError):
+    """A chain name or rule that would break out of its line; nothing was sent."""
 
 
 @dataclass
@@ -41,12 +48,19 @@ class RestorePayload:
             delete = sorted(k[1] for k in self.delete if k[0] == table)
             if not rewrite and not delete:
                 continue
+            for chain in rewrite + delete:
+                if not _CHAIN.fullmatch(chain):
+                    raise PayloadError(f"invalid chain name {chain!r} in table {table}")
             buf += f"*{table}\n".encode()
             for chain in rewrite + delete:
                 buf += f":{chain} - [0:0]\n".encode()
             for chain in rewrite:
                 prefix = f"-A {chain} ".encode()
                 for rule in self.rewrite[(table, chain)]:
+                    if _LINE_BREAK.search(rule):
+                        # A line break would end the rule and start a command of its own
+                        # (-I INPUT …, COMMIT): refuse the payload rather than send it.
+                        raise PayloadError(f"rule for {table}/{chain} holds a line break or NUL: {rule!r}")
                     buf += prefix
                     buf += rule.encode()
                     buf += b"\n"

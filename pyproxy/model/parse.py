@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr, canonical_ip
+from pyproxy.model.names import dns_label_problem, dns_subdomain_problem, label_value_problem
 from pyproxy.model.objects import PROTOCOLS, Endpoint, NodeInfo, ServicePort, ServicePortName
 
 # Labels kube-proxy's informers exclude: the first hands a Service to another proxy, the second
@@ -82,12 +83,27 @@ def _bool(value: Any, what: str, *, default: bool) -> bool:
     return value
 
 
+def _named(value: str, what: str, problem: Any) -> str:
+    """``value`` if ``problem(value)`` finds nothing wrong with it, else Invalid naming ``what``."""
+    why = problem(value)
+    if why is not None:
+        raise Invalid(f"{what} {why}")
+    return value
+
+
 def object_key(obj: Any) -> tuple[str, str]:
-    """``(namespace, name)`` of an API object; raises Invalid when they are missing."""
+    """``(namespace, name)`` of an API object; raises Invalid when they are missing or are not
+    names the API server would accept (a namespace is a DNS label, a name a DNS subdomain)."""
     meta = _mapping(obj.get("metadata") if isinstance(obj, dict) else None, "metadata")
-    name = _str(meta.get("name"), "metadata.name")
+    name = _named(_str(meta.get("name"), "metadata.name"), "metadata.name", dns_subdomain_problem)
     namespace = meta.get("namespace", "default")
-    return _str(namespace, "metadata.namespace"), name
+    return _named(_str(namespace, "metadata.namespace"), "metadata.namespace", dns_label_problem), name
+
+
+def _port_name(value: Any, what: str) -> str:
+    """A port's name: empty, or a DNS label (Service and EndpointSlice ports alike)."""
+    name = _str(value, what, required=False)
+    return _named(name, what, dns_label_problem) if name else name
 
 
 def _labels(obj: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +117,8 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
     Raises Skipped for Services kube-proxy ignores and Invalid for malformed ones.
     """
     namespace, name = object_key(obj)
+    # Service names are DNS labels (a subdomain's dots are refused by the API server).
+    _named(name, "metadata.name", dns_label_problem)
     labels = _labels(obj)
     if PROXY_NAME_LABEL in labels:
         raise Skipped(f"label {PROXY_NAME_LABEL} hands it to another proxy")
@@ -172,7 +190,7 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
         item = _mapping(item, f"spec.ports[{i}]")
         port = _port(item.get("port"), f"spec.ports[{i}].port")
         proto = _protocol(item.get("protocol"), f"spec.ports[{i}].protocol")
-        port_name = _str(item.get("name"), f"spec.ports[{i}].name", required=False)
+        port_name = _port_name(item.get("name"), f"spec.ports[{i}].name")
         node_port = item.get("nodePort") or 0
         if node_port:
             node_port = _port(node_port, f"spec.ports[{i}].nodePort")
@@ -261,8 +279,10 @@ def _hints(item: dict[str, Any], i: int) -> tuple[tuple[str, ...], tuple[str, ..
         raw = hints.get(key) or []
         if not isinstance(raw, list):
             raise Invalid(f"endpoints[{i}].hints.{key} must be a list")
-        return tuple(sorted({_str(_mapping(h, f"endpoints[{i}].hints.{key}[]").get("name"),
-                                  f"endpoints[{i}].hints.{key}[].name") for h in raw}))
+        what = f"endpoints[{i}].hints.{key}[].name"
+        rule = label_value_problem if key == "forZones" else dns_subdomain_problem
+        return tuple(sorted({_named(_str(_mapping(h, f"endpoints[{i}].hints.{key}[]").get("name"), what),
+                                    what, rule) for h in raw}))
 
     return names("forZones"), names("forNodes")
 
@@ -276,6 +296,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
     service = labels.get(SERVICE_NAME_LABEL)
     if not isinstance(service, str) or not service:
         raise Invalid(f"label {SERVICE_NAME_LABEL} is missing, so no Service owns this slice")
+    _named(service, f"label {SERVICE_NAME_LABEL}", dns_label_problem)
     address_type = obj.get("addressType")
     if address_type not in ("IPv4", "IPv6", "FQDN"):
         raise Invalid(f"addressType must be IPv4, IPv6 or FQDN, got {address_type!r}")
@@ -290,7 +311,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
         item = _mapping(item, f"ports[{i}]")
         port = _port(item.get("port"), f"ports[{i}].port")
         proto = _protocol(item.get("protocol"), f"ports[{i}].protocol")
-        port_name = _str(item.get("name"), f"ports[{i}].name", required=False)
+        port_name = _port_name(item.get("name"), f"ports[{i}].name")
         if any(p[0] == port_name and p[1] == proto for p in ports):
             raise Invalid(f"ports[{i}]: duplicate port name {port_name!r}")
         ports.append((port_name, proto, port))
@@ -331,8 +352,10 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
                 ready=ready,
                 serving=serving,
                 terminating=terminating,
-                node_name=_str(node_name, f"endpoints[{i}].nodeName") if node_name else None,
-                zone=_str(zone, f"endpoints[{i}].zone") if zone else None,
+                node_name=_named(_str(node_name, f"endpoints[{i}].nodeName"), f"endpoints[{i}].nodeName",
+                                 dns_subdomain_problem) if node_name else None,
+                zone=_named(_str(zone, f"endpoints[{i}].zone"), f"endpoints[{i}].zone",
+                            label_value_problem) if zone else None,
                 zone_hints=zone_hints,
                 node_hints=node_hints,
             )
@@ -343,7 +366,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
 def parse_node(obj: dict[str, Any], *, family: int = 4) -> NodeInfo:
     """Our Node: its name, addresses of one family and labels."""
     meta = _mapping(obj.get("metadata"), "metadata")
-    name = _str(meta.get("name"), "metadata.name")
+    name = _named(_str(meta.get("name"), "metadata.name"), "metadata.name", dns_subdomain_problem)
     status = _mapping(obj.get("status") or {}, "status")
     addresses = []
     raw = status.get("addresses") or []

@@ -13,7 +13,7 @@ import time
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesError, IptExecutor
-from pyproxy.ipt.restore import TABLES, RestorePayload
+from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
 from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
 from pyproxy.proxier.base import SyncFailed, SyncResult
 from pyproxy.render import iptables as render
@@ -65,7 +65,10 @@ class IptProxier:
             payload.rewrite.update(frag.chains)
             tops[name] = frag.top_rules
         payload.rewrite.update(self._shared_chains(base, tops))
-        return payload.render()
+        try:
+            return payload.render()
+        except PayloadError as err:
+            raise SyncFailed(f"cannot render the ruleset: {err}") from None
 
     def sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()

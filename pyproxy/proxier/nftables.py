@@ -45,7 +45,11 @@ class NftProxier:
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
-        return self._full_transaction(render.render_base(self.config, state), state).render()
+        tx = self._full_transaction(render.render_base(self.config, state), state)
+        if tx.error:
+            # The script would stop where the bad operation was left out: never print half.
+            raise SyncFailed(f"cannot render the ruleset: {tx.error}")
+        return tx.render()
 
     def _full_transaction(self, base: NftFragment, state: DesiredState) -> Transaction:
         """The whole table: the base fragment, then every service port in name order."""

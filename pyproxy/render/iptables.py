@@ -17,7 +17,7 @@ from __future__ import annotations
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import IptFragment
-from pyproxy.render.naming import IPT_PREFIX, ipt_endpoint_hash, ipt_service_hash
+from pyproxy.render.naming import IPT_PREFIX, ipt_comment, ipt_endpoint_hash, ipt_service_hash
 
 P = IPT_PREFIX
 SERVICES = P + "SERVICES"
@@ -65,11 +65,6 @@ HOOK_JUMPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("nat", "OUTPUT", ("-m", "comment", "--comment", "pyproxy service portals", "-j", SERVICES)),
     ("nat", "POSTROUTING", ("-m", "comment", "--comment", "pyproxy postrouting rules", "-j", POSTROUTING)),
 )
-
-
-def quote(text: str) -> str:
-    """iptables-restore argument quoting for comments (they hold spaces)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def probability(n: int) -> str:
@@ -147,13 +142,13 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         # filter PROXY-FIREWALL chain drops them (DNATed packets no longer match it).
         for ip in svc.lb_ips:
             top.setdefault(("filter", PROXY_FIREWALL), []).append(
-                f"-m comment --comment {quote(f'{spn} traffic not accepted by {fw_chain}')} "
+                f"{ipt_comment(f'{spn} traffic not accepted by {fw_chain}')} "
                 f"{_proto(proto)} -d {ip}/{m} --dport {svc.port} -j DROP")
 
     if not endpoints:
         # A TCP reset is not rate-limited; ICMP port-unreachable (UDP, SCTP) is, per client.
         reject = "-j REJECT --reject-with tcp-reset" if proto == "tcp" else "-j REJECT"
-        none = f"-m comment --comment {quote(f'{spn} has no endpoints')}"
+        none = ipt_comment(f"{spn} has no endpoints")
         top[("filter", SERVICES)] = [f"{none} {_proto(proto)} {dst} {reject}"]
         ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} {reject}" for ip, _ in vips]
         if svc.node_port:
@@ -163,7 +158,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         return IptFragment(top_rules={k: tuple(v) for k, v in top.items()})
 
     masq: list[str] = []
-    cip_comment = f"-m comment --comment {quote(f'{spn} cluster IP')} {_proto(proto)} {dst}"
+    cip_comment = f"{ipt_comment(f'{spn} cluster IP')} {_proto(proto)} {dst}"
     if config.masquerade_all:
         masq.append(f"{cip_comment} -j {MARK_MASQ}")
     elif len(config.cluster_cidrs) == 1:
@@ -177,11 +172,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
         rules = list(masq)
         if svc.affinity_timeout:
-            rules += [f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} -m recent --name {sep_of[ep]} "
+            rules += [f"{ipt_comment(f'{spn} -> {ep.addr}')} -m recent --name {sep_of[ep]} "
                       f"--rcheck --seconds {svc.affinity_timeout} --reap -j {sep_of[ep]}" for ep in eps]
         for i, ep in enumerate(eps):
             stat = "" if i == len(eps) - 1 else f"-m statistic --mode random --probability {probability(len(eps) - i)} "
-            rules.append(f"-m comment --comment {quote(f'{spn} -> {ep.addr}')} {stat}-j {sep_of[ep]}")
+            rules.append(f"{ipt_comment(f'{spn} -> {ep.addr}')} {stat}-j {sep_of[ep]}")
         return tuple(rules)
 
     if not svc.internal_local or svc.externally_accessible:
@@ -195,9 +190,9 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     else:
         # internalTrafficPolicy: Local with nothing on this node: drop, as upstream does.
         top[("filter", SERVICES)] = [
-            f"-m comment --comment {quote(f'{spn} has no local endpoints')} {_proto(proto)} {dst} -j DROP"]
+            f"{ipt_comment(f'{spn} has no local endpoints')} {_proto(proto)} {dst} -j DROP"]
 
-    c = f"-m comment --comment {quote(str(spn))}"
+    c = ipt_comment(str(spn))
     for ep, sep in sep_of.items():
         recent = f"-m recent --name {sep} --set " if svc.affinity_timeout else ""
         chains[("nat", sep)] = (
@@ -209,31 +204,31 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         for ip, kind in vips:
             target = fw_chain if kind == "loadbalancer IP" and svc.uses_firewall else ext_chain
             top.setdefault(("nat", SERVICES), []).append(
-                f"-m comment --comment {quote(f'{spn} {kind}')} {_proto(proto)} -d {ip}/{m} "
+                f"{ipt_comment(f'{spn} {kind}')} {_proto(proto)} -d {ip}/{m} "
                 f"--dport {svc.port} -j {target}")
         if svc.uses_firewall:
             allowed = [a if "/" in a else f"{a}/{m}" for a in sps.firewall_sources]
-            lb = f"-m comment --comment {quote(f'{spn} loadbalancer IP')}"
+            lb = ipt_comment(f"{spn} loadbalancer IP")
             chains[("nat", fw_chain)] = (
                 *(f"{lb} -s {cidr} -j {ext_chain}" for cidr in allowed),
-                f"-m comment --comment {quote(f'other traffic to {spn} will be dropped by {PROXY_FIREWALL}')}",
+                f"{ipt_comment(f'other traffic to {spn} will be dropped by {PROXY_FIREWALL}')}",
             )
         if svc.node_port:
             top[("nat", NODEPORTS)] = [f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext_chain}"]
         if not svc.external_local:
             chains[("nat", ext_chain)] = (
-                f"-m comment --comment {quote(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
+                f"{ipt_comment(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
                 f"-j {svc_chain}",
             )
         else:
             rules = [
-                f"-m comment --comment {quote(f'pod traffic for {spn} external destinations')} -s {cidr} -j {svc_chain}"
+                f"{ipt_comment(f'pod traffic for {spn} external destinations')} -s {cidr} -j {svc_chain}"
                 for cidr in config.cluster_cidrs
             ]
             rules += [
-                f"-m comment --comment {quote(f'masquerade LOCAL traffic for {spn} external destinations')} "
+                f"{ipt_comment(f'masquerade LOCAL traffic for {spn} external destinations')} "
                 f"-m addrtype --src-type LOCAL -j {MARK_MASQ}",
-                f"-m comment --comment {quote(f'route LOCAL traffic for {spn} external destinations')} "
+                f"{ipt_comment(f'route LOCAL traffic for {spn} external destinations')} "
                 f"-m addrtype --src-type LOCAL -j {svc_chain}",
             ]
             if local:
@@ -241,7 +236,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
             chains[("nat", ext_chain)] = tuple(rules)
             if not local:
                 # External clients are dropped (pod and node traffic was DNATed above).
-                none = f"-m comment --comment {quote(f'{spn} has no local endpoints')}"
+                none = ipt_comment(f"{spn} has no local endpoints")
                 ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} -j DROP" for ip, _ in vips]
                 if svc.node_port:
                     ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} -j DROP")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 
 from pyproxy.model.objects import Endpoint, ServicePortName
 
@@ -35,6 +36,31 @@ def nft_endpoint_base(spn: ServicePortName, ep: Endpoint) -> str:
 
 def _truncate(name: str) -> str:
     return name if len(name) <= NFT_NAME_MAX else name[: NFT_NAME_MAX - 3] + "..."
+
+
+# Comments carry names into rule text. The model only admits names the API server accepts, so
+# they never hold a quote, a space or a line break; these helpers make sure of it anyway (a
+# renderer fed by a future source that forgot to validate must not write a broken or injected
+# ruleset) and keep within the kernel's limits: nft refuses a comment over 128 characters and
+# the whole transaction with it, the iptables comment match one over 255.
+NFT_COMMENT_MAX = 128
+IPT_COMMENT_MAX = 255
+_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/()\[\]>,+=-]")
+
+
+def _comment_text(text: str, limit: int) -> str:
+    safe = _UNSAFE.sub("?", text)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def nft_comment(text: str) -> str:
+    """``comment "…"`` for an nft rule: unsafe characters replaced by ``?``, at most 128."""
+    return f'comment "{_comment_text(text, NFT_COMMENT_MAX)}"'
+
+
+def ipt_comment(text: str) -> str:
+    """``-m comment --comment "…"`` for an iptables rule, as :func:`nft_comment` but 255."""
+    return f'-m comment --comment "{_comment_text(text, IPT_COMMENT_MAX)}"'
 
 
 IPT_PREFIX = "PYPROXY-"

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
-from pyproxy.render.naming import nft_endpoint_base, nft_service_base
+from pyproxy.render.naming import nft_comment, nft_endpoint_base, nft_service_base
 
 TABLE_FAMILY = "ip"
 TABLE_NAME = "pyproxy"
@@ -134,7 +134,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     proto = spn.protocol
     a = table_family(config.family)
     base = nft_service_base(spn)
-    comment = f'comment "{spn}"'
+    comment = nft_comment(str(spn))
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
     vip_keys = [f"{ip} . {proto} . {svc.port}" for ip in svc.external_vips]
     np_key = f"{proto} . {svc.node_port}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pyproxy.model.objects import ServicePortState
 from pyproxy.render.fragments import NftFragment
-from pyproxy.render.naming import nft_service_base
+from pyproxy.render.naming import nft_comment, nft_service_base
 
 
 def render_service(sps: ServicePortState, listen_port: int | None) -> NftFragment:
@@ -26,6 +26,6 @@ def render_service(sps: ServicePortState, listen_port: int | None) -> NftFragmen
     if svc.node_port:
         elements[("service-nodeports", f"{proto} . {svc.node_port}")] = f"goto {chain}"
     return NftFragment(
-        chains={chain: (f'meta l4proto {proto} redirect to :{listen_port} comment "{svc.name}"',)},
+        chains={chain: (f'meta l4proto {proto} redirect to :{listen_port} {nft_comment(str(svc.name))}',)},
         elements=elements,
     )

@@ -412,3 +412,80 @@ def test_invalid_nodes(obj, field):
     with pytest.raises(Invalid) as exc:
         parse_node(obj)
     assert field in str(exc.value)
+
+
+# -- names: what the API server accepts passes, nothing else reaches rule text ---------------
+
+LABEL63 = "a" + "b" * 61 + "c"
+
+
+@pytest.mark.parametrize(("field", "value", "ok"), [
+    ("namespace", LABEL63, True),
+    ("namespace", LABEL63 + "d", False),
+    ("namespace", "Demo", False),
+    ("namespace", "has space", False),
+    ("namespace", "a.b", False),
+    ("name", LABEL63, True),
+    ("name", "1st", True),  # relaxed Service name validation: a DNS-1123 label
+    ("name", LABEL63 + "d", False),
+    ("name", "web.v2", False),  # a subdomain, but Service names are labels
+    ("name", "-web", False),
+    ("name", "web-", False),
+    ("name", 'we"b', False),
+    ("name", "web\n-I INPUT 1 -j ACCEPT", False),
+    ("name", "caf\u00e9", False),
+    ("name", "web\x00", False),
+    ("port", LABEL63, True),
+    ("port", LABEL63 + "d", False),
+    ("port", "HTTP", False),
+    ("port", "a b", False),
+    ("port", "x\nCOMMIT", False),
+])
+def test_service_names_are_checked_as_the_api_server_checks_them(field: str, value: str, ok: bool):
+    obj = _svc()
+    if field == "port":
+        obj["spec"]["ports"][0]["name"] = value
+    else:
+        obj["metadata"][field] = value
+    if ok:
+        assert parse_service(obj)
+        return
+    with pytest.raises(Invalid) as err:
+        parse_service(obj)
+    where = "spec.ports[0].name" if field == "port" else f"metadata.{field}"
+    assert str(err.value).startswith(f"{where} must be"), err.value
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("path", "value", "ok"), [
+    (("metadata", "name"), "web-" + "x" * 249, True),  # 253: the longest subdomain
+    (("metadata", "name"), "web-" + "x" * 250, False),
+    (("metadata", "name"), "web.abc12", True),
+    (("metadata", "name"), "web abc", False),
+    (("metadata", "labels", "kubernetes.io/service-name"), "we b", False),
+    (("ports", 0, "name"), "ht\ttp", False),
+    (("endpoints", 0, "nodeName"), "node 1", False),
+    (("endpoints", 0, "nodeName"), "node-1.example.org", True),
+    (("endpoints", 0, "zone"), "zone_A.1", True),
+    (("endpoints", 0, "zone"), "zone\n", False),
+])
+def test_slice_names_are_checked_as_the_api_server_checks_them(path: tuple, value: str, ok: bool):
+    obj = sc.endpoint_slice("web", ["10.244.0.5"], [sc.port(8080, name="http")])
+    target: Any = obj
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    if ok:
+        parse_slice(obj)
+        return
+    with pytest.raises(Invalid, match="must be"):
+        parse_slice(obj)
+
+
+def test_zone_hints_and_node_names_are_checked():
+    obj = sc.endpoint_slice("web", ["10.244.0.5"], [sc.port(8080, name="http")])
+    obj["endpoints"][0]["hints"] = {"forZones": [{"name": "bad zone"}]}
+    with pytest.raises(Invalid, match=r"hints.forZones\[\].name must be a label value"):
+        parse_slice(obj)
+    with pytest.raises(Invalid, match="metadata.name must be a DNS-1123 subdomain"):
+        parse_node(sc.node("Node_1", ["192.168.1.1"]))

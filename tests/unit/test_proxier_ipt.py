@@ -256,3 +256,27 @@ def test_restore_payload_render_and_lines():
     # A declaration line per rewritten chain plus its rules; two lines per deleted chain.
     assert payload.lines() == (1 + 1) + (1 + 2) + (1 + 0) + 2
     assert not RestorePayload() and RestorePayload().render() == ""
+
+
+def test_a_rule_with_a_line_break_is_never_sent():
+    """Defence in depth behind the parser: a payload line that would start a command of its
+    own (``-I INPUT 1 -j ACCEPT``, ``COMMIT``) is refused whole, by the real executor as by
+    the fake, and render refuses to print it."""
+    from pyproxy.ipt.executor import IptablesCli, IptablesError
+    from pyproxy.ipt.restore import RestorePayload
+    from tests.unit.helpers import sps
+
+    bad = RestorePayload(rewrite={("nat", "PYPROXY-SVC-X"): ("-j ACCEPT\n-I INPUT 1 -j ACCEPT",)})
+    with pytest.raises(IptablesError, match="line break"):
+        FakeIptables().restore(bad)
+    calls: list[object] = []
+    cli = IptablesCli(backend="nft")
+    cli._run = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
+    with pytest.raises(IptablesError, match="line break"):
+        cli.restore(bad)
+    assert calls == []  # nothing reached iptables-restore
+    # And the renderer writes names only through comments, which cannot hold a line break.
+    state = DesiredState(services={s.service.name: s for s in (sps(["10.244.0.5"], name="x\nCOMMIT"),)})
+    text = IptProxier(config=ProxyConfig(), executor=FakeIptables()).render_text(state)
+    assert "test/x?COMMIT:http" in text
+    assert text.count("\nCOMMIT\n") == 2  # the filter and nat tables' own

@@ -601,3 +601,15 @@ def test_affinity_set_back_from_the_garbage_with_another_timeout():
     specs = [spec for name, spec in fake.dump().sets.items() if name.startswith("affinity-")]
     assert len(specs) == 2
     assert all("timeout 120s" in spec for spec in specs), specs
+
+
+def test_render_text_refuses_to_print_half_a_ruleset():
+    """A name the model should have refused (here built by hand, past the parser) makes the
+    transaction record an error; render must say so instead of printing what came before."""
+    from tests.unit.helpers import sps
+
+    state = DesiredState(services={s.service.name: s for s in (
+        sps(["10.244.0.5"], name="a-fine-one"), sps(["10.244.0.6"], name="bad name", cluster_ip="10.96.0.11"))})
+    proxier, _ = _proxier()
+    with pytest.raises(SyncFailed, match="invalid chain name"):
+        proxier.render_text(state)

@@ -13,7 +13,7 @@ from pyproxy.ipt.executor import FakeIptables
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.proxier.iptables import IptProxier
 from pyproxy.render import iptables as r
-from pyproxy.render.naming import ipt_endpoint_hash, ipt_service_hash
+from pyproxy.render.naming import ipt_comment, ipt_endpoint_hash, ipt_service_hash
 from tests import scenario as sc
 from tests.unit.helpers import build, sps, spn
 
@@ -213,9 +213,15 @@ def test_nodeport_chains():
     )
 
 
-def test_quote():
-    assert r.quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
-    assert shlex.split(r.quote('say "hi"')) == ['say "hi"']
+def test_comment_cannot_carry_a_quote_a_line_break_or_nul_into_the_payload():
+    text = ipt_comment('a "b" \\c\n-I INPUT 1 -j ACCEPT\x00é')
+    assert text == '-m comment --comment "a ?b? ?c?-I INPUT 1 -j ACCEPT??"'
+    assert shlex.split(text)[-1] == "a ?b? ?c?-I INPUT 1 -j ACCEPT??"
+
+
+def test_comment_is_cut_to_the_match_limit():
+    text = shlex.split(ipt_comment("x" * 400))[-1]
+    assert len(text) == 255 and text.endswith("...")
 
 
 def test_base_chains():
