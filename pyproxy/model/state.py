@@ -49,6 +49,12 @@ class Skip:
     reason: str
 
 
+def _kind(obj: Any) -> str | None:
+    """The object's kind, or None when it has none we could use (a list, a number...)."""
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def fingerprint(obj: Any) -> object:
     """What tells two versions of an object apart, without keeping the object.
 
@@ -61,6 +67,12 @@ def fingerprint(obj: Any) -> object:
         return ("rv", meta.get("uid"), meta["resourceVersion"])
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def _why(err: BaseException) -> str:
+    """An exception as one short line for a problem report."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _malformed(kind: str, obj: Any, err: Exception) -> Problem:
@@ -112,7 +124,7 @@ class StateBuilder:
 
     def upsert(self, obj: dict[str, Any]) -> None:
         """Add or replace one Service, EndpointSlice or Node (others are ignored)."""
-        kind = obj.get("kind") if isinstance(obj, dict) else None
+        kind = _kind(obj)
         if kind == "Service":
             self._upsert_service(obj)
         elif kind == "EndpointSlice":
@@ -161,7 +173,7 @@ class StateBuilder:
 
     def delete_object(self, obj: dict[str, Any]) -> None:
         """A watch DELETED event."""
-        kind = obj.get("kind", "")
+        kind = _kind(obj) or ""
         if kind == "Node":
             if (obj.get("metadata") or {}).get("name") == self.node_name:
                 self.node = None
@@ -180,10 +192,10 @@ class StateBuilder:
         objects = list(objects)
         node_seen = False
         for obj in objects:
-            if isinstance(obj, dict) and obj.get("kind") == "Node":
+            if _kind(obj) == "Node":
                 name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
                 node_seen |= not self.node_name or name == self.node_name
-            kind = obj.get("kind") if isinstance(obj, dict) else None
+            kind = _kind(obj)
             if kind in seen:
                 try:
                     seen[kind].add(object_key(obj))
@@ -225,7 +237,12 @@ class StateBuilder:
             self._problems[(kind, ("", "<no name>"))] = _malformed(kind, obj, err)
             return None
         old = store.get(key)
-        stamp = fingerprint(obj)
+        try:
+            stamp = fingerprint(obj)
+        except (TypeError, ValueError, RecursionError) as err:
+            # Keys that are not strings (YAML allows them), or nesting too deep to serialise.
+            self._record(kind, key, Invalid(f"cannot be read as an API object: {_why(err)}"), obj)
+            return key, None, old, None
         if old is not None and old[0] == stamp:
             return None
         parsed = None
@@ -234,8 +251,9 @@ class StateBuilder:
             self._clear(kind, key)
         except (Invalid, Skipped) as err:
             self._record(kind, key, err, obj)
-        except (TypeError, AttributeError, KeyError) as err:  # shapes we did not foresee
-            self._record(kind, key, Invalid(f"malformed: {err}"), obj)
+        except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as err:
+            # Shapes we did not foresee: the object is skipped, never the sync.
+            self._record(kind, key, Invalid(f"malformed: {_why(err)}"), obj)
         return key, stamp, old, parsed
 
     def _upsert_service(self, obj: dict[str, Any]) -> None:
