@@ -412,12 +412,13 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
     )
+    code = 0
     try:
-        asyncio.run(serve(config, settings, make_proxier=make_proxier))
+        code = asyncio.run(serve(config, settings, make_proxier=make_proxier))
     except KeyboardInterrupt:
         pass
     log.info("stopped; rules stay in place (use 'pyproxy cleanup' to remove them)")
-    return 0
+    return code
 
 
 def _write_config(args: argparse.Namespace) -> int:

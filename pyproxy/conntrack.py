@@ -23,6 +23,9 @@ log = logging.getLogger("pyproxy.conntrack")
 
 DELETED = Counter("kubeproxy_conntrack_reconciler_deleted_entries_total",
                   "Cumulative conntrack flows deleted by conntrack reconciler")
+FAILURES = Counter("pyproxy_conntrack_cleanup_failures_total",
+                   "Conntrack cleanups that failed part-way (netlink errors); the next sync that "
+                   "changes UDP backends tries again")
 DURATION = Histogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
                      "ReconcileConntrackFlowsLatency latency in seconds",
                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
@@ -71,6 +74,7 @@ def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
 def clean(serving: Serving, *, family: int = 4, protocol: str = "udp") -> int:
     """Delete stale entries of one family and protocol in this network namespace; return how many."""
     from pyroute2 import Conntrack
+    from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
     if not serving:
@@ -87,8 +91,10 @@ def clean(serving: Serving, *, family: int = 4, protocol: str = "udp") -> int:
             try:
                 ct.delete(entries[i])
                 deleted += 1
-            except OSError:
-                pass  # gone already (expired or deleted by another cleaner)
+            except (OSError, NetlinkError):
+                # Gone already: it expired between the dump and the delete (pyroute2 raises
+                # NetlinkError, not OSError, for ENOENT), or another cleaner took it.
+                pass
     DELETED.inc(deleted)
     DURATION.observe(time.perf_counter() - t0)
     if deleted:
@@ -120,8 +126,12 @@ class ConntrackCleaner:
                 continue  # no such service, or nothing changed since the last clean
             try:
                 deleted += clean(serving, family=self.family, protocol=protocol)
-            except OSError as err:  # no conntrack support here: nothing to clean
-                log.warning("conntrack cleanup skipped: %s", err)
+            except Exception as err:  # noqa: BLE001 - cleanup is best effort, never fatal
+                # No conntrack support here, or a netlink error mid-dump: the rules are in
+                # place either way. Not remembered as done, so the next change retries.
+                FAILURES.inc()
+                log.warning("conntrack cleanup of %s failed (retried after the next change): %s: %s",
+                            protocol.upper(), type(err).__name__, err)
                 continue
             self._last[protocol] = serving
         return deleted

@@ -44,8 +44,9 @@ class Settings:
 
 
 async def serve(config: ProxyConfig, settings: Settings, *,
-                make_proxier: Callable[..., Proxier]) -> None:
-    """Run until SIGTERM or SIGINT. Rules stay in the kernel afterwards.
+                make_proxier: Callable[..., Proxier]) -> int:
+    """Run until SIGTERM or SIGINT (0), or until a reflector or sync loop ends, which they only
+    do on a bug (1: the pod restarts and says why). Rules stay in the kernel afterwards.
 
     Dual-stack: one proxier, store and sync loop per family, fed by the same reflectors, so a
     family whose sync fails retries on its own while the other keeps syncing."""
@@ -107,9 +108,13 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     log.info("watching the API as node %s in %s mode", config.hostname, config.mode)
     done_waiter = asyncio.ensure_future(stop.wait())
     finished, _ = await asyncio.wait([done_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
     for task in finished:
-        if task is not done_waiter and task.exception():
-            log.error("%s stopped: %r", task.get_name(), task.exception())
+        if task is not done_waiter:
+            code = 1
+            err = task.exception()
+            log.error("%s stopped (a bug: it should run forever); exiting so that the pod restarts",
+                      task.get_name(), exc_info=err)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -118,3 +123,4 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     for server in checks:
         await server.close()
     await client.close()
+    return code

@@ -49,6 +49,12 @@ ENDPOINT_CHANGES_TOTAL = Counter("kubeproxy_sync_proxy_rules_endpoint_changes_to
 SERVICE_CHANGES_TOTAL = Counter("kubeproxy_sync_proxy_rules_service_changes_total",
                                 "Cumulative proxy rules Service changes")
 ENDPOINT_CHANGES = Gauge("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes")
+SYNC_ERRORS = Counter("pyproxy_sync_errors_total",
+                      "Syncs that failed, by reason: refused (the kernel said no) or the exception "
+                      "that ended the attempt; each is retried with a full sync after a backoff",
+                      ["reason"])
+MAX_PENDING_TRIGGERS = 100_000
+"""Change times kept for the latency histogram while syncs fail (a bound on memory)."""
 SERVICE_CHANGES = Gauge("kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes")
 
 
@@ -112,8 +118,8 @@ class SyncRunner:
                 self.health.node_deleting = bool((obj.get("metadata") or {}).get("deletionTimestamp"))
         if kind == "EndpointSlice":
             trig = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_ANNOTATION)
-            ts = _parse_time(trig) if trig else None
-            if ts is not None:
+            ts = _parse_time(trig) if isinstance(trig, str) else None
+            if ts is not None and len(self._pending_triggers) < MAX_PENDING_TRIGGERS:
                 self._pending_triggers.append(ts)
         self._changed(kind)
 
@@ -154,22 +160,31 @@ class SyncRunner:
             if time.monotonic() - last_full >= self.periods.full_sync:
                 self.proxier.needs_full = True  # type: ignore[attr-defined]
                 last_full = time.monotonic()
-            state = self._state()
             triggers, self._pending_triggers = self._pending_triggers, []
             pending, self._pending = self._pending, {"Service": 0, "EndpointSlice": 0}
             ENDPOINT_CHANGES.set(0)
             SERVICE_CHANGES.set(0)
-            self.problems.report(self.config.family, state.problems)
             last_sync = time.monotonic()
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
             try:
+                state = self._state()
+                self.problems.report(self.config.family, state.problems)
                 result = await asyncio.to_thread(self._sync_and_clean, state)
-            except SyncFailed as err:
+            except Exception as err:  # noqa: BLE001 - nothing may end the loop: see below
+                # SyncFailed is the kernel refusing the ruleset. Anything else (a command that
+                # could not start, a netlink error, a bug) must not end the daemon either: the
+                # rules in the kernel keep working, and /healthz reports the change that is not
+                # applied. Either way the next attempt rebuilds everything.
+                SYNC_ERRORS.labels(reason="refused" if isinstance(err, SyncFailed) else type(err).__name__).inc()
+                if not isinstance(err, SyncFailed):
+                    log.error("sync raised %s", type(err).__name__, exc_info=err)
+                    self.proxier.needs_full = True  # type: ignore[attr-defined]
                 # Still not applied: pending since the oldest change (or now, for a full resync).
                 earlier = [t for t in (queued_at, self.health.last_queued) if t]
                 self.health.last_queued = min(earlier) if earlier else time.time()
-                self._pending_triggers = triggers + self._pending_triggers
+                # Bounded: while syncs keep failing, events keep coming.
+                self._pending_triggers = (triggers + self._pending_triggers)[:MAX_PENDING_TRIGGERS]
                 for k, v in pending.items():
                     self._pending[k] += v
                 delay = backoff * random.uniform(0.8, 1.2)

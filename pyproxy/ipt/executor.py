@@ -43,9 +43,11 @@ def detect_backend(*, netns: str | None = None) -> str:
     for backend in BACKENDS:
         if shutil.which(_bin(backend, "-save")) is None:
             continue
-        proc = subprocess.run(
-            [*netns_prefix(netns), _bin(backend, "-save")], capture_output=True, text=True, check=False
-        )
+        try:
+            proc = subprocess.run([*netns_prefix(netns), _bin(backend, "-save")], capture_output=True,
+                                  text=True, check=False)
+        except OSError as err:
+            raise IptablesError(f"cannot run {_bin(backend, '-save')}: {err}") from err
         counts[backend] = sum(1 for line in proc.stdout.splitlines() if line.startswith("-A "))
     if not counts:
         raise IptablesError(
@@ -73,7 +75,11 @@ class IptablesCli:
             raise IptablesError(
                 f"{argv[0]}: command not found; install the iptables package (apt-get install iptables)"
             )
-        proc = subprocess.run([*netns_prefix(self.netns), *argv], input=stdin, capture_output=True, check=False)
+        try:
+            proc = subprocess.run([*netns_prefix(self.netns), *argv], input=stdin, capture_output=True,
+                                  check=False)
+        except OSError as err:  # fork or exec failed (no memory, too many processes...)
+            raise IptablesError(f"cannot run {argv[0]}: {err}") from err
         return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
                                            proc.stderr.decode(errors="replace"))
 

@@ -40,12 +40,15 @@ class NftCli:
                 f"{self.binary}: command not found; install the nftables package "
                 "(apt-get install nftables) or use --proxy-mode iptables"
             )
-        return subprocess.run(
-            [*netns_prefix(self.netns), self.binary, *args],
-            input=stdin,
-            capture_output=True,
-            check=False,
-        )
+        try:
+            return subprocess.run(
+                [*netns_prefix(self.netns), self.binary, *args],
+                input=stdin,
+                capture_output=True,
+                check=False,
+            )
+        except OSError as err:  # fork or exec failed (no memory, too many processes...)
+            raise NftError(f"cannot run {self.binary}: {err}") from err
 
     def run(self, tx: Transaction) -> None:
         if tx.error:

@@ -7,8 +7,16 @@ does completely (kopf does not synthesize deletions after a relist):
   we were not watching disappear (the store computes the synthetic deletes);
 * a WATCH from the list's resourceVersion with bookmarks, so a quiet resource still advances
   its resourceVersion and a reconnect does not need a relist;
-* a relist on 410 Gone (the resourceVersion is too old), and reconnects with exponential
-  backoff and jitter on any other error.
+* a relist on 410 Gone (the resourceVersion is too old) and on any other answer that says the
+  watch cannot resume from our version (an ERROR event, an HTTP error such as "too large
+  resource version" after an etcd restore); reconnects with exponential backoff and jitter;
+* a dead connection is noticed: TCP keepalive probes (a peer that vanished: ~1 min), and a read
+  timeout of :data:`WATCH_IDLE_TIMEOUT` on the watch stream (a peer, or a proxy, that keeps the
+  connection but stopped sending: the API server sends every watch a bookmark each minute, so a
+  silent watch is a stuck one). Either way the watch is restarted from our last version;
+* nothing the server sends (a body that is not a JSON object, an event of the wrong shape) and
+  nothing local (a token file that cannot be read, an exec plugin that fails) ends the reflector:
+  it logs, counts (``pyproxy_reflector_errors_total``), backs off and starts over.
 
 We only ever GET: pyproxy never writes to a watched object. Authentication comes from a
 kubeconfig or the in-cluster service account, loaded by kubernetes_asyncio's config loader;
@@ -22,6 +30,7 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -29,8 +38,40 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from prometheus_client import Counter
 
 log = logging.getLogger("pyproxy.kube")
+
+REFLECTOR_ERRORS = Counter("pyproxy_reflector_errors_total",
+                           "Errors that interrupted a reflector's list or watch, by resource and "
+                           "kind of error; each is followed by a backoff and a new watch or list",
+                           ["resource", "reason"])
+RELISTS = Counter("pyproxy_reflector_relists_total", "Full LISTs that replaced a resource's store",
+                  ["resource"])
+
+WATCH_IDLE_TIMEOUT = 90.0
+"""Seconds without a byte on a watch before it is restarted. The API server's watch cache sends
+a bookmark to every watch that allows them once a minute (``defaultBookmarkFrequency``)."""
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+"""TCP keepalive: first probe after 30 s of silence, then every 10 s; dead after 3 unanswered."""
+USER_TIMEOUT_MS = 60_000
+"""TCP_USER_TIMEOUT: a connection whose sent data stays unacknowledged this long is dead."""
+
+
+def _keepalive_socket(addr_info: Any) -> socket.socket:
+    """Sockets for the API connection, with keepalive probes and a user timeout, so that a
+    peer that vanished (a node reboot, a NAT entry dropped) is noticed in about a minute."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if family in (socket.AF_INET, socket.AF_INET6):
+        for opt, value in ((getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
+                           (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+                           (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+                           (getattr(socket, "TCP_USER_TIMEOUT", None), USER_TIMEOUT_MS)):
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    return sock
 
 # kube-proxy's informers skip objects carrying either label (see model.parse).
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
@@ -40,8 +81,12 @@ class KubeError(RuntimeError):
     """The API server could not be reached or refused us; the message says what to check."""
 
 
-class Gone(KubeError):
-    """410: our resourceVersion is too old; relist."""
+class Relist(KubeError):
+    """The watch cannot resume from our resourceVersion: list again."""
+
+
+class Gone(Relist):
+    """410: our resourceVersion is too old; relist at once."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +172,8 @@ class KubeClient:
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self._headers, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=8),
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=8, socket_factory=_keepalive_socket),
                 timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=None),
             )
         return self._session
@@ -137,7 +183,12 @@ class KubeClient:
             await self._session.close()
 
     async def _auth_headers(self) -> dict[str, str]:
-        return await self._auth() if self._auth is not None else {}
+        if self._auth is None:
+            return {}
+        try:
+            return await self._auth()
+        except Exception as err:  # noqa: BLE001 - a token file or exec plugin failing
+            raise KubeError(f"cannot get credentials: {type(err).__name__}: {err}") from None
 
     async def get(self, path: str, params: dict[str, str], *, timeout: float = 60) -> dict[str, Any]:
         try:
@@ -147,24 +198,34 @@ class KubeClient:
                 if resp.status == 410:
                     raise Gone("resourceVersion too old")
                 if resp.status != 200:
-                    raise KubeError(f"GET {path}: HTTP {resp.status}: {body[:300].decode(errors='replace')}")
-                return json.loads(body)
+                    raise KubeError(f"GET {path}: HTTP {resp.status}: {_snippet(body)}")
+                data = json.loads(body)
         except ValueError as err:  # not JSON: a proxy's error page, a truncated body
             raise KubeError(f"GET {path}: response is not JSON: {err}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             raise KubeError(f"GET {path}: {type(err).__name__}: {err}") from None
+        if not isinstance(data, dict):
+            raise KubeError(f"GET {path}: response is a JSON {type(data).__name__}, not an object")
+        return data
 
-    async def watch(self, path: str, params: dict[str, str], on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Stream watch events to ``on_event`` until the server ends the watch."""
+    async def watch(self, path: str, params: dict[str, str], on_event: Callable[[dict[str, Any]], None],
+                    *, idle_timeout: float = WATCH_IDLE_TIMEOUT) -> None:
+        """Stream watch events to ``on_event`` until the server ends the watch, or until nothing
+        arrived for ``idle_timeout`` seconds (KubeError)."""
         params = {**params, "watch": "1", "allowWatchBookmarks": "true"}
         try:
             async with self._sess().get(self.host + path, params=params,
-                                        headers=await self._auth_headers()) as resp:
+                                        headers=await self._auth_headers(),
+                                        timeout=aiohttp.ClientTimeout(total=None, connect=10,
+                                                                      sock_read=idle_timeout)) as resp:
                 if resp.status == 410:
                     raise Gone("resourceVersion too old")
+                if resp.status == 429:  # too many requests: the same watch, later
+                    raise KubeError(f"WATCH {path}: HTTP 429: {_snippet(await resp.read())}")
                 if resp.status != 200:
-                    body = await resp.read()
-                    raise KubeError(f"WATCH {path}: HTTP {resp.status}: {body[:300].decode(errors='replace')}")
+                    # "Too large resource version" (an etcd restored from backup), a 500...:
+                    # retrying the same version could fail forever; a relist cannot.
+                    raise Relist(f"WATCH {path}: HTTP {resp.status}: {_snippet(await resp.read())}")
                 buf = b""
                 async for chunk in resp.content.iter_any():
                     buf += chunk
@@ -175,9 +236,19 @@ class KubeClient:
                                 event = json.loads(line)
                             except ValueError as err:
                                 raise KubeError(f"WATCH {path}: event is not JSON: {err}") from None
+                            if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+                                raise KubeError(f"WATCH {path}: event is not an object with an "
+                                                f"object: {_snippet(line)}")
                             on_event(event)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        except asyncio.TimeoutError:
+            raise KubeError(f"WATCH {path}: nothing received for {idle_timeout:.0f}s (a dead "
+                            "connection or a stuck server); restarting the watch") from None
+        except aiohttp.ClientError as err:
             raise KubeError(f"WATCH {path}: {type(err).__name__}: {err}") from None
+
+
+def _snippet(body: bytes) -> str:
+    return body[:300].decode(errors="replace")
 
 
 ReplaceFn = Callable[[str, list[dict[str, Any]]], None]
@@ -189,14 +260,17 @@ class Reflector:
 
     def __init__(self, client: KubeClient, resource: Resource, *, on_replace: ReplaceFn,
                  on_event: EventFn, page_size: int = 500, watch_timeout: int = 300,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 30.0, idle_timeout: float = WATCH_IDLE_TIMEOUT) -> None:
         self.client = client
         self.resource = resource
         self.on_replace = on_replace
         self.on_event = on_event
         self.page_size = page_size
         self.watch_timeout = watch_timeout
+        """The server ends each watch after this many seconds (``timeoutSeconds``)."""
         self.max_backoff = max_backoff
+        self.idle_timeout = idle_timeout
+        """Restart a watch that has been silent this long (see :data:`WATCH_IDLE_TIMEOUT`)."""
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.relists = 0
@@ -219,15 +293,20 @@ class Reflector:
             if cont:
                 params["continue"] = cont
             page = await self.client.get(self.resource.path, params)
-            for item in page.get("items") or []:
+            page_items = page.get("items") or []
+            meta = page.get("metadata") or {}
+            if not isinstance(page_items, list) or not all(isinstance(i, dict) for i in page_items) \
+                    or not isinstance(meta, dict):
+                raise KubeError(f"LIST {self.resource.path}: not a list of objects")
+            for item in page_items:
                 item.setdefault("kind", self.resource.kind)  # list items carry no kind
                 items.append(item)
-            meta = page.get("metadata") or {}
             cont = meta.get("continue") or ""
             if not cont:
-                self.resource_version = meta.get("resourceVersion", "")
+                self.resource_version = str(meta.get("resourceVersion", ""))
                 break
         self.relists += 1
+        RELISTS.labels(resource=self.resource.kind).inc()
         self.on_replace(self.resource.kind, items)
         self.synced.set()
         log.info("listed %d %s objects at resourceVersion %s", len(items), self.resource.kind,
@@ -240,7 +319,9 @@ class Reflector:
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise Gone(obj.get("message", "gone"))
-            raise KubeError(f"watch error: {obj.get('message', obj)}")
+            # The server ended the stream with a Status ("too large resource version" after an
+            # etcd restore, an internal error): our version cannot be trusted to resume from.
+            raise Relist(f"watch error {obj.get('code')}: {obj.get('message', obj)}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if rv:
             self.resource_version = rv
@@ -250,7 +331,7 @@ class Reflector:
         self.on_event(kind or "", self.resource.kind, obj)
 
     async def run(self) -> None:
-        """Forever: list, watch, and recover. Cancel the task to stop."""
+        """Forever: list, watch, and recover. Cancel the task to stop; nothing else ends it."""
         backoff = 0.5
         need_list = True
         while True:
@@ -262,7 +343,8 @@ class Reflector:
                           "timeoutSeconds": str(self.watch_timeout)}
                 started = time.monotonic()
                 self._events = 0
-                await self.client.watch(self.resource.path, params, self._handle)
+                await self.client.watch(self.resource.path, params, self._handle,
+                                        idle_timeout=self.idle_timeout)
                 if time.monotonic() - started < 1.0 and not self._events:
                     # A watch the server ends at once with nothing in it (a misbehaving proxy,
                     # an overloaded server): do not reconnect in a tight loop.
@@ -270,14 +352,27 @@ class Reflector:
                     backoff = min(backoff * 2, self.max_backoff)
                 else:
                     backoff = 0.5
+                continue
             except Gone:
+                REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason="gone").inc()
                 log.info("%s: resourceVersion %s expired, relisting", self.resource.kind, self.resource_version)
                 need_list = True
+                continue
+            except Relist as err:
+                reason, need_list = "relist", True
+                what = f"{err}; relisting"
             except KubeError as err:
-                delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("%s: %s; retrying in %.1fs", self.resource.kind, err, delay)
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, self.max_backoff)
+                reason, what = "api", str(err)
+            except Exception as err:  # noqa: BLE001 - a reflector must never end but by cancel
+                # A bug, or input we did not foresee: start over from a fresh list.
+                reason, need_list = type(err).__name__, True
+                what = f"unexpected {type(err).__name__}: {err}; relisting"
+                log.error("%s: reflector error", self.resource.kind, exc_info=err)
+            REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason=reason).inc()
+            delay = backoff * random.uniform(0.5, 1.5)
+            log.warning("%s: %s; retrying in %.1fs", self.resource.kind, what, delay)
+            await asyncio.sleep(delay)
+            backoff = min(backoff * 2, self.max_backoff)
 
 
 async def wait_synced(reflectors: list[Reflector]) -> None:

@@ -69,3 +69,41 @@ def test_sctp_flows_are_cleaned_like_udp(monkeypatch):
                    sc.endpoint_slice("s", ["10.244.1.3"], [sc.port(8080, name="s", protocol="SCTP")])])
     ConntrackCleaner().after_sync(state)
     assert calls == [("sctp", {("10.96.0.50", 80): frozenset({"10.244.1.3"})})]
+
+
+def test_an_entry_gone_between_dump_and_delete_does_not_stop_the_cleanup(monkeypatch):
+    """pyroute2 raises NetlinkError (ENOENT), not OSError, when an entry expired after the dump;
+    the other stale entries are still deleted."""
+    import pyroute2
+    from types import SimpleNamespace
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from pyproxy import conntrack
+
+    def entry(dst, port, reply_src):
+        return SimpleNamespace(tuple_orig=SimpleNamespace(daddr=dst, dport=port),
+                               tuple_reply=SimpleNamespace(saddr=reply_src))
+
+    entries = [entry("10.96.0.53", 53, "10.244.9.9"), entry("10.96.0.53", 53, "10.244.9.8")]
+    deleted = []
+
+    class FakeConntrack:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def dump_entries(self, **kw):
+            return list(entries)
+
+        def delete(self, e):
+            if e is entries[0]:
+                raise NetlinkError(2, "No such file or directory")
+            deleted.append(e)
+
+    monkeypatch.setattr(pyroute2, "Conntrack", FakeConntrack)
+    serving = udp_serving(_state(["10.244.1.1"]))
+    assert conntrack.clean(serving) == 1
+    assert deleted == [entries[1]]

@@ -548,28 +548,35 @@ def test_backoff_is_capped_by_max_backoff(backoff: Backoff) -> None:
     run(main)
 
 
-def test_watch_errors_back_off_resume_without_relist_and_reset_after_a_good_watch(backoff: Backoff) -> None:
+def test_watch_errors_relist_with_backoff_429_resumes_and_a_good_watch_resets(backoff: Backoff) -> None:
+    """An HTTP error or an ERROR event means the watch cannot resume from our version (e.g.
+    "too large resource version" after an etcd restore: retrying it would fail forever), so
+    the reflector relists; 429 only asks us to come back later with the same watch."""
+    too_large = {"kind": "Status", "code": 504, "reason": "Timeout",
+                 "message": "Too large resource version: 99, current: 32"}
+
     async def main() -> None:
         async with FakeApi() as api:
-            api.add_list(SVC_PATH, page([svc("a")], rv="30"))
+            api.add_list(SVC_PATH, page([svc("a")], rv="30"), page([svc("a")], rv="32"),
+                         page([svc("a")], rv="33"))
             api.add_watch(SVC_PATH,
                           Reply(status=500, body={"message": "boom"}),
-                          Reply(events=[{"type": "ERROR", "object": {"kind": "Status", "code": 500,
-                                                                     "message": "internal"}}]),
-                          Reply(events=[ev("ADDED", svc("b", rv="31"))]),  # ends normally
-                          Reply(status=500, body={}))
+                          Reply(events=[{"type": "ERROR", "object": too_large}]),
+                          Reply(status=429, body={"message": "slow down"}),
+                          Reply(events=[ev("ADDED", svc("b", rv="34"))]),  # ends normally
+                          Reply(status=429, body={}))
             rec = Recorder()
             client = api.client()
             r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
             task = asyncio.create_task(r.run())
-            await until(lambda: len(api.watch_requests(SVC_PATH)) == 5, "five watches")
+            await until(lambda: len(api.watch_requests(SVC_PATH)) == 6, "six watches")
             await stop(task)
             await client.close()
 
-            assert backoff.delays == [0.5, 1.0, 0.5]  # reset by the watch that ended normally
-            assert r.relists == 1 and len(api.list_requests(SVC_PATH)) == 1  # errors are not 410
+            assert backoff.delays == [0.5, 1.0, 2.0, 0.5]  # reset by the watch that ended normally
+            assert r.relists == 3 and len(api.list_requests(SVC_PATH)) == 3
             assert [q.query["resourceVersion"] for q in api.watch_requests(SVC_PATH)] == [
-                "30", "30", "30", "31", "31"]
+                "30", "32", "33", "33", "34", "34"]
             assert [name_of(o) for _, _, o in rec.events] == ["b"]
 
     run(main)
@@ -789,3 +796,129 @@ def test_expired_exec_plugin_token_is_refreshed(tmp_path: Any) -> None:
             assert second != first
 
     run(main)
+
+
+# -- faults that must never end a reflector (hardening issue, defect 3) --------------------------
+
+def test_a_silent_watch_is_restarted_after_the_idle_timeout(backoff: Backoff) -> None:
+    """A half-open connection, or a proxy that keeps the connection but stopped forwarding:
+    without a read timeout the reflector would wait forever and the rules would go stale."""
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, page([svc("a")], rv="40"))
+            api.add_watch(SVC_PATH, Reply(events=[ev("ADDED", svc("b", rv="41"))], hold=True),
+                          Reply(events=[ev("ADDED", svc("c", rv="42"))], hold=True))
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event,
+                          idle_timeout=0.3)
+            task = asyncio.create_task(r.run())
+            await until(lambda: len(rec.events) == 2, "the event of the second watch")
+            await stop(task)
+            await client.close()
+            assert [q.query["resourceVersion"] for q in api.watch_requests(SVC_PATH)][:2] == ["40", "41"]
+            assert r.relists == 1  # resumed, not relisted: the version is still good
+
+    run(main)
+
+
+@pytest.mark.parametrize("body", [[], "a string", 3, None], ids=["list", "string", "number", "null"])
+def test_a_list_body_that_is_not_an_object_backs_off_and_recovers(backoff: Backoff, body: Any) -> None:
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, Reply(body=body if body is not None else "null"),
+                         Reply(body={"metadata": {"resourceVersion": "1"}, "items": [3]}),
+                         page([svc("a")], rv="2"))
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
+            task = asyncio.create_task(r.run())
+            await asyncio.wait_for(r.synced.wait(), 2)
+            await stop(task)
+            await client.close()
+            assert backoff.delays == [0.5, 1.0]
+            assert [[name_of(o) for o in items] for _, items in rec.replaced] == [["a"]]
+
+    run(main)
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]\n", b'{"type": "ADDED", "object": [1]}\n', b"null\n"],
+                         ids=["array", "object-not-a-mapping", "null"])
+def test_a_watch_event_of_the_wrong_shape_resumes_the_watch(backoff: Backoff, line: bytes) -> None:
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, page([], rv="5"))
+            api.add_watch(SVC_PATH, Reply(events=[line]), Reply(events=[ev("ADDED", svc("b", rv="6"))]))
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
+            task = asyncio.create_task(r.run())
+            await until(lambda: len(rec.events) == 1, "the event after the bad one")
+            await stop(task)
+            await client.close()
+            assert backoff.delays == [0.5]
+            assert [q.query["resourceVersion"] for q in api.watch_requests(SVC_PATH)][:2] == ["5", "5"]
+
+    run(main)
+
+
+def test_credentials_that_fail_back_off_until_they_work(backoff: Backoff, tmp_path: Any) -> None:
+    """An unreadable token file (being rotated, a failed mount) or a failing exec plugin raise
+    OSError or anything else from the auth hook: the reflector waits and tries again."""
+    from pyproxy.sources.credentials import _token_file
+
+    token = tmp_path / "token"
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, page([svc("a")], rv="2"))
+            client = KubeClient(host=api.host, ssl_context=False, headers={}, auth=_token_file(str(token)))
+            rec = Recorder()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
+            task = asyncio.create_task(r.run())
+            await until(lambda: len(backoff.delays) >= 2, "two failed attempts")
+            assert not task.done()
+            token.write_text("sekret\n")
+            await asyncio.wait_for(r.synced.wait(), 2)
+            await stop(task)
+            await client.close()
+            assert api.list_requests(SVC_PATH)[0].headers["Authorization"] == "Bearer sekret"
+
+    run(main)
+
+
+def test_an_exception_from_the_store_relists_instead_of_ending_the_reflector(backoff: Backoff) -> None:
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, page([svc("a")], rv="2"), page([svc("a")], rv="3"))
+            api.add_watch(SVC_PATH, Reply(events=[ev("ADDED", svc("boom", rv="3"))]))
+            rec = Recorder()
+
+            def on_event(event: str, kind: str, obj: dict[str, Any]) -> None:
+                if name_of(obj) == "boom":
+                    raise RuntimeError("a bug in the store")
+                rec.on_event(event, kind, obj)
+
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=on_event)
+            task = asyncio.create_task(r.run())
+            await until(lambda: r.relists == 2, "the relist after the error")
+            assert not task.done()
+            await stop(task)
+            await client.close()
+            assert backoff.delays == [0.5]
+
+    run(main)
+
+
+def test_api_sockets_have_keepalive_and_a_user_timeout() -> None:
+    import socket
+
+    sock = kube._keepalive_socket((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 1)))
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == kube.KEEPALIVE_IDLE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == kube.KEEPALIVE_COUNT
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == kube.USER_TIMEOUT_MS
+    finally:
+        sock.close()

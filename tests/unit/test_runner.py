@@ -513,3 +513,93 @@ def test_daemon_families_sync_independently(tmp_path: Any, monkeypatch: pytest.M
             assert set(v4.tables[("ip", "pyproxy")].elements["service-ips"]) == {"10.96.0.10 . tcp . 80"}
 
     run(main)
+
+
+# -- faults that must not end the loop (hardening issue, defect 2) -------------------------------
+
+@pytest.mark.parametrize("error", [
+    OSError(12, "Cannot allocate memory"),  # fork of nft failed
+    RuntimeError("a bug"),
+], ids=["oserror", "bug"])
+def test_an_unexpected_exception_from_a_sync_is_retried_not_fatal(monkeypatch: pytest.MonkeyPatch,
+                                                                   error: Exception) -> None:
+    monkeypatch.setattr(runner_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.05))
+
+    async def main() -> None:
+        rig = Rig(timeout=10.0)
+        rig.feed_all()
+        real_run = rig.fake.run
+        raised = []
+
+        def run_once_broken(tx: Any) -> None:
+            if not raised:
+                raised.append(error)
+                raise error
+            real_run(tx)
+
+        rig.fake.run = run_once_broken  # type: ignore[method-assign]
+        errors0 = sample("pyproxy_sync_errors_total", {"reason": type(error).__name__})
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the sync after the error")
+        assert not task.done()
+        assert rig.failures == 1 and rig.results[-1].full
+        assert rig.dnat_targets() == {"10.244.1.5:8080"}
+        assert sample("pyproxy_sync_errors_total", {"reason": type(error).__name__}) == errors0 + 1
+        await stop(task)
+
+    run(main)
+
+
+def test_a_netlink_error_in_conntrack_cleanup_does_not_fail_the_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyroute2 raises NetlinkError (not OSError), e.g. for an entry that expired between the
+    dump and the delete; it used to escape the runner and end the daemon with exit code 0."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from pyproxy import conntrack
+
+    def failing_clean(*a: Any, **k: Any) -> int:
+        raise NetlinkError(2, "No such file or directory")
+
+    monkeypatch.setattr(conntrack, "clean", failing_clean)
+
+    async def main() -> None:
+        rig = Rig()
+        rig.runner.cleaner = conntrack.ConntrackCleaner()
+        rig.runner.on_replace("Service", [sc.service("dns", "10.96.0.53", [sc.port(53, name="dns", protocol="UDP")])])
+        rig.runner.on_replace("EndpointSlice", [sc.endpoint_slice("dns", ["10.244.1.5"], [sc.port(53, name="dns", protocol="UDP")])])
+        rig.runner.on_replace("Node", [NODE])
+        failures0 = sample("pyproxy_conntrack_cleanup_failures_total")
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs == 1, "the sync")
+        assert sample("pyproxy_conntrack_cleanup_failures_total") == failures0 + 1
+        assert rig.runner.health.last_queued == 0  # the rules are in: healthy
+        assert not task.done()
+        await stop(task)
+
+    run(main)
+
+
+def test_daemon_exits_non_zero_when_a_task_ends(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync loop or reflector that ends is a bug; the daemon must say so with its exit code
+    (it used to return 0, so a restart policy of OnFailure would not restart it)."""
+    from pyproxy import daemon, hostnet
+
+    monkeypatch.setattr(hostnet, "interface_ips", lambda family=4: ())
+
+    async def broken_run(self: Any, caches_synced: Any) -> None:
+        raise RuntimeError("a bug in the sync loop")
+
+    monkeypatch.setattr(runner_mod.SyncRunner, "run", broken_run)
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            kubeconfig = _serve_one_service(api, tmp_path)
+            api.add_list(NODE_PATH, page([], rv="1"))
+            settings = daemon.Settings(kubeconfig=str(kubeconfig), healthz_bind_address="",
+                                       metrics_bind_address="", clean_other_modes=False)
+            code = await asyncio.wait_for(daemon.serve(
+                ProxyConfig(hostname="node-1", ip_families=(4,)), settings,
+                make_proxier=lambda config, **_: NftProxier(config=config, executor=FakeNft())), 3)
+            assert code == 1
+
+    run(main)
