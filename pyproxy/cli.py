@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "empty to disable)")
     run.add_argument("--metrics-bind-address", default="127.0.0.1:10249", metavar="HOST:PORT",
                      help="API mode: serve /metrics here (default 127.0.0.1:10249; empty to disable)")
+    run.add_argument("--watch-idle-timeout", type=float, default=90.0, metavar="SECONDS",
+                     help="API mode: restart a watch that received nothing (not even the bookmark "
+                     "the API server sends every minute) for this long: a dead connection or a "
+                     "stuck proxy (default 90; pyproxy's own flag)")
     run.add_argument("--retries", type=int, default=3, metavar="N",
                      help="with --once: attempts before giving up on a refused ruleset (default 3)")
 
@@ -411,6 +415,7 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
         full_sync_period=args.full_sync_period,
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
+        watch_idle_timeout=args.watch_idle_timeout,
     )
     code = 0
     try:

@@ -41,6 +41,8 @@ class Settings:
     """/metrics; empty disables."""
     clean_other_modes: bool = True
     """At start, remove what another proxy mode left in this network namespace."""
+    watch_idle_timeout: float = 90.0
+    """Restart a watch silent this long (seconds): a dead connection or a stuck proxy."""
 
 
 async def serve(config: ProxyConfig, settings: Settings, *,
@@ -89,7 +91,8 @@ async def serve(config: ProxyConfig, settings: Settings, *,
 
     client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
     reflectors = [
-        Reflector(client, resource, on_replace=on_replace, on_event=on_event)
+        Reflector(client, resource, on_replace=on_replace, on_event=on_event,
+                  idle_timeout=settings.watch_idle_timeout)
         for resource in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname))
     ]
     sites = []

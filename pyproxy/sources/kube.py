@@ -275,6 +275,8 @@ class Reflector:
         self.resource_version = ""
         self.relists = 0
         self._events = 0
+        self._gone_in_a_row = 0
+        """410s since the last event: a storm of them is backed off."""
 
     def _params(self) -> dict[str, str]:
         p = {}
@@ -314,6 +316,7 @@ class Reflector:
 
     def _handle(self, event: dict[str, Any]) -> None:
         self._events += 1
+        self._gone_in_a_row = 0
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
@@ -354,10 +357,17 @@ class Reflector:
                     backoff = 0.5
                 continue
             except Gone:
-                REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason="gone").inc()
-                log.info("%s: resourceVersion %s expired, relisting", self.resource.kind, self.resource_version)
                 need_list = True
-                continue
+                self._gone_in_a_row += 1
+                if self._gone_in_a_row == 1:
+                    REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason="gone").inc()
+                    # The normal case (we were away longer than the server keeps history): at once.
+                    log.info("%s: resourceVersion %s expired, relisting", self.resource.kind,
+                             self.resource_version)
+                    continue
+                # 410 right after a relist, again: a server (or proxy) in trouble. Back off
+                # rather than hammer it with LISTs.
+                reason, what = "gone", f"resourceVersion {self.resource_version} expired again; relisting"
             except Relist as err:
                 reason, need_list = "relist", True
                 what = f"{err}; relisting"

@@ -922,3 +922,22 @@ def test_api_sockets_have_keepalive_and_a_user_timeout() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == kube.USER_TIMEOUT_MS
     finally:
         sock.close()
+
+
+def test_a_410_storm_is_backed_off(backoff: Backoff) -> None:
+    """One 410 relists at once; 410 after 410 with nothing in between backs off, instead of a
+    tight loop of LISTs against a server in trouble."""
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, *[page([svc("a")], rv=str(10 + k)) for k in range(5)])
+            api.add_watch(SVC_PATH, *[Reply(status=410, body={"code": 410}) for _ in range(4)])
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
+            task = asyncio.create_task(r.run())
+            await until(lambda: r.relists == 5, "five lists")
+            await stop(task)
+            await client.close()
+            assert backoff.delays == [0.5, 1.0, 2.0]
+
+    run(main)
