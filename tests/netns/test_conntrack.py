@@ -4,13 +4,14 @@ within one sync, because pyproxy deletes the entries the new rules orphaned."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.netns.conftest import DNS_IP, Programmed, base_objects
+from tests.netns.conftest import DNS_IP, Programmed, _programmed, base_objects
 
 pytestmark = pytest.mark.netns
 
@@ -45,3 +46,70 @@ def test_udp_client_follows_a_replaced_backend_within_one_sync(programmed: Progr
     # The same socket, the same source port: without the cleanup its conntrack entry would keep
     # the old DNAT to pod0 for as long as it keeps sending (it would time out after 10 s idle).
     assert after and set(after) == {"pod1"}, after
+
+
+SHIM = '''
+import os
+FLAG = os.environ.get("PYPROXY_TEST_CONNTRACK_FAIL", "")
+if FLAG:
+    import pyroute2
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    _delete = pyroute2.Conntrack.delete
+
+    def delete(self, *args, **kwargs):
+        if os.path.exists(FLAG):
+            raise NetlinkError(2, "injected: the entry vanished between dump and delete")
+        return _delete(self, *args, **kwargs)
+
+    pyroute2.Conntrack.delete = delete
+'''
+
+
+@pytest.fixture
+def nftables(topo, tmp_path):  # type: ignore[no-untyped-def]
+    """The cleanup does not depend on the mode: nftables is enough."""
+    yield from _programmed(topo, "nftables", tmp_path / "cluster.yaml")
+
+
+def test_a_netlink_error_mid_cleanup_keeps_the_daemon_and_the_next_change_cleans(
+        nftables: Programmed, tmp_path, monkeypatch):
+    """The real daemon, with pyroute2's conntrack delete made to fail (a sitecustomize shim) as
+    it does for an entry that expired between the dump and the delete: that NetlinkError used to
+    escape and stop pyproxy with exit code 0. Now the rules are applied, the daemon goes on, and
+    the cleanup after the next change deletes the stale entry."""
+    kernel = nftables
+    topo = kernel.topo
+    pod0, pod1, pod2 = (topo.pod(p).ip for p in ("pod0", "pod1", "pod2"))
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "sitecustomize.py").write_text(SHIM)
+    flag = tmp_path / "fail-conntrack"
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'shim'}:{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("PYPROXY_TEST_CONNTRACK_FAIL", str(flag))
+    kernel.background = True
+    kernel.apply(_with_dns_backends(base_objects(topo), [pod0]))
+    stream = subprocess.Popen(
+        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
+         "--target", f"{DNS_IP}:53", "--udp-stream", "9", "--interval", "0.05"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        flag.touch()
+        kernel.apply(_with_dns_backends(base_objects(topo), [pod1]))  # cleanup fails
+        time.sleep(2.5)
+        assert kernel.proc is not None and kernel.proc.poll() is None, kernel.log.read_text()[-2000:]
+        assert "Traceback" not in kernel.log.read_text()
+        flag.unlink()
+        kernel.apply(_with_dns_backends(base_objects(topo), [pod2]))  # this one cleans
+        switched_at = time.monotonic()
+        out, _ = stream.communicate(timeout=30)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+    replies = [json.loads(line) for line in out.splitlines()]
+    stuck = [r["pod"] for r in replies if switched_at - 2.0 < r["t"] < switched_at - 0.2]
+    after = [r["pod"] for r in replies if r["t"] > switched_at + 0.2]
+    # While the cleanup failed, the old flow kept its NAT to pod0 (the rules are right, the
+    # entry is stale); after the next change's cleanup it moves to the new backend.
+    assert stuck and set(stuck) == {"pod0"}, stuck
+    assert after and set(after) == {"pod2"}, after
