@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import signal
 import socket
 import sys
 import time
@@ -218,7 +219,14 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
             from pyproxy.hostnet import set_sysctl
 
             # Without it the kernel drops packets to 127.0.0.0/8 once DNAT sends them out.
-            set_sysctl("net.ipv4.conf.all.route_localnet", "1")
+            try:
+                set_sysctl("net.ipv4.conf.all.route_localnet", "1")
+            except OSError as err:
+                raise UsageError(
+                    f"--iptables-localhost-nodeports needs net.ipv4.conf.all.route_localnet=1 and it "
+                    f"cannot be set here ({err.strerror}: /proc/sys is read-only in an unprivileged "
+                    "container): set it before pyproxy starts (the Helm chart's init container does "
+                    "when config.localhostNodePorts is on), or turn the flag off") from None
         return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
                                                               family=config.family))
     from pyproxy.nft.executor import NftCli
@@ -342,12 +350,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The health check node ports say "unhealthy" while a changed file waits to be applied.
     checks = {f.config.family: HealthCheckThread(proxy_healthy=lambda f=f: not f.pending, family=f.config.family)
               for f in families}
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a pod being stopped) ends the loop like SIGINT
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             now = time.monotonic()
             for fam in families:
-                if fam.step(now):
-                    checks[fam.config.family].update(fam.state)
+                check = checks[fam.config.family]
+                if fam.step(now) or check.server.retry_pending:
+                    check.update(fam.state)
             time.sleep(args.min_sync_period)
     except KeyboardInterrupt:
         # Never delete rules on exit: traffic keeps flowing while pyproxy restarts.

@@ -18,6 +18,12 @@ def interface_ips(family: int = 4) -> tuple[str, ...]:
 
 
 def set_sysctl(name: str, value: str) -> None:
-    """Write ``/proc/sys/<name with dots as slashes>``."""
-    with open("/proc/sys/" + name.replace(".", "/"), "w", encoding="ascii") as fh:
+    """Make ``/proc/sys/<name with dots as slashes>`` hold ``value``; a value already set is
+    left alone (an unprivileged container, whose /proc/sys is read-only, may find it set by
+    an init container). Raises OSError when it must be written and cannot be."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    with open(path, encoding="ascii") as fh:
+        if fh.read().strip() == value:
+            return
+    with open(path, "w", encoding="ascii") as fh:
         fh.write(value)

@@ -71,7 +71,9 @@ class HealthCheckServer:
         """One server per family (dual-stack); asyncio binds IPv6 sockets IPv6-only, so the two
         families' wildcard listeners do not collide."""
         self._checks: dict[int, HealthCheck] = {}
-        self._servers: dict[int, tuple[tuple[str, ...], list[asyncio.AbstractServer]]] = {}
+        self._servers: dict[int, tuple[tuple[str, ...], dict[str, asyncio.AbstractServer]]] = {}
+        """Port → (the addresses it should listen on, the listeners bound so far)."""
+        self._failed: set[tuple[int, str]] = set()
 
     def _handler(self, port: int) -> Callable[[web.BaseRequest], object]:
         async def handle(_: web.BaseRequest) -> web.Response:
@@ -83,28 +85,37 @@ class HealthCheckServer:
         return handle
 
     async def update(self, checks: dict[int, HealthCheck], ips: tuple[str, ...]) -> None:
+        """Follow ``checks``; also retry every listener that could not be bound before (another
+        process held the port for a while): it is called after every sync, so a failed bind is
+        retried at least once per sync period instead of never."""
         self._checks = dict(checks)
         hosts = ips or (("::",) if self.family == 6 else ("0.0.0.0",))
         for port in [p for p, (bound, _) in self._servers.items() if p not in checks or bound != hosts]:
             await self._close(port)
         loop = asyncio.get_running_loop()
         for port in checks:
-            if port in self._servers:
-                continue
-            servers = []
+            _, listening = self._servers.setdefault(port, (hosts, {}))
             for host in hosts:
+                if host in listening:
+                    continue
                 try:
-                    servers.append(await loop.create_server(web.Server(self._handler(port)), host, port,
-                                                            reuse_address=True))
+                    listening[host] = await loop.create_server(web.Server(self._handler(port)), host, port,
+                                                               reuse_address=True)
+                    if (port, host) in self._failed:
+                        self._failed.discard((port, host))
+                        log.info("health check node port %s:%d is listening now", host, port)
                 except OSError as err:
-                    # Another process holds the port: the other Services keep their checks.
-                    log.error("health check node port %s:%d of %s/%s: %s", host, port,
-                              checks[port].namespace, checks[port].name, err)
-            self._servers[port] = (hosts, servers)
+                    # Another process holds the port: the other Services keep their checks,
+                    # and this one is tried again after the next sync.
+                    if (port, host) not in self._failed:
+                        self._failed.add((port, host))
+                        log.error("health check node port %s:%d of %s/%s: %s (retried after each sync)",
+                                  host, port, checks[port].namespace, checks[port].name, err)
 
     async def _close(self, port: int) -> None:
         _, servers = self._servers.pop(port)
-        for server in servers:
+        self._failed = {(p, h) for p, h in self._failed if p != port}
+        for server in servers.values():
             server.close()
             await server.wait_closed()
 
@@ -113,8 +124,13 @@ class HealthCheckServer:
             await self._close(port)
 
     @property
+    def retry_pending(self) -> bool:
+        """Some listener could not be bound yet."""
+        return bool(self._failed)
+
+    @property
     def ports(self) -> tuple[int, ...]:
-        return tuple(sorted(self._servers))
+        return tuple(sorted(p for p, (_, bound) in self._servers.items() if bound))
 
 
 class HealthCheckThread:

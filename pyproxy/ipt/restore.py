@@ -32,6 +32,12 @@ class RestorePayload:
     def __bool__(self) -> bool:
         return bool(self.rewrite or self.delete)
 
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables this payload changes, in the order it writes them."""
+        touched = {k[0] for k in (*self.rewrite, *self.delete)}
+        return tuple(t for t in TABLES if t in touched)
+
     def lines(self) -> int:
         """Lines sent, the iptables counterpart of an nft command count."""
         return sum(len(r) + 1 for r in self.rewrite.values()) + 2 * len(self.delete)

@@ -142,7 +142,7 @@ class StateBuilder:
             old = self._slices.pop(key, None)
             if old is not None and old[1] is not None:
                 svc_key = (old[1].namespace, old[1].service)
-                self._slices_of[svc_key].discard(key)
+                self._unlink_slice(svc_key, key)
                 self._dirty.add(svc_key)
 
     def replace_kind(self, kind: str, objects: list[dict[str, Any]]) -> None:
@@ -270,13 +270,22 @@ class StateBuilder:
         key, stamp, old, parsed = got
         if old is not None and old[1] is not None:
             old_svc = (old[1].namespace, old[1].service)
-            self._slices_of[old_svc].discard(key)
+            self._unlink_slice(old_svc, key)
             self._dirty.add(old_svc)
         if parsed is not None:
             svc_key = (parsed.namespace, parsed.service)
             self._slices_of[svc_key].add(key)
             self._dirty.add(svc_key)
         self._slices[key] = (stamp, parsed)
+
+    def _unlink_slice(self, svc_key: Key, key: Key) -> None:
+        """Forget that slice ``key`` belongs to ``svc_key``; drop the entry once it is empty, or
+        every Service ever seen would keep one (19 MB after 50,000 created and deleted)."""
+        keys = self._slices_of.get(svc_key)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._slices_of[svc_key]
 
     def _upsert_node(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}

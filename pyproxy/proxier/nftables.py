@@ -45,7 +45,7 @@ class NftProxier:
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
-        tx = self._full_transaction(render.render_base(self.config, state), state)
+        tx = self._full_transaction(self._render_base(state), state)
         if tx.error:
             # The script would stop where the bad operation was left out: never print half.
             raise SyncFailed(f"cannot render the ruleset: {tx.error}")
@@ -61,7 +61,7 @@ class NftProxier:
     def sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
         full = self.needs_full
-        base = render.render_base(self.config, state)
+        base = self._render_base(state)
         new_applied: dict[ServicePortName, ServicePortState] = {}
         changed = 0
         phases = Phases()
@@ -117,6 +117,10 @@ class NftProxier:
             full=full, operations=len(tx.ops), changed_services=changed,
             render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
+
+    def _render_base(self, state: DesiredState) -> NftFragment:
+        """The fixed chains and maps (the userspace mode adds its relay guard)."""
+        return render.render_base(self.config, state)
 
     def _render_service(self, sps: ServicePortState) -> NftFragment:
         """One service port's fragment (the userspace mode renders redirects instead)."""

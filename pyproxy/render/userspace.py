@@ -7,9 +7,28 @@ the destination to this node and the listener's port. The listener then picks a 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pyproxy.model.objects import ServicePortState
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import nft_comment, nft_service_base
+
+RELAY_PORTS = "relay-ports"
+
+
+def guard_relays(base: NftFragment, ports: tuple[int, ...]) -> NftFragment:
+    """The nftables base plus a guard: relays listen on every address (a redirect from
+    prerouting goes to the incoming interface's address), so new connections to their ports
+    that were not redirected by us, i.e. from off the node straight to ``node:36000``, are
+    dropped. Replies to the node's own ephemeral ports in the same range are not new."""
+    chains = dict(base.chains)
+    chains["filter-input"] = (
+        f"ct state new meta l4proto {{ tcp, udp }} th dport @{RELAY_PORTS} ct status ! dnat drop",
+        *chains["filter-input"])
+    elements = dict(base.elements)
+    elements.update({(RELAY_PORTS, str(p)): "" for p in ports})
+    return replace(base, chains=chains, sets={**base.sets, RELAY_PORTS: "type inet_service ;"},
+                   elements=elements)
 
 
 def render_service(sps: ServicePortState, listen_port: int | None) -> NftFragment:

@@ -21,6 +21,9 @@ class Balancer:
         self._next = 0
         self._pins: dict[str, tuple[tuple[str, int], float]] = {}
         self._clock = clock
+        self._prune_at = 1024
+        """Expired pins are dropped when there are this many (then twice what remains): the
+        cost stays amortised O(1) per connection and memory follows the live clients."""
 
     def update(self, endpoints: tuple[tuple[str, int], ...], affinity_timeout: int) -> None:
         if endpoints != self.endpoints:
@@ -49,4 +52,8 @@ class Balancer:
     def used(self, client_ip: str, endpoint: tuple[str, int]) -> None:
         """Record a successful connection (refreshes the client's affinity)."""
         if self.affinity_timeout:
-            self._pins[client_ip] = (endpoint, self._clock())
+            now = self._clock()
+            self._pins[client_ip] = (endpoint, now)
+            if len(self._pins) >= self._prune_at:
+                self._pins = {c: p for c, p in self._pins.items() if now - p[1] < self.affinity_timeout}
+                self._prune_at = max(1024, 2 * len(self._pins))

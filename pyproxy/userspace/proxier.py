@@ -57,11 +57,16 @@ class UserspaceProxier(NftProxier):
     def _render_service(self, sps: ServicePortState) -> NftFragment:
         return render.render_service(sps, self.ports.get(sps.service.name))
 
-    async def _reconcile(self, state: DesiredState) -> None:
+    def _render_base(self, state: DesiredState) -> NftFragment:
+        # The relays this ruleset redirects to (those about to be retired are not among them).
+        ports = tuple(sorted(p for n, p in self.ports.items() if n in state.services))
+        return render.guard_relays(super()._render_base(state), ports)
+
+    async def _prepare(self, state: DesiredState) -> None:
+        """Before the kernel commit: start the relays new redirects will point at and give the
+        others their new endpoints. Relays of removed Services keep their ports until the
+        commit succeeds (see :meth:`_retire`)."""
         want = {n: s for n, s in state.services.items() if s.usable_endpoints}
-        for name in [n for n in self.relays if n not in want]:
-            await self.relays.pop(name).stop()
-            self.ports.pop(name, None)
         for name, sps in want.items():
             eps = tuple((e.ip, e.port) for e in sps.usable_endpoints)
             relay = self.relays.get(name)
@@ -74,6 +79,15 @@ class UserspaceProxier(NftProxier):
                 relay.balancer.update(eps, sps.service.affinity_timeout)
                 if isinstance(relay, UdpRelay):
                     relay.forget_backends_not_in(eps)
+
+    async def _retire(self, state: DesiredState) -> None:
+        """After the commit: no redirect points at these relays any more, so their ports may
+        be handed to other Services. Done before the commit, a refused ruleset would leave the
+        old ClusterIP redirected to a port a new Service took: relayed to the wrong backends."""
+        want = {n for n, s in state.services.items() if s.usable_endpoints}
+        for name in [n for n in self.relays if n not in want]:
+            await self.relays.pop(name).stop()
+            self.ports.pop(name, None)
         for name in [n for n in self.ports if n not in self.relays]:
             self.ports.pop(name)
 
@@ -106,9 +120,12 @@ class UserspaceProxier(NftProxier):
         return None
 
     def sync(self, state: DesiredState) -> SyncResult:
-        # Listeners first, so a redirect never points at a port nobody listens on.
-        asyncio.run_coroutine_threadsafe(self._reconcile(state), self.loop).result(timeout=60)
-        return super().sync(state)
+        # Listeners first, so a redirect never points at a port nobody listens on; retired
+        # listeners last, so a port is never reused while a redirect may still point at it.
+        asyncio.run_coroutine_threadsafe(self._prepare(state), self.loop).result(timeout=60)
+        result = super().sync(state)
+        asyncio.run_coroutine_threadsafe(self._retire(state), self.loop).result(timeout=60)
+        return result
 
     def cleanup(self) -> bool:
         found = super().cleanup()

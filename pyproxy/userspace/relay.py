@@ -14,6 +14,10 @@ log = logging.getLogger("pyproxy.userspace")
 
 CONNECT_TIMEOUT = 2.0
 CHUNK = 256 * 1024
+MAX_UDP_SESSIONS = 4096
+"""Client addresses one UDP relay serves at once; each holds a socket (a file descriptor), so a
+flood of spoofed sources must not exhaust them. Datagrams of further clients are dropped until
+sessions idle out."""
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -95,11 +99,16 @@ class UdpRelay(asyncio.DatagramProtocol):
     """One session per client address: a connected socket to the chosen backend, forgotten after
     ``idle_timeout`` seconds without traffic (the client IP is lost, as in every userspace proxy)."""
 
-    def __init__(self, name: str, port: int, balancer: Balancer, idle_timeout: float = 30.0) -> None:
+    def __init__(self, name: str, port: int, balancer: Balancer, idle_timeout: float = 30.0,
+                 max_sessions: int = MAX_UDP_SESSIONS) -> None:
         self.name = name
         self.port = port
         self.balancer = balancer
         self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self.dropped = 0
+        """Datagrams dropped because every session slot was taken."""
+        self._opening: set[tuple[str, int]] = set()
         self.transport: Any = None
         self.sessions: dict[tuple[str, int], list[Any]] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -145,9 +154,22 @@ class UdpRelay(asyncio.DatagramProtocol):
             session[0].sendto(data)
             session[1] = time.monotonic()
             return
+        if len(self.sessions) + len(self._opening) >= self.max_sessions:
+            if not self.dropped:
+                log.warning("%s: %d UDP clients at once, the most a relay serves; dropping "
+                            "datagrams of new clients until sessions idle out", self.name, self.max_sessions)
+            self.dropped += 1
+            return
+        self._opening.add(addr)
         asyncio.ensure_future(self._open(data, addr))
 
     async def _open(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            await self._open_session(data, addr)
+        finally:
+            self._opening.discard(addr)
+
+    async def _open_session(self, data: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         for ep in self.balancer.candidates(addr[0]):
             try:

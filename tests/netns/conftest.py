@@ -1,8 +1,9 @@
 """Fixtures for tests that load real rules into fresh network namespaces and send packets.
 
-They need root and the nft, iptables and ip binaries. Outside CI they are skipped with the
-reason when those are missing; in CI (``CI=true``) a missing prerequisite is a failure, so a
-broken setup can never pass as "all skipped".
+They need root and the nft, iptables and ip binaries. Run by hand, they are skipped with the
+reason when those are missing; under ``scripts/test.sh`` (``PYPROXY_ALL_TIERS=1``) or in CI
+(``CI=true``) a missing prerequisite is a failure, so a broken setup can never pass as "all
+skipped".
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ AFFINITY_TIMEOUT = 2
 def topo() -> Iterator[Topology]:
     why = missing()
     if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"netns tests cannot run in CI: {why}")
+        if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
+            pytest.fail(f"netns tests cannot run here: {why} (scripts/test.sh --unit runs the unit "
+                        "tests alone)")
         pytest.skip(why)
     # pod0..pod2 are backends; pod3 is a client pod that backs nothing.
     with Topology.create(pods=4) as t:

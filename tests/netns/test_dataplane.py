@@ -3,8 +3,11 @@ nft and legacy backends (the ``programmed`` fixture), inside the namespaces of `
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -89,21 +92,60 @@ def test_hairpin_pod_reaches_itself_through_its_service(programmed: Programmed):
     assert probe.seen_ips == {topo.bridge_ip}
 
 
-def test_service_without_endpoints_refuses_at_once(programmed: Programmed):
+@pytest.fixture
+def node_listener(programmed: Programmed) -> Iterator[Programmed]:
+    """An echo on the node itself, TCP and UDP, on the empty Service's NodePort: if pyproxy's
+    reject rule were missing, that listener would answer (without it, nothing listens and the
+    kernel refuses by itself: such a check cannot fail)."""
     topo = programmed.topo
-    tcp = topo.probe(topo.pod("pod3").ns, f"{EMPTY_IP}:80", count=5, timeout=3)
+    proc = subprocess.Popen(["ip", "netns", "exec", topo.node_ns, sys.executable, "-m", "pyproxy.lab.echo",
+                             "--name", "node-listener", "--port", str(EMPTY_NODEPORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):  # up when it answers on an address that takes no NodePorts
+            if topo.probe(topo.pod("pod3").ns, f"{topo.bridge_ip}:{EMPTY_NODEPORT}", timeout=0.5).pods:
+                break
+            time.sleep(0.1)
+        yield programmed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_service_without_endpoints_refuses_at_once(node_listener: Programmed):
+    programmed = node_listener
+    topo = programmed.topo
+    objects = base_objects(topo)
+    for obj in objects:
+        if obj["metadata"]["name"] == "empty":  # its UDP port gets the same NodePort number
+            obj["spec"]["ports"][1]["nodePort"] = EMPTY_NODEPORT
+    programmed.apply(objects)
+    client = topo.pod("pod3").ns
+    tcp = topo.probe(client, f"{EMPTY_IP}:80", count=5, timeout=3)
+    udp = topo.probe(client, f"{EMPTY_IP}:80", proto="udp", count=5, timeout=3)
     nodeport = topo.probe(topo.client_ns, f"{topo.node_ip}:{EMPTY_NODEPORT}", count=5, timeout=3)
-    udp = topo.probe(topo.pod("pod3").ns, f"{EMPTY_IP}:80", proto="udp", count=5, timeout=3)
-    for probe in (tcp, nodeport, udp):
-        assert probe.errors == {"refused": 5}
+    udp_nodeport = topo.probe(topo.client_ns, f"{topo.node_ip}:{EMPTY_NODEPORT}", proto="udp", count=5, timeout=3)
+    for probe in (tcp, udp, nodeport, udp_nodeport):
+        assert probe.errors == {"refused": 5}, probe
         # Refused by a REJECT rule, not a timeout: well under the 3 s probe timeout.
         assert max(probe.durations) < 0.5
+    # The listener is there, and answers where the NodePort does not apply.
+    for proto in ("tcp", "udp"):
+        control = topo.probe(client, f"{topo.bridge_ip}:{EMPTY_NODEPORT}", proto=proto, count=2)
+        assert control.pods == ["node-listener"] * 2
 
 
-def test_wrong_port_on_clusterip_is_not_forwarded(programmed: Programmed):
+def test_wrong_port_on_clusterip(programmed: Programmed):
+    """nftables layout (and the userspace mode, which uses it): a port the ClusterIP does not
+    serve is refused at once. iptables mode, as upstream's, lets it pass un-NATed: no backend
+    answers it."""
     topo = programmed.topo
     probe = topo.probe(topo.pod("pod3").ns, f"{WEB_IP}:81", count=2, timeout=1)
     assert probe.answers == []
+    if programmed.mode in ("nftables", "userspace"):
+        assert probe.errors == {"refused": 2} and max(probe.durations) < 0.5, probe
+    else:
+        assert "refused" not in probe.errors, probe
 
 
 def test_client_ip_affinity_pins_then_expires(programmed: Programmed):

@@ -73,3 +73,16 @@ def test_pinned_clients_do_not_skew_round_robin_for_new_ones():
             bal.used(client, pick)
         firsts.append(bal.candidates(client)[0])
     assert sorted(firsts) == [A, B, C]
+
+
+def test_expired_pins_are_dropped_as_clients_come_and_go():
+    """Hardening issue, defect 8: pins were never expired (100,000 clients kept 100,000 pins)."""
+    now = [0.0]
+    b = Balancer(clock=lambda: now[0])
+    b.update((("10.0.0.1", 80), ("10.0.0.2", 80)), 10)
+    for i in range(100_000):
+        now[0] = i * 0.001  # 1,000 new clients a second, each seen once
+        client = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+        b.used(client, b.candidates(client)[0])
+    # Only clients of the last 10 s can still be pinned (and at most twice that before a prune).
+    assert len(b._pins) <= 2 * 10_000 + 1024

@@ -228,3 +228,35 @@ def test_all_healthy_needs_every_family():
     assert v4.healthy() and not both.healthy()
     v4.node_deleting = True
     assert both.node_deleting and both.body(0)["nodeEligible"] is False
+
+
+def test_a_health_check_port_held_by_another_process_is_retried_until_it_binds() -> None:
+    """Hardening issue, defect 9: one failed bind used to leave the node looking unhealthy to
+    the load balancer until pyproxy restarted."""
+    import socket
+    import urllib.request
+
+    from pyproxy.service_health import HealthCheck, HealthCheckServer
+
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    check = {port: HealthCheck("e2e", "lb", port, 1)}
+
+    def get() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:  # noqa: S310
+            return resp.status
+
+    async def main() -> None:
+        server = HealthCheckServer(proxy_healthy=lambda: True)
+        await server.update(check, ("127.0.0.1",))
+        assert server.retry_pending and server.ports == ()
+        blocker.close()
+        await server.update(check, ("127.0.0.1",))  # the next sync's update
+        assert not server.retry_pending and server.ports == (port,)
+        assert await asyncio.to_thread(get) == 200
+        await server.close()
+
+    asyncio.run(main())

@@ -565,3 +565,19 @@ def test_build_for_node_with_cidrs_reads_the_interfaces_too():
     assert not calls  # the Node's addresses suffice: the namespace is not read
     got = b.build_for_node(cidrs=("10.0.0.0/8", "192.168.0.0/16"), interfaces=interfaces)
     assert set(got.nodeport_ips) == {"192.168.1.1", "10.0.0.7"}
+
+
+def test_created_and_deleted_services_leave_nothing_behind():
+    """Hardening issue, defect 10: the slice index kept an empty entry per Service ever seen."""
+    from tests.unit.helpers import service_objects
+
+    b = StateBuilder(node_name="node-1")
+    for i in range(200):
+        svc, sl = service_objects(i)
+        b.upsert(svc)
+        b.upsert(sl)
+        b.build()
+        b.delete("EndpointSlice", (sl["metadata"]["namespace"], sl["metadata"]["name"]))
+        b.delete("Service", (svc["metadata"]["namespace"], svc["metadata"]["name"]))
+        b.build()
+    assert not b._slices_of and not b._slices and not b._services and not b._merged and not b._claims

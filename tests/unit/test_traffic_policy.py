@@ -78,3 +78,28 @@ def test_explain_follows_the_same_decisions():
     assert dropped.verdict == "drop"
     assert explain(state, CFG, dst="10.96.0.10", port=81, proto="tcp").verdict == "reject"  # nft mode
     assert explain(state, CFG, dst="10.1.2.3", port=80, proto="tcp").verdict == "pass"
+
+
+@pytest.mark.parametrize("policy", ["internal", "external"])
+def test_local_fallback_uses_serving_terminating_endpoints_never_non_serving(policy: str):
+    """Hardening issue, item 14: with no ready local endpoint, a Local policy falls back to the
+    local endpoints that are terminating but still serving, and never to those that stopped
+    serving (upstream's CategorizeEndpoints), in both renderers."""
+    svc = sc.service("web", "10.96.0.10", [sc.port(80, name="http", node_port=30080)], svc_type="NodePort")
+    if policy == "internal":
+        svc["spec"]["internalTrafficPolicy"] = "Local"
+    else:
+        svc["spec"]["externalTrafficPolicy"] = "Local"
+    ips = ["10.244.1.10", "10.244.1.11", "10.244.1.12"]
+    sl = sc.endpoint_slice("web", ips, [sc.port(8080, name="http")])
+    conds = [{"ready": False, "serving": True, "terminating": True},   # local, still serving
+             {"ready": False, "serving": False, "terminating": True},  # local, stopped serving
+             {"ready": True}]                                          # ready, on another node
+    for ep, cond, node in zip(sl["endpoints"], conds, ["node-1", "node-1", "node-2"]):
+        ep["conditions"], ep["nodeName"] = cond, node
+    state = next(iter(build([svc, sl]).services.values()))
+    assert [e.ip for e in state.local_endpoints("node-1")] == ["10.244.1.10"]
+    nft_text = "\n".join(r for rules in nft.render_service(CFG, state).chains.values() for r in rules)
+    ipt_text = "\n".join(r for rules in ipt.render_service(CFG, state).chains.values() for r in rules)
+    for text in (nft_text, ipt_text):
+        assert "10.244.1.10:8080" in text and "10.244.1.11" not in text
