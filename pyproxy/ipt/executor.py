@@ -84,11 +84,9 @@ class IptablesCli:
                                            proc.stderr.decode(errors="replace"))
 
     def restore(self, payload: RestorePayload) -> None:
-        """Apply ``payload``. iptables-restore commits each table on its own (both backends), so
-        a payload for the filter and the nat tables is first checked whole with ``--test``:
-        whatever the kernel or the parser would refuse is then refused before either table
-        changes. Only a failure the check cannot foresee (the xtables lock, memory) can leave
-        filter applied and nat not; the proxier's next sync is a full one either way."""
+        """Apply ``payload``: each table atomically, filter then nat (iptables-restore commits
+        each table on its own, on both backends). When nat is refused, filter is already
+        applied: the proxier puts it back (see ``IptProxier``)."""
         if not payload:
             return
         try:
@@ -96,11 +94,6 @@ class IptablesCli:
         except PayloadError as err:
             raise IptablesError(f"payload not sent: {err}") from None
         restore = [_bin(self.backend, "-restore", self.family), "--noflush", "-w", WAIT_SECONDS]
-        if len(payload.tables) > 1:
-            proc = self._run([*restore, "--test"], data)
-            if proc.returncode != 0:
-                raise IptablesError("refused before any table changed: "
-                                    + (proc.stderr.strip() or f"iptables-restore --test exited {proc.returncode}"))
         proc = self._run(restore, data)
         if proc.returncode != 0:
             raise IptablesError(proc.stderr.strip() or f"iptables-restore exited {proc.returncode}")

@@ -128,7 +128,8 @@ class IptProxier:
             if not full:
                 metrics.IPT_PARTIAL_RESTORE_FAILURES.inc()
             self.needs_full = True
-            raise SyncFailed(f"iptables-restore refused the rules (previous rules kept): {err}") from err
+            kept = self._put_filter_back(payload, full=full)
+            raise SyncFailed(f"iptables-restore refused the rules ({kept}): {err}") from err
         t2 = time.perf_counter()
         self._applied = new_applied
         self._top_rules = tops
@@ -138,6 +139,34 @@ class IptProxier:
             full=full, operations=payload.lines() if payload else 0,
             changed_services=changed, render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
+
+    def _put_filter_back(self, payload: RestorePayload, *, full: bool) -> str:
+        """iptables-restore commits filter before nat: when nat was refused, filter already holds
+        the new rules. Every filter chain of ours is a shared chain, so what it held before is
+        in ``self._shared``: send that back. (When filter itself was refused, this rewrites it
+        with what it still holds: harmless.) Returns what holds now, for the error message."""
+        if "filter" not in payload.tables or len(payload.tables) < 2:
+            return "previous rules kept"
+        if full and not self._shared:
+            # The first sync since start: what the kernel held before is not known.
+            return "the filter table may hold the new rules until the next full sync"
+        undo = RestorePayload()
+        for key in payload.rewrite:
+            if key[0] != "filter":
+                continue
+            if key in self._shared:
+                undo.rewrite[key] = self._shared[key]
+            else:
+                undo.delete.add(key)
+        for key in payload.delete:
+            if key[0] == "filter" and key in self._shared:
+                undo.rewrite[key] = self._shared[key]
+        try:
+            self.executor.restore(undo)
+        except IptablesError as err:
+            log.error("could not put the filter table back after a refused nat table: %s", err)
+            return "the filter table may hold the new rules until the next full sync"
+        return "previous rules kept"
 
     def cleanup(self) -> bool:
         """Remove our jumps and chains from this backend; True if anything was there."""

@@ -37,6 +37,7 @@ TOP_CHAINS = (
     ("filter", FORWARD),
     ("filter", PROXY_FIREWALL),
     ("filter", LOCALNET_FIREWALL),
+    ("filter", NODEPORTS),
     ("nat", SERVICES),
     ("nat", NODEPORTS),
     ("nat", POSTROUTING),
@@ -117,7 +118,12 @@ def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
             '-m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 '
             "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
         )
-    return IptFragment(chains=chains, top_rules={("nat", SERVICES): tuple(tail)})
+    # The filter side of NodePorts (reject without endpoints, drop under eTP Local) applies on
+    # the same addresses as their DNAT, not on every local address: the node may serve that
+    # port number on another address.
+    filter_tail = [t.replace("pyproxy service nodeports", "pyproxy service nodeports filter") for t in tail]
+    return IptFragment(chains=chains, top_rules={("nat", SERVICES): tuple(tail),
+                                                 ("filter", EXTERNAL_SERVICES): tuple(filter_tail)})
 
 
 def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
@@ -152,7 +158,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         top[("filter", SERVICES)] = [f"{none} {_proto(proto)} {dst} {reject}"]
         ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} {reject}" for ip, _ in vips]
         if svc.node_port:
-            ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} {reject}")
+            top[("filter", NODEPORTS)] = [f"{none} {_proto(proto)} --dport {svc.node_port} {reject}"]
         if ext:
             top[("filter", EXTERNAL_SERVICES)] = ext
         return IptFragment(top_rules={k: tuple(v) for k, v in top.items()})
@@ -239,6 +245,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
                 none = ipt_comment(f"{spn} has no local endpoints")
                 ext = [f"{none} {_proto(proto)} -d {ip}/{m} --dport {svc.port} -j DROP" for ip, _ in vips]
                 if svc.node_port:
-                    ext.append(f"{none} -m addrtype --dst-type LOCAL {_proto(proto)} --dport {svc.node_port} -j DROP")
+                    top.setdefault(("filter", NODEPORTS), []).append(
+                        f"{none} {_proto(proto)} --dport {svc.node_port} -j DROP")
                 top.setdefault(("filter", EXTERNAL_SERVICES), []).extend(ext)
     return IptFragment(chains=chains, top_rules={k: tuple(v) for k, v in top.items()})

@@ -89,6 +89,18 @@ class Gone(Relist):
     """410: our resourceVersion is too old; relist at once."""
 
 
+class WatchIdle(KubeError):
+    """A watch stream sent nothing for the idle timeout: resume it from our version at once."""
+
+
+class HttpError(KubeError):
+    """The API server answered with an HTTP error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Resource:
     kind: str
@@ -198,7 +210,7 @@ class KubeClient:
                 if resp.status == 410:
                     raise Gone("resourceVersion too old")
                 if resp.status != 200:
-                    raise KubeError(f"GET {path}: HTTP {resp.status}: {_snippet(body)}")
+                    raise HttpError(resp.status, f"GET {path}: HTTP {resp.status}: {_snippet(body)}")
                 data = json.loads(body)
         except ValueError as err:  # not JSON: a proxy's error page, a truncated body
             raise KubeError(f"GET {path}: response is not JSON: {err}") from None
@@ -213,6 +225,7 @@ class KubeClient:
         """Stream watch events to ``on_event`` until the server ends the watch, or until nothing
         arrived for ``idle_timeout`` seconds (KubeError)."""
         params = {**params, "watch": "1", "allowWatchBookmarks": "true"}
+        streaming = False
         try:
             async with self._sess().get(self.host + path, params=params,
                                         headers=await self._auth_headers(),
@@ -227,6 +240,7 @@ class KubeClient:
                     # retrying the same version could fail forever; a relist cannot.
                     raise Relist(f"WATCH {path}: HTTP {resp.status}: {_snippet(await resp.read())}")
                 buf = b""
+                streaming = True
                 async for chunk in resp.content.iter_any():
                     buf += chunk
                     while b"\n" in buf:
@@ -241,8 +255,12 @@ class KubeClient:
                                                 f"object: {_snippet(line)}")
                             on_event(event)
         except asyncio.TimeoutError:
-            raise KubeError(f"WATCH {path}: nothing received for {idle_timeout:.0f}s (a dead "
-                            "connection or a stuck server); restarting the watch") from None
+            if streaming:
+                # A quiet stream (a server that sends no bookmarks, or a dead connection):
+                # resuming costs one request, not an error.
+                raise WatchIdle(f"WATCH {path}: nothing received for {idle_timeout:.0f}s") from None
+            raise KubeError(f"WATCH {path}: no answer within {idle_timeout:.0f}s (a dead "
+                            "connection or a stuck server); retrying") from None
         except aiohttp.ClientError as err:
             raise KubeError(f"WATCH {path}: {type(err).__name__}: {err}") from None
 
@@ -277,6 +295,8 @@ class Reflector:
         self._events = 0
         self._gone_in_a_row = 0
         """410s since the last event: a storm of them is backed off."""
+        self._quorum_next = False
+        """The server refused a list at our version: read the next one from etcd."""
 
     def _params(self) -> dict[str, str]:
         p = {}
@@ -286,6 +306,19 @@ class Reflector:
             p["fieldSelector"] = self.resource.field_selector
         return p
 
+    def _list_version(self) -> dict[str, str]:
+        """Which version the first page may be read at. Not a quorum read of etcd, as client-go
+        does not: the very first list at any version (``0``), a relist at our last version or
+        newer, both served from the API server's watch cache; at a thousand nodes relisting
+        after an API server restart, that is the difference between a cache lookup and a
+        thousand etcd range reads. Only after the server refused such a list (its cache is
+        behind, etcd was restored: 410 or "too large resource version") is it a quorum read."""
+        if self._quorum_next:
+            return {}
+        if self.resource_version:
+            return {"resourceVersion": self.resource_version, "resourceVersionMatch": "NotOlderThan"}
+        return {"resourceVersion": "0"}
+
     async def list_all(self) -> None:
         """Chunked LIST, then replace the store with exactly what the server has."""
         items: list[dict[str, Any]] = []
@@ -293,8 +326,15 @@ class Reflector:
         while True:
             params = {**self._params(), "limit": str(self.page_size)}
             if cont:
-                params["continue"] = cont
-            page = await self.client.get(self.resource.path, params)
+                params["continue"] = cont  # the token holds the version: none may be given
+            else:
+                params.update(self._list_version())
+            try:
+                page = await self.client.get(self.resource.path, params)
+            except (Gone, HttpError) as err:
+                if not cont and (isinstance(err, Gone) or err.status == 504):
+                    self._quorum_next = True
+                raise
             page_items = page.get("items") or []
             meta = page.get("metadata") or {}
             if not isinstance(page_items, list) or not all(isinstance(i, dict) for i in page_items) \
@@ -308,6 +348,7 @@ class Reflector:
                 self.resource_version = str(meta.get("resourceVersion", ""))
                 break
         self.relists += 1
+        self._quorum_next = False
         RELISTS.labels(resource=self.resource.kind).inc()
         self.on_replace(self.resource.kind, items)
         self.synced.set()
@@ -355,6 +396,12 @@ class Reflector:
                     backoff = min(backoff * 2, self.max_backoff)
                 else:
                     backoff = 0.5
+                continue
+            except WatchIdle as err:
+                # Not an error: the next watch starts at once, from our version. A server that
+                # does not answer it either is an error (above), and is backed off.
+                REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason="idle").inc()
+                log.info("%s: %s; resuming the watch", self.resource.kind, err)
                 continue
             except Gone:
                 need_list = True

@@ -205,7 +205,8 @@ def test_ipt_etp_local_chain_and_drops():
     none = ipt.render_service(IPT, lb_state(etp="Local", nodes=("node-2",)))
     drops = none.top_rules[("filter", ipt.EXTERNAL_SERVICES)]
     assert any("-d 192.168.60.20/32 --dport 80 -j DROP" in r for r in drops)
-    assert any("--dst-type LOCAL -m tcp -p tcp --dport 30090 -j DROP" in r for r in drops)
+    assert none.top_rules[("filter", ipt.NODEPORTS)] == (
+        '-m comment --comment "test/lb:http has no local endpoints" -m tcp -p tcp --dport 30090 -j DROP',)
 
 
 def test_ipt_localhost_nodeports_only_when_asked_and_loopback_is_a_nodeport_address():

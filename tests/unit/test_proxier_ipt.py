@@ -158,13 +158,15 @@ def test_incremental_sync_matches_a_fresh_full_sync(before, after):
     assert fake.chains == _fresh_chains(state)
 
 
-def test_nodeport_ips_change_rewrites_only_nat_services():
+def test_nodeport_ips_change_rewrites_only_the_nodeport_dispatch():
     proxier, fake = _proxier()
     proxier.sync(build(_web(node_port=30080), nodeport_ips=("192.168.1.1",)))
     result = proxier.sync(build(_web(node_port=30080), nodeport_ips=("192.168.1.2",)))
     assert not result.full and result.changed_services == 0
-    assert set(fake.payloads[-1].rewrite) == {("nat", "PYPROXY-SERVICES")}
+    # The DNAT dispatch (nat) and the reject/drop dispatch (filter) follow the addresses.
+    assert set(fake.payloads[-1].rewrite) == {("nat", "PYPROXY-SERVICES"), ("filter", "PYPROXY-EXTERNAL-SERVICES")}
     assert fake.chains[("nat", "PYPROXY-SERVICES")][-1].endswith("-d 192.168.1.2/32 -j PYPROXY-NODEPORTS")
+    assert fake.chains[("filter", "PYPROXY-EXTERNAL-SERVICES")][-1].endswith("-d 192.168.1.2/32 -j PYPROXY-NODEPORTS")
 
 
 def test_full_sync_deletes_stale_chains():

@@ -278,6 +278,8 @@ def test_chunked_list_delivers_every_page_once_with_kind_and_selector(
             lists = api.list_requests(path)
             assert len(lists) == 3
             assert [q.query.get("continue") for q in lists] == [None, "c1", "c2"]
+            # Only the first page names a version (the API server refuses one next to a token).
+            assert [q.query.get("resourceVersion") for q in lists] == ["0", None, None]
             for q in lists:
                 assert q.query["limit"] == "2"
                 assert q.query["labelSelector"] == SELECTOR
@@ -491,8 +493,11 @@ def test_gone_relists_and_the_store_drops_what_vanished(gone: Reply, backoff: Ba
             await client.close()
 
             first_list, relist = api.list_requests(SVC_PATH)
-            # The relist must not ask for the expired version again, nor continue an old list.
-            assert relist.query.get("resourceVersion", "") != "10"
+            # Neither is a quorum read of etcd: the first list takes any version (the API
+            # server's cache), the relist our version or newer; neither continues an old list.
+            assert first_list.query["resourceVersion"] == "0"
+            assert relist.query["resourceVersion"] == "10"
+            assert relist.query["resourceVersionMatch"] == "NotOlderThan"
             assert "continue" not in relist.query
             assert relist.query["labelSelector"] == SELECTOR
             assert api.watch_requests(SVC_PATH)[1].query["resourceVersion"] == "20"
@@ -817,6 +822,9 @@ def test_a_silent_watch_is_restarted_after_the_idle_timeout(backoff: Backoff) ->
             await client.close()
             assert [q.query["resourceVersion"] for q in api.watch_requests(SVC_PATH)][:2] == ["40", "41"]
             assert r.relists == 1  # resumed, not relisted: the version is still good
+            # At once, not backed off: a quiet watch is not an error (a server that sends no
+            # bookmarks would otherwise push each reconnect towards the 30 s backoff cap).
+            assert backoff.delays == []
 
     run(main)
 
@@ -963,5 +971,52 @@ def test_not_synced_until_the_last_page_of_a_chunked_list() -> None:
             assert [[name_of(o) for o in items] for _, items in rec.replaced] == [["a", "b", "c"]]
             await stop(task)
             await client.close()
+
+    run(main)
+
+
+def test_a_list_refused_at_our_version_falls_back_to_a_quorum_read(backoff: Backoff) -> None:
+    """After an etcd restore the server's versions went back: a list at our (now too large)
+    version is refused with 504, so the next one is a quorum read (no version), and then
+    lists go back to the cache."""
+    too_large = {"kind": "Status", "code": 504, "reason": "Timeout",
+                 "message": "Too large resource version: 90, current: 12"}
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            api.add_list(SVC_PATH, page([svc("a")], rv="90"), Reply(status=504, body=too_large),
+                         page([svc("b")], rv="12"))
+            api.add_watch(SVC_PATH, Reply(status=500, body={}))  # cannot resume: relist
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event)
+            task = asyncio.create_task(r.run())
+            await until(lambda: r.relists == 2, "the quorum relist")
+            await stop(task)
+            await client.close()
+            versions = [(q.query.get("resourceVersion"), q.query.get("resourceVersionMatch"))
+                        for q in api.list_requests(SVC_PATH)]
+            assert versions == [("0", None), ("90", "NotOlderThan"), (None, None)]
+            assert [[name_of(o) for o in items] for _, items in rec.replaced] == [["a"], ["b"]]
+
+    run(main)
+
+
+def test_a_server_that_does_not_answer_a_watch_is_backed_off(backoff: Backoff) -> None:
+    """No response headers within the idle timeout: a stuck server or proxy; that is an error."""
+    async def main() -> None:
+        async with FakeApi() as api:
+            gate = asyncio.Event()  # never set: the answer never comes
+            api.add_list(SVC_PATH, page([svc("a")], rv="40"))
+            api.add_watch(SVC_PATH, Reply(gate=gate), Reply(gate=gate), Reply(gate=gate))
+            rec = Recorder()
+            client = api.client()
+            r = Reflector(client, SERVICES, on_replace=rec.on_replace, on_event=rec.on_event,
+                          idle_timeout=0.2)
+            task = asyncio.create_task(r.run())
+            await until(lambda: len(backoff.delays) >= 2, "two backed-off retries")
+            await stop(task)
+            await client.close()
+            assert backoff.delays[:2] == [0.5, 1.0]
 
     run(main)

@@ -185,9 +185,10 @@ def test_no_endpoints_reject_in_filter(proto, reject):
     frag = _chains(st)
     assert frag.chains == {}
     (svc_rule,) = frag.top_rules[("filter", "PYPROXY-SERVICES")]
-    (ext_rule,) = frag.top_rules[("filter", "PYPROXY-EXTERNAL-SERVICES")]
+    (np_rule,) = frag.top_rules[("filter", "PYPROXY-NODEPORTS")]
     assert svc_rule.endswith(f"-m {proto} -p {proto} -d 10.96.0.12/32 --dport 80 {reject}")
-    assert ext_rule.endswith(f"-m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport 30081 {reject}")
+    # On the NodePort addresses only (the base jumps there per address), not on every local one.
+    assert np_rule.endswith(f"-m {proto} -p {proto} --dport 30081 {reject}") and "addrtype" not in np_rule
     assert "has no endpoints" in svc_rule
     if proto != "tcp":
         assert "tcp-reset" not in svc_rule

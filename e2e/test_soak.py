@@ -1,0 +1,25 @@
+"""Churn soak in the suite (hardening issue): 10k Services, 100 EndpointSlice updates a second
+for 60 s, a client connecting to a stable Service all along. ``e2e/soak.py`` holds the run and
+the long variant (``python -m e2e.soak --minutes 30``). PYPROXY_SOAK_SERVICES and
+PYPROXY_SOAK_SECONDS shrink it for a quick local run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from e2e.soak import soak
+from pyproxy.lab.cluster import ClusterLab
+
+
+def test_churn_soak(lab: ClusterLab, capsys: pytest.CaptureFixture[str]):
+    result = soak(lab, services=int(os.environ.get("PYPROXY_SOAK_SERVICES", "10000")), rate=100.0,
+                  seconds=float(os.environ.get("PYPROXY_SOAK_SECONDS", "60")))
+    with capsys.disabled():
+        print("\n" + result.table() + "\n" + result.curve())
+    assert result.failed == {} and result.connections > 1000, result.failed
+    assert result.updates_sent >= 0.9 * 100 * result.seconds and result.update_errors == 0
+    assert result.diff == [], "\n".join(result.diff[:20])
+    # Flat: after the warm-up, memory does not keep growing with the number of updates.
+    assert result.rss_growth_mb < 30, result.curve()
