@@ -165,7 +165,8 @@ def _pending(lab: ClusterLab) -> float:
 
 def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: str = "nftables",
          log: Any = sys.stderr) -> SoakResult:
-    """Run the soak in ``lab`` (pyproxy on node 1); leaves the lab as it found it."""
+    """Run the soak in ``lab`` (pyproxy on node 1). The objects stay in namespace ``soak``
+    (deleting 10k Services one by one takes minutes; the lab is torn down after anyway)."""
     def say(msg: str) -> None:
         print(f"soak: {msg}", file=log, flush=True)
 
@@ -211,7 +212,8 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
         got = json.loads(out)
         result = SoakResult(services=services, seconds=seconds, updates_sent=sent.get("sent", 0),
                             update_errors=sent.get("errors", 0), connections=len(got["answers"]),
-                            failed=got["errors"], rss_mb=rss)
+                            # "deadline" counts the attempts the bounded client never made.
+                            failed={k: v for k, v in got["errors"].items() if k != "deadline"}, rss_mb=rss)
         assert proxy.poll() is None, "pyproxy exited"
         t = time.monotonic()
         wait_for("pyproxy applied every change", lambda: _pending(lab) == 0, timeout=300, interval=1)
@@ -239,8 +241,6 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
             proxy.terminate()
             proxy.wait(timeout=30)
         ns_run(lab.node_ns(1), [sys.executable, "-m", "pyproxy", "cleanup"], timeout=900)
-        for kind in ("services", "endpointslices", "pods"):
-            lab.kubectl("delete", kind, "--all", "-n", NS, "--wait=false", check=False)
 
 
 def main() -> int:

@@ -67,7 +67,10 @@ def test_deep_flow_nesting_is_refused_without_crashing(tmp_path: Path, depth: in
             f"try:\n    load_objects({path!r})\nexcept SourceError as e:\n    print('refused:', e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "refused:" in proc.stdout and ("nested" in proc.stdout or "took more than" in proc.stdout)
+    # Refused by our checks, or by libyaml itself where it was built with its nesting limit
+    # (the libyaml in PyYAML's own wheels refuses 1,000 levels; a system libyaml may not).
+    assert "refused:" in proc.stdout and any(
+        why in proc.stdout for why in ("nested", "took more than", "nesting depth")), proc.stdout
 
 
 def test_deep_but_legal_nesting_loads(tmp_path: Path):
