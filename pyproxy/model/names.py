@@ -35,31 +35,27 @@ def _shown(value: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _problem(value: str, *, most: int, pattern: re.Pattern[str], rule: str) -> str | None:
+    if len(value) > most:
+        return f"must be at most {most} characters, got {len(value)}"
+    if not pattern.fullmatch(value):
+        return f"must be {rule}, got {_shown(value)}"
+    return None
+
+
 def dns_label_problem(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 label, or None."""
-    if len(value) > LABEL_MAX:
-        return f"must be at most {LABEL_MAX} characters, got {len(value)}"
-    if not _LABEL.fullmatch(value):
-        return (f"must be a DNS-1123 label (lower-case letters, digits and '-', starting and "
-                f"ending with a letter or digit), got {_shown(value)}")
-    return None
+    return _problem(value, most=LABEL_MAX, pattern=_LABEL, rule="a DNS-1123 label (lower-case letters, "
+                    "digits and '-', starting and ending with a letter or digit)")
 
 
 def dns_subdomain_problem(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 subdomain, or None."""
-    if len(value) > SUBDOMAIN_MAX:
-        return f"must be at most {SUBDOMAIN_MAX} characters, got {len(value)}"
-    if not _SUBDOMAIN.fullmatch(value):
-        return (f"must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', starting "
-                f"and ending with a letter or digit), got {_shown(value)}")
-    return None
+    return _problem(value, most=SUBDOMAIN_MAX, pattern=_SUBDOMAIN, rule="a DNS-1123 subdomain (lower-case "
+                    "letters, digits, '-' and '.', starting and ending with a letter or digit)")
 
 
 def label_value_problem(value: str) -> str | None:
     """Why ``value`` is not a label value, or None."""
-    if len(value) > LABEL_MAX:
-        return f"must be at most {LABEL_MAX} characters, got {len(value)}"
-    if not _LABEL_VALUE.fullmatch(value):
-        return (f"must be a label value (letters, digits, '-', '_' and '.', starting and ending "
-                f"with a letter or digit), got {_shown(value)}")
-    return None
+    return _problem(value, most=LABEL_MAX, pattern=_LABEL_VALUE, rule="a label value (letters, digits, "
+                    "'-', '_' and '.', starting and ending with a letter or digit)")

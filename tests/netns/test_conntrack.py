@@ -23,23 +23,35 @@ def _with_dns_backends(objects: list[dict], ips: list[str]) -> list[dict]:
     return objects
 
 
-def test_udp_client_follows_a_replaced_backend_within_one_sync(programmed: Programmed):
-    topo = programmed.topo
-    pod0, pod1 = topo.pod("pod0").ip, topo.pod("pod1").ip
-    programmed.apply(_with_dns_backends(base_objects(topo), [pod0]))
-    stream = subprocess.Popen(
+def _udp_stream(topo, *, seconds: float) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    """One UDP socket in pod3 sending to the dns Service every 50 ms; a JSON line per reply."""
+    return subprocess.Popen(
         ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
-         "--target", f"{DNS_IP}:53", "--udp-stream", "6", "--interval", "0.05"],
+         "--target", f"{DNS_IP}:53", "--udp-stream", str(seconds), "--interval", "0.05"],
         stdout=subprocess.PIPE, text=True)
+
+
+def _replies(stream: subprocess.Popen[str]) -> list[dict]:
+    """The stream's replies once it ends (it is killed if the test failed before)."""
     try:
-        time.sleep(1.5)  # the flow is established, to pod0
-        programmed.apply(_with_dns_backends(base_objects(topo), [pod1]))  # sync + conntrack cleanup
-        switched_at = time.monotonic()
         out, _ = stream.communicate(timeout=30)
     finally:
         if stream.poll() is None:
             stream.kill()
-    replies = [json.loads(line) for line in out.splitlines()]
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_udp_client_follows_a_replaced_backend_within_one_sync(programmed: Programmed):
+    topo = programmed.topo
+    pod0, pod1 = topo.pod("pod0").ip, topo.pod("pod1").ip
+    programmed.apply(_with_dns_backends(base_objects(topo), [pod0]))
+    stream = _udp_stream(topo, seconds=6)
+    try:
+        time.sleep(1.5)  # the flow is established, to pod0
+        programmed.apply(_with_dns_backends(base_objects(topo), [pod1]))  # sync + conntrack cleanup
+        switched_at = time.monotonic()
+    finally:
+        replies = _replies(stream)
     before = [r["pod"] for r in replies if r["t"] < switched_at - 1.0]
     after = [r["pod"] for r in replies if r["t"] > switched_at + 0.2]
     assert before and set(before) == {"pod0"}, before
@@ -88,10 +100,7 @@ def test_a_netlink_error_mid_cleanup_keeps_the_daemon_and_the_next_change_cleans
     monkeypatch.setenv("PYPROXY_TEST_CONNTRACK_FAIL", str(flag))
     kernel.background = True
     kernel.apply(_with_dns_backends(base_objects(topo), [pod0]))
-    stream = subprocess.Popen(
-        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
-         "--target", f"{DNS_IP}:53", "--udp-stream", "9", "--interval", "0.05"],
-        stdout=subprocess.PIPE, text=True)
+    stream = _udp_stream(topo, seconds=9)
     try:
         time.sleep(1.5)
         flag.touch()
@@ -102,11 +111,8 @@ def test_a_netlink_error_mid_cleanup_keeps_the_daemon_and_the_next_change_cleans
         flag.unlink()
         kernel.apply(_with_dns_backends(base_objects(topo), [pod2]))  # this one cleans
         switched_at = time.monotonic()
-        out, _ = stream.communicate(timeout=30)
     finally:
-        if stream.poll() is None:
-            stream.kill()
-    replies = [json.loads(line) for line in out.splitlines()]
+        replies = _replies(stream)
     stuck = [r["pod"] for r in replies if switched_at - 2.0 < r["t"] < switched_at - 0.2]
     after = [r["pod"] for r in replies if r["t"] > switched_at + 0.2]
     # While the cleanup failed, the old flow kept its NAT to pod0 (the rules are right, the
