@@ -80,18 +80,41 @@ def test_an_owner_that_drops_a_port_releases_it_and_keeps_the_others():
     assert [p.name for p in state.problems] == ["c"]
 
 
-def test_an_unchanged_service_does_not_hide_a_changed_one():
+def test_unchanged_services_do_not_hide_changed_ones():
+    """Twenty Services touched but merging the same, twenty with a new endpoint, in one build:
+    whatever order the set of touched Services comes in, every change is merged."""
     b = StateBuilder(node_name="node-1")
-    objs = [*_svc("a", "10.96.0.10", [80]), *_svc("b", "10.96.0.11", [80])]
+    objs = [o for i in range(40) for o in _svc(f"s{i}", f"10.96.0.{i + 1}", [80])]
     b.replace_all(objs)
     b.build()
     changed = copy.deepcopy(objs)
-    changed[0]["metadata"]["labels"] = {"touched": "yes"}  # a: re-parsed, merges the same
-    changed[3]["endpoints"][0]["addresses"] = ["10.244.9.9"]  # b: a new endpoint
+    for i in range(40):
+        if i % 2:
+            changed[2 * i]["metadata"]["labels"] = {"touched": "yes"}  # re-parsed, merges the same
+        else:
+            changed[2 * i + 1]["endpoints"][0]["addresses"] = [f"10.244.9.{i + 1}"]
     b.replace_all(changed)
     state = b.build()
-    (eb,) = state.services[ServicePortName("test", "b", "p80", "tcp")].endpoints
-    assert eb.ip == "10.244.9.9"
+    for i in range(0, 40, 2):
+        (ep,) = state.services[ServicePortName("test", f"s{i}", "p80", "tcp")].endpoints
+        assert ep.ip == f"10.244.9.{i + 1}"
+
+
+def test_an_owner_named_last_keeps_what_it_still_wants_and_frees_the_rest_when_deleted():
+    """The owner sorts after the newcomer, so it must not even briefly drop the claims it keeps;
+    and once deleted it must free every claim it held."""
+    b = StateBuilder(node_name="node-1")
+    b.replace_all(_svc("zeta", "10.96.0.10", [80, 81]))
+    b.build()  # zeta owns both ports before beta arrives
+    b.replace_all([*_svc("zeta", "10.96.0.10", [80, 81]), *_svc("beta", "10.96.0.10", [81])])
+    assert _names(b.build()) == ["zeta"]
+    b.replace_all([*_svc("zeta", "10.96.0.10", [80]), *_svc("beta", "10.96.0.10", [81]),
+                   *_svc("alpha", "10.96.0.10", [80])])
+    state = b.build()
+    assert _names(state) == ["beta", "zeta"] and [p.name for p in state.problems] == ["alpha"]
+    b.replace_all([*_svc("beta", "10.96.0.10", [81]), *_svc("alpha", "10.96.0.10", [80])])
+    state = b.build()
+    assert _names(state) == ["alpha", "beta"] and state.problems == ()
 
 
 def test_an_unchanged_object_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch):
@@ -283,3 +306,19 @@ def test_kubeconfig_user_and_cluster_are_picked_by_name_and_basic_auth_works(tmp
     creds = from_kubeconfig(str(cfg))
     assert creds is not None and creds.host == "http://10.0.0.2"
     assert creds.headers == {"Authorization": "Basic " + base64.b64encode(b"me:pw").decode()}
+
+
+def test_an_owner_that_runs_into_a_conflict_lets_go_of_everything():
+    """An excluded Service holds nothing: the ports it had owned go to whoever wants them."""
+    b = StateBuilder(node_name="node-1")
+    b.replace_all([*_svc("a", "10.96.0.10", [80]), *_svc("b", "10.96.0.10", [82])])
+    assert _names(b.build()) == ["a", "b"]
+    b.replace_all([*_svc("a", "10.96.0.10", [80, 82]), *_svc("b", "10.96.0.10", [82])])
+    state = b.build()
+    assert _names(state) == ["b"]
+    (problem,) = state.problems
+    assert (problem.kind, problem.namespace, problem.name) == ("Service", "test", "a")
+    assert problem.reason == "10.96.0.10 port 82/TCP is already used by Service test/b"
+    b.replace_all([*_svc("a", "10.96.0.10", [80, 82]), *_svc("b", "10.96.0.10", [82]),
+                   *_svc("c", "10.96.0.10", [80])])
+    assert _names(b.build()) == ["b", "c"]  # a, excluded, no longer holds port 80
