@@ -18,11 +18,16 @@ Modes (the names the e2e tests use):
 ``gone``      watches are answered 410 Gone (a storm when it lasts); lists pass.
 ``gone-event`` watches start, then get an ERROR event with code 410.
 ``status-N``  every request is answered HTTP N with a Status body (500, 503, 504...).
-``garbage``   lists are answered 200 with a JSON array, watches 200 with an HTML line.
+``garbage``   lists are answered 200 with a JSON array (not an object); watches 410, so that the
+              client does list.
+``garbage-watch`` watches are answered 200 with an HTML line.
 ``slow-B``    answers are forwarded at B bytes per second.
 
-Leaving a fault (``pass``) does not mend connections it broke: a stalled stream stays stalled,
-as a real half-open connection would; the client has to notice and reconnect.
+Entering a fault that answers requests (``gone``, ``status-N``, ``garbage``...) ends the watch
+streams in flight, as a server restart or a load balancer failover would, so that the client's
+next requests meet the fault. Leaving a fault (``pass``) does not mend connections it broke: a
+stalled stream stays stalled, as a real half-open connection would; the client has to notice
+and reconnect.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class FaultProxy:
         self.mode = "pass"
         self.stats: Counter[str] = Counter()
         self._open: set[asyncio.BaseTransport] = set()
+        self._upstreams: set[aiohttp.ClientResponse] = set()
         self._session: aiohttp.ClientSession | None = None
 
     async def session(self) -> aiohttp.ClientSession:
@@ -93,6 +99,8 @@ class FaultProxy:
         if mode == "garbage":
             if not watch:
                 return web.Response(body=b"[1, 2, 3]", content_type="application/json")
+            return web.json_response(_status(410, "too old resource version (injected)"), status=410)
+        if mode == "garbage-watch" and watch:
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
             await resp.write(b"<html><body>502 Bad Gateway</body></html>\n")
@@ -114,13 +122,20 @@ class FaultProxy:
         sess = await self.session()
         async with sess.request(request.method, self.upstream + request.path_qs, headers=headers,
                                 data=await request.read() or None) as up:
-            resp = web.StreamResponse(status=up.status, headers={
-                k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP})
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await self._relay(resp, chunk)
-            await resp.write_eof()
-            return resp
+            self._upstreams.add(up)
+            try:
+                resp = web.StreamResponse(status=up.status, headers={
+                    k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP})
+                await resp.prepare(request)
+                try:
+                    async for chunk in up.content.iter_any():
+                        await self._relay(resp, chunk)
+                except aiohttp.ClientError:
+                    pass  # the upstream was closed under us (a fault began): end the stream
+                await resp.write_eof()
+                return resp
+            finally:
+                self._upstreams.discard(up)
 
     async def _relay(self, resp: web.StreamResponse, chunk: bytes) -> None:
         mode = self.mode
@@ -143,6 +158,9 @@ class FaultProxy:
             if mode == "cut":
                 for transport in list(self._open):
                     transport.abort()
+            elif mode not in ("pass", "stall") and not mode.startswith("slow-"):
+                for up in list(self._upstreams):
+                    up.close()  # the client sees its watch end, and comes back to the fault
             return web.json_response({"mode": self.mode})
         return web.json_response({"mode": self.mode, "stats": dict(self.stats)})
 

@@ -357,7 +357,6 @@ class Reflector:
 
     def _handle(self, event: dict[str, Any]) -> None:
         self._events += 1
-        self._gone_in_a_row = 0
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
@@ -366,6 +365,7 @@ class Reflector:
             # The server ended the stream with a Status ("too large resource version" after an
             # etcd restore, an internal error): our version cannot be trusted to resume from.
             raise Relist(f"watch error {obj.get('code')}: {obj.get('message', obj)}")
+        self._gone_in_a_row = 0  # progress: the next 410 is the ordinary kind again
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if rv:
             self.resource_version = rv
