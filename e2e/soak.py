@@ -49,6 +49,10 @@ class SoakResult:
     converge_s: float = 0.0
     diff: list[str] = field(default_factory=list)
     """How the kernel's rules differ from a fresh full render (empty: equal)."""
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    """When each failed connection happened (wall clock) and how it failed."""
+    context: list[str] = field(default_factory=list)
+    """pyproxy's log lines from around each failure, to say why it failed."""
 
     @property
     def rss_growth_mb(self) -> float:
@@ -156,8 +160,32 @@ def _diff(live: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
     return out
 
 
+def _log_around(path: Path, moments: list[float], *, within: float = 3.0) -> list[str]:
+    """The log lines stamped within ``within`` seconds of any of ``moments`` (wall clock)."""
+    from datetime import datetime
+
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if any(abs(stamp - m) <= within for m in moments):
+            out.append(line)
+    return out[:200]
+
+
+def _metrics(lab: ClusterLab) -> str:
+    return ns_run(lab.node_ns(1), ["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).stdout
+
+
+def _synced(lab: ClusterLab) -> bool:
+    return any(line.startswith("kubeproxy_sync_proxy_rules_last_timestamp_seconds") and float(line.split()[-1]) > 0
+               for line in _metrics(lab).splitlines())
+
+
 def _pending(lab: ClusterLab) -> float:
-    text = ns_run(lab.node_ns(1), ["curl", "-s", "--max-time", "5", "http://127.0.0.1:10249/metrics"]).stdout
+    text = _metrics(lab)
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(("kubeproxy_sync_proxy_rules_endpoint_changes_pending",
                                    "kubeproxy_sync_proxy_rules_service_changes_pending")))
@@ -189,15 +217,20 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
          "--cluster-cidr", CLUSTER_CIDR, "--proxy-mode", mode, "--ip-families", "4", "--v", "1"],
         stdout=plog, stderr=subprocess.STDOUT, start_new_session=True)
     fresh_ns = f"pxtsoak-{uuid.uuid4().hex[:6]}"
+    result: SoakResult | None = None
     try:
         cip = cluster_ip(lab, stable, namespace=NS)
         t = time.monotonic()
-        wait_for("pyproxy's first sync", lambda: set(answers(lab, f"http://{cip}/", 4, node=1))
-                 >= {f"{stable}-0"} or None, timeout=600, interval=1)
+        # No traffic before the first sync: a SYN sent before the rules exist leaves a conntrack
+        # entry that was never DNATed, and a later connection that happens to reuse its source
+        # port within two minutes would follow that entry instead of the rules.
+        wait_for("pyproxy's first sync", lambda: _synced(lab), timeout=600, interval=1)
+        got = set(answers(lab, f"http://{cip}/", 4, node=1))
+        assert got <= {f"{stable}-0", f"{stable}-1"}, got
         say(f"first sync after {time.monotonic() - t:.0f}s; churning {rate:.0f} updates/s for {seconds:.0f}s")
         client = subprocess.Popen(
             ["ip", "netns", "exec", lab.node_ns(1), sys.executable, "-m", "pyproxy.lab.client", "--target",
-             f"{cip}:80", "--http", "--count", "10000000", "--timeout", "2", "--deadline", str(seconds + 5)],
+             f"{cip}:80", "--http", "--reset-close", "--count", "10000000", "--timeout", "2", "--deadline", str(seconds + 5)],
             stdout=subprocess.PIPE, text=True)
         churner = subprocess.Popen(
             ["ip", "netns", "exec", lab.cp_ns, sys.executable, "-m", "e2e.soak", "churn", "--kubeconfig",
@@ -214,6 +247,7 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
                             update_errors=sent.get("errors", 0), connections=len(got["answers"]),
                             # "deadline" counts the attempts the bounded client never made.
                             failed={k: v for k, v in got["errors"].items() if k != "deadline"}, rss_mb=rss)
+        result.failures = [(got["started"] + t, word) for t, word in got.get("failures", [])]
         assert proxy.poll() is None, "pyproxy exited"
         t = time.monotonic()
         wait_for("pyproxy applied every change", lambda: _pending(lab) == 0, timeout=300, interval=1)
@@ -236,6 +270,9 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
         result.diff = _diff(_normalised(lab.node_ns(1)), _normalised(fresh_ns)) if mode == "nftables" else []
         return result
     finally:
+        if result is not None and result.failures:
+            plog.flush()
+            result.context = _log_around(lab.path / "soak-pyproxy.log", [t for t, _ in result.failures])
         subprocess.run(["ip", "netns", "del", fresh_ns], check=False, capture_output=True)
         if proxy.poll() is None:
             proxy.terminate()

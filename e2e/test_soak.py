@@ -19,7 +19,8 @@ def test_churn_soak(lab: ClusterLab, capsys: pytest.CaptureFixture[str]):
                   seconds=float(os.environ.get("PYPROXY_SOAK_SECONDS", "60")))
     with capsys.disabled():
         print("\n" + result.table() + "\n" + result.curve())
-    assert result.failed == {} and result.connections > 1000, result.failed
+    assert result.failed == {} and result.connections > 1000, (
+        f"{result.failed} at {result.failures}; pyproxy's log around them:\n" + "\n".join(result.context))
     assert result.updates_sent >= 0.9 * 100 * result.seconds and result.update_errors == 0
     assert result.diff == [], "\n".join(result.diff[:20])
     # Flat: after the warm-up, memory does not keep growing with the number of updates.

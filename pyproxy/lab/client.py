@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import socket
+import struct
 import time
 from collections import Counter
 
@@ -26,11 +27,20 @@ def split_target(text: str) -> tuple[str, int]:
 
 
 def probe_once(target: tuple[str, int], *, proto: str, source: str | None, timeout: float,
-               http: bool = False) -> tuple[str, str] | str:
-    """One attempt: ``(pod, seen_ip)`` or an error word (refused, timeout, unreachable, ...)."""
+               http: bool = False, reset_close: bool = False) -> tuple[str, str] | str:
+    """One attempt: ``(pod, seen_ip)`` or an error word (refused, timeout, unreachable, ...).
+
+    ``reset_close``: end a TCP connection with a reset once the answer is read, so the backend
+    keeps no TIME_WAIT socket. A client opening hundreds of connections a second through
+    masquerade needs it: when its source port comes round again, conntrack replaces the old
+    flow and may pick a masquerade port the backend still holds in TIME_WAIT, and the new SYN
+    gets an ACK instead of a SYN-ACK (a 1 s retransmit, or a timeout). The soak measured that
+    with any proxy's rules; it is the kernel's, not the proxy's."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(_family(target[0]), kind) as s:
         s.settimeout(timeout)
+        if reset_close and proto == "tcp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if source:
             s.bind((source, 0))
         try:
@@ -111,6 +121,9 @@ def main() -> None:
                         help="source address to bind (repeatable: attempts rotate over them)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
     parser.add_argument("--http", action="store_true", help="speak HTTP/1.0 (the echo's --http-port)")
+    parser.add_argument("--reset-close", action="store_true",
+                        help="close TCP connections with a reset once answered (no TIME_WAIT on the backend; "
+                        "for clients that open hundreds of connections a second)")
     parser.add_argument("--deadline", type=float, default=60.0, help="stop after this many seconds")
     parser.add_argument("--udp-stream", type=float, metavar="SECONDS",
                         help="instead: keep one UDP socket sending for this long (see udp_stream)")
@@ -128,7 +141,9 @@ def main() -> None:
     answers = []
     errors: Counter[str] = Counter()
     durations = []
-    end = time.monotonic() + args.deadline
+    failures: list[tuple[float, str]] = []  # when each failure happened (seconds from start), to line up with logs
+    start = time.monotonic()
+    end = start + args.deadline
     sources = args.source or [None]
     for i in range(max(0, args.count)):
         if time.monotonic() > end:
@@ -136,13 +151,16 @@ def main() -> None:
             break
         t0 = time.monotonic()
         result = probe_once((host, port), proto=args.proto, source=sources[i % len(sources)],
-                            timeout=args.timeout, http=args.http)
+                            timeout=args.timeout, http=args.http, reset_close=args.reset_close)
         durations.append(time.monotonic() - t0)
         if isinstance(result, tuple):
             answers.append([*result, sources[i % len(sources)]])
         else:
             errors[result] += 1
-    print(json.dumps({"answers": answers, "errors": dict(errors), "durations": durations}))
+            if len(failures) < 100:
+                failures.append((round(t0 - start, 3), result))
+    print(json.dumps({"answers": answers, "errors": dict(errors), "durations": durations, "failures": failures,
+                      "started": time.time() - (time.monotonic() - start)}))
 
 
 if __name__ == "__main__":
