@@ -14,10 +14,20 @@ GOV=$(go env GOVERSION)
 CACHE=${PYPROXY_CACHE_DIR:-/var/cache/pyproxy}
 KEY="k8s-v$K-helm-v$HELM-$GOV"
 BIN="$CACHE/$KEY/bin"
+# The version stamped into every Kubernetes binary; kept beside the bin dir for build-node.sh.
+MINOR=${K#1.}; MINOR=${MINOR%%.*}
+LD="-s -w"
+for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  LD="$LD -X $p.gitVersion=v$K -X $p.gitMajor=1 -X $p.gitMinor=$MINOR -X $p.gitTreeState=clean"
+  LD="$LD -X $p.buildDate=1970-01-01T00:00:00Z"
+done
 want="kube-apiserver kube-controller-manager kube-proxy kubectl etcd helm"
 have=1
 for b in $want; do [ -x "$BIN/$b" ] || have=0; done
-if [ "$have" = 1 ]; then echo "$BIN"; exit 0; fi
+if [ "$have" = 1 ]; then
+  [ -f "$CACHE/$KEY/ldflags" ] || echo "$LD" > "$CACHE/$KEY/ldflags"
+  echo "$BIN"; exit 0
+fi
 
 log() { echo "build-k8s: $*" >&2; }
 free_kb=$(df -Pk "$(dirname "$CACHE")" 2>/dev/null | awk 'NR==2{print $4}')
@@ -48,12 +58,6 @@ go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K" "k8s.io/kubernetes/cmd/k
 ETCD=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
 go get -tool "go.etcd.io/etcd/server/v3@$ETCD" >&2
 go mod tidy >&2
-MINOR=${K#1.}; MINOR=${MINOR%%.*}
-LD="-s -w"
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  LD="$LD -X $p.gitVersion=v$K -X $p.gitMajor=1 -X $p.gitMinor=$MINOR -X $p.gitTreeState=clean"
-  LD="$LD -X $p.buildDate=1970-01-01T00:00:00Z"
-done
 t1=$(date +%s); log "modules ready in $((t1-t0))s; building (etcd $ETCD)"
 for cmd in kube-apiserver kube-controller-manager kube-proxy kubectl; do
   go build -p 2 -ldflags "$LD" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" >&2
@@ -68,4 +72,5 @@ hwork="$CACHE/$KEY/helm-src"; rm -rf "$hwork"; mkdir -p "$hwork"; cd "$hwork"
 GOBIN="$BIN" go install "helm.sh/helm/v3/cmd/helm@v$HELM" >&2
 log "built helm v$HELM at $(( $(date +%s) - t0 ))s"
 cp "$work/go.mod" "$work/go.sum" "$CACHE/$KEY/" 2>/dev/null || true
+echo "$LD" > "$CACHE/$KEY/ldflags"
 echo "$BIN"
