@@ -319,8 +319,25 @@ def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
     return False
 
 
+def require_capabilities(*, raw: bool = False) -> None:
+    """Stop with a clear message when the kernel would refuse every rule: NET_ADMIN for nft,
+    iptables and conntrack (every mode: userspace guards its relays with nft); NET_RAW too
+    for the legacy iptables backend. Checked before anything asks the kernel, so the user
+    reads which capability is missing instead of a backend's "Operation not permitted"."""
+    from pyproxy.hostnet import missing_capabilities
+
+    missing = missing_capabilities(("NET_ADMIN", "NET_RAW") if raw else ("NET_ADMIN",))
+    if missing:
+        caps = " and ".join(missing)
+        raise UsageError(f"pyproxy run needs the {caps} capabilit{'ies' if len(missing) > 1 else 'y'}, "
+                         f"and this process does not have {'them' if len(missing) > 1 else 'it'}: in "
+                         f"Kubernetes add {caps} to the container's securityContext.capabilities.add "
+                         "(the chart does); on a host, run as root")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    require_capabilities()
     if not args.source_file:
         return _run_api(args, config)
     if args.min_sync_period is None:
@@ -329,6 +346,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
     backend = resolve_backend(config, args.iptables_backend)
+    require_capabilities(raw=backend == "legacy")
     families = [_FileFamily(source, backend) for source in file_sources(args.source_file, config)]
     from pyproxy.cleanup import cleanup_other_modes
 
@@ -421,9 +439,11 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
                          "KUBERNETES_SERVICE_HOST and the service account token are set)")
     if args.once:
         raise UsageError("--once works with --source-file; with the API pyproxy keeps running")
+    backend = resolve_backend(config, args.iptables_backend)
+    require_capabilities(raw=backend == "legacy")
     settings = Settings(
         kubeconfig=args.kubeconfig,
-        iptables_backend=resolve_backend(config, args.iptables_backend),
+        iptables_backend=backend,
         min_sync_period=0.1 if args.min_sync_period is None else args.min_sync_period,
         sync_period=args.sync_period,
         full_sync_period=args.full_sync_period,

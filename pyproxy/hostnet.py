@@ -6,6 +6,9 @@ import socket
 
 from pyroute2 import IPRoute
 
+CAPABILITY_BITS = {"NET_ADMIN": 12, "NET_RAW": 13}
+"""Bit numbers in the capability masks of /proc/self/status (linux/capability.h)."""
+
 
 def interface_ips(family: int = 4) -> tuple[str, ...]:
     """Every address of one family on the namespace's interfaces, loopback included (callers
@@ -15,6 +18,18 @@ def interface_ips(family: int = 4) -> tuple[str, ...]:
         addrs = [msg.get_attr("IFA_ADDRESS") for msg in msgs]
     return tuple(a for a in addrs if a and not a.lower().startswith("fe80:"))
 
+
+
+def missing_capabilities(names: tuple[str, ...], *, status: str = "/proc/self/status") -> list[str]:
+    """Which of ``names`` this process does not hold in its effective set. Empty when it cannot
+    tell (no /proc): then the executors' own errors speak."""
+    try:
+        with open(status, encoding="ascii") as fh:
+            line = next((ln for ln in fh if ln.startswith("CapEff:")), "")
+        effective = int(line.split()[1], 16)
+    except (OSError, IndexError, ValueError):
+        return []
+    return [n for n in names if not effective >> CAPABILITY_BITS[n] & 1]
 
 
 def set_sysctl(name: str, value: str) -> None:

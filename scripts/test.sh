@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, and exactly what .ci/run runs): install, then unit tests (no root),
 # netns tests (root: real rules in fresh namespaces, real packets) and e2e tests (root: a real
-# cluster in namespaces), then check that no test namespace survived.
+# cluster in namespaces; pyproxy's image under a real containerd), then check that no test
+# namespace, containerd process, mount or cgroup survived.
 #
 # Every tier must run: a netns or e2e test that cannot (no root, a missing tool) fails the run
 # instead of being skipped. `bash scripts/test.sh --unit` runs the unit tier alone, on purpose.
@@ -24,9 +25,16 @@ if [ "$rc" -eq 5 ]; then
   exit 1
 fi
 after=$(ip netns list 2>/dev/null | awk '{print $1}' | sort || true)
-left=$(comm -13 <(echo "$before") <(echo "$after") | grep -E '^px[tl]' || true)
+left=$(comm -13 <(echo "$before") <(echo "$after") | grep -E '^px(t|l|ctr-)' || true)
 if [ -n "$left" ]; then
   echo "test.sh: test namespaces left behind: $left" >&2
+  exit 1
+fi
+# The image tests run a containerd of their own: no daemon, shim, mount or cgroup of it may survive.
+stray=$( (pgrep -af 'containerd.*pxctr-' || true; grep ' /tmp/pxctr-' /proc/self/mounts || true;
+          ls -d /sys/fs/cgroup/*/pyproxy-e2e 2>/dev/null || true) | grep -v pgrep || true)
+if [ -n "$stray" ]; then
+  echo "test.sh: left behind by the container tests: $stray" >&2
   exit 1
 fi
 exit "$rc"

@@ -288,3 +288,26 @@ def test_file_stamp(tmp_path):
     assert first is not None and first[1] == 5
     path.write_text("a: 12\n")
     assert file_stamp(str(path)) != first
+
+
+@pytest.mark.parametrize(("eff", "want", "missing"), [
+    ("0000000000001000", ("NET_ADMIN",), []),
+    ("0000000000001000", ("NET_ADMIN", "NET_RAW"), ["NET_RAW"]),
+    ("00000000a80425fb", ("NET_ADMIN",), ["NET_ADMIN"]),  # a container's default set: no NET_ADMIN
+    ("000001ffffffffff", ("NET_ADMIN", "NET_RAW"), []),
+])
+def test_missing_capabilities_reads_the_effective_set(tmp_path, eff, want, missing):
+    from pyproxy.hostnet import missing_capabilities
+
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tpyproxy\nCapInh:\t0000000000000000\nCapPrm:\t{eff}\nCapEff:\t{eff}\n")
+    assert missing_capabilities(want, status=str(status)) == missing
+
+
+def test_run_without_net_admin_says_which_capability_is_missing(monkeypatch, capsys):
+    import pyproxy.hostnet
+
+    monkeypatch.setattr(pyproxy.hostnet, "missing_capabilities", lambda names, **_: ["NET_ADMIN"])
+    assert main(["run", "--source-file", "examples/demo.yaml", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the NET_ADMIN capability" in err and "securityContext.capabilities.add" in err
