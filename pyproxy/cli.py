@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pyproxy import __version__
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
+from pyproxy.ipt.executor import IptablesError
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
@@ -608,6 +609,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PermissionError as err:
         print(f"pyproxy: {err}; programming the kernel needs root (or CAP_NET_ADMIN)", file=sys.stderr)
+        return 1
+    except IptablesError as err:
+        # Before any sync: choosing the iptables backend found no usable iptables (the
+        # message says what to install); no traceback for that.
+        print(f"pyproxy: {err}", file=sys.stderr)
         return 1
     except SyncFailed as err:
         print(f"pyproxy: {err}; this is a bug in pyproxy, please report it with the input",

@@ -45,6 +45,20 @@ class Settings:
     """Restart a watch silent this long (seconds): a dead connection or a stuck proxy."""
 
 
+def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int]:
+    """The IP families whose runner gets ``obj``. An EndpointSlice holds one family's addresses
+    (its immutable ``addressType``): it goes to that family's runner alone, as upstream's
+    metaproxier routes it. The other runner would only skip it, and counting it there too made
+    one IPv4 slice change add 2 to kubeproxy_sync_proxy_rules_endpoint_changes_total on a
+    dual-stack node. Everything else, and slices without a valid addressType (each runner
+    reports those as invalid, once, through the shared problem log), goes to every family."""
+    if kind == "EndpointSlice":
+        fam = {"IPv4": 4, "IPv6": 6}.get(obj.get("addressType"))  # type: ignore[arg-type]
+        if fam in families:
+            return [fam]
+    return families
+
+
 async def serve(config: ProxyConfig, settings: Settings, *,
                 make_proxier: Callable[..., Proxier]) -> int:
     """Run until SIGTERM or SIGINT (0), or until a reflector or sync loop ends, which they only
@@ -81,13 +95,16 @@ async def serve(config: ProxyConfig, settings: Settings, *,
                             full_sync=settings.full_sync_period),
         ))
 
+    families = [c.family for c in configs]
+
     def on_replace(kind: str, objects: list[dict[str, Any]]) -> None:
-        for r in runners:
-            r.on_replace(kind, objects)
+        for fam, r in zip(families, runners):
+            r.on_replace(kind, [o for o in objects if fam in families_of(kind, o, families)])
 
     def on_event(event: str, kind: str, obj: dict[str, Any]) -> None:
-        for r in runners:
-            r.on_event(event, kind, obj)
+        for fam, r in zip(families, runners):
+            if fam in families_of(kind, obj, families):
+                r.on_event(event, kind, obj)
 
     client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
     reflectors = [

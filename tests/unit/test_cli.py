@@ -311,3 +311,15 @@ def test_run_without_net_admin_says_which_capability_is_missing(monkeypatch, cap
     assert main(["run", "--source-file", "examples/demo.yaml", "--once"]) == 2
     err = capsys.readouterr().err
     assert "needs the NET_ADMIN capability" in err and "securityContext.capabilities.add" in err
+
+
+def test_no_usable_iptables_is_a_message_not_a_traceback(monkeypatch, capsys):
+    from pyproxy.ipt import executor
+
+    def none_found() -> str:
+        raise executor.IptablesError("no iptables-nft-save or iptables-legacy-save found; install the iptables package")
+
+    monkeypatch.setattr(executor, "detect_backend", none_found)
+    assert main(["run", "--source-file", "examples/demo.yaml", "--once", "--proxy-mode", "iptables"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyproxy: no iptables") and "Traceback" not in err

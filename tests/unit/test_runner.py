@@ -515,6 +515,57 @@ def test_daemon_families_sync_independently(tmp_path: Any, monkeypatch: pytest.M
     run(main)
 
 
+@pytest.mark.parametrize(("kind", "obj", "families", "want"), [
+    ("EndpointSlice", {"addressType": "IPv4"}, [4, 6], [4]),
+    ("EndpointSlice", {"addressType": "IPv6"}, [4, 6], [6]),
+    ("EndpointSlice", {"addressType": "IPv6"}, [4], [4]),  # the only runner skips it, as before
+    ("EndpointSlice", {"addressType": "FQDN"}, [4, 6], [4, 6]),
+    ("EndpointSlice", {}, [4, 6], [4, 6]),  # invalid: reported once through the shared log
+    ("Service", {"spec": {"ipFamilies": ["IPv4"]}}, [4, 6], [4, 6]),
+])
+def test_a_slice_goes_to_the_family_of_its_address_type(kind: str, obj: dict[str, Any], families: list[int],
+                                                         want: list[int]) -> None:
+    from pyproxy.daemon import families_of
+
+    assert families_of(kind, obj, families) == want
+
+
+def test_a_slice_change_counts_once_on_a_dual_stack_node(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to reach both families' runners and add 2 to the endpoint changes counter."""
+    from pyproxy import daemon, hostnet
+
+    monkeypatch.setattr(hostnet, "interface_ips", lambda family=4: ())
+    fakes = {4: FakeNft(), 6: FakeNft()}
+
+    def make_proxier(config: ProxyConfig, **_: Any) -> NftProxier:
+        return NftProxier(config=config, executor=fakes[config.family])
+
+    async def main() -> None:
+        async with FakeApi() as api:
+            kubeconfig = _serve_one_service(api, tmp_path)
+            api.add_list(NODE_PATH, page([], rv="1"))
+            changed = web_slice(["10.244.1.6"])
+            changed["metadata"]["resourceVersion"] = "2"
+            gate = asyncio.Event()
+            api.add_watch(SLICE_PATH, Reply(events=[ev("MODIFIED", changed)], gate=gate, hold=True))
+            settings = daemon.Settings(kubeconfig=str(kubeconfig), min_sync_period=0.01, sync_period=0.2,
+                                       healthz_bind_address="", metrics_bind_address="", clean_other_modes=False)
+            serve = asyncio.create_task(daemon.serve(ProxyConfig(hostname="node-1", ip_families=(4, 6)), settings,
+                                                     make_proxier=make_proxier))
+            await until(lambda: fakes[4].transactions and fakes[6].transactions or serve.done(), "first syncs",
+                        timeout=3)
+            assert not serve.done(), serve.exception()
+            mark = sample("kubeproxy_sync_proxy_rules_endpoint_changes_total")
+            gate.set()
+            # Both runners would get the event in the same call: a double count shows at once.
+            await until(lambda: sample("kubeproxy_sync_proxy_rules_endpoint_changes_total") > mark, "the event")
+            assert sample("kubeproxy_sync_proxy_rules_endpoint_changes_total") == mark + 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(serve, 2)
+
+    run(main)
+
+
 # -- faults that must not end the loop (hardening issue, defect 2) -------------------------------
 
 @pytest.mark.parametrize("error", [
