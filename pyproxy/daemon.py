@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -89,8 +90,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
         runners.append(SyncRunner(
             proxier=proxier, config=fam, health=fam_health, clean_conntrack=True, on_synced=follow_checks,
             problems=problems,
-            # pyroute2's synchronous API runs an event loop of its own: not on ours.
-            interface_ips=await asyncio.to_thread(interface_ips, fam.family),
+            read_interface_ips=functools.partial(interface_ips, fam.family),
             periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
                             full_sync=settings.full_sync_period),
         ))

@@ -82,6 +82,7 @@ class SyncRunner:
 
     def __init__(self, *, proxier: Proxier, config: ProxyConfig, periods: Periods,
                  health: ProxyHealth, interface_ips: tuple[str, ...] = (),
+                 read_interface_ips: Callable[[], tuple[str, ...]] | None = None,
                  clean_conntrack: bool = False,
                  on_synced: Callable[[DesiredState], Awaitable[None]] | None = None,
                  problems: ProblemLog | None = None) -> None:
@@ -91,6 +92,9 @@ class SyncRunner:
         self.health = health
         self.builder = StateBuilder(node_name=config.hostname, family=config.family)
         self.interface_ips = interface_ips
+        self.read_interface_ips = read_interface_ips
+        """Re-reads the node's addresses before each sync (NodePorts follow an address added
+        after start-up within one sync period); None keeps ``interface_ips`` fixed."""
         self.cleaner: ConntrackCleaner | None = ConntrackCleaner(family=config.family) if clean_conntrack else None
         self._wake = asyncio.Event()
         self._pending_triggers: list[float] = []
@@ -168,6 +172,9 @@ class SyncRunner:
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
             try:
+                if self.read_interface_ips is not None:
+                    # In a thread: pyroute2's synchronous API runs an event loop of its own.
+                    self.interface_ips = await asyncio.to_thread(self.read_interface_ips)
                 state = self._state()
                 self.problems.report(self.config.family, state.problems)
                 result = await asyncio.to_thread(self._sync_and_clean, state)

@@ -515,6 +515,26 @@ def test_daemon_families_sync_independently(tmp_path: Any, monkeypatch: pytest.M
     run(main)
 
 
+def test_nodeports_follow_an_address_added_after_start_up() -> None:
+    """The node's addresses are read again before each sync (they were read once at start-up,
+    so a NodePort address added later was never served); the periodic sync picks it up."""
+    async def main() -> None:
+        rig = Rig()
+        addresses = ["192.168.9.9"]
+        rig.runner.read_interface_ips = lambda: tuple(addresses)
+        rig.runner.on_replace("Service", [web_service()])
+        rig.runner.on_replace("EndpointSlice", [web_slice(["10.244.1.5"])])
+        rig.runner.on_replace("Node", [])  # no Node object: the interfaces' addresses
+        task, _ = await rig.start()
+        await until(lambda: rig.table() is not None and rig.table().elements.get("nodeport-ips"), "first sync")
+        assert rig.table().elements["nodeport-ips"] == {"192.168.9.9": ""}
+        addresses.append("192.168.7.7")  # no event: only the address changed
+        await until(lambda: "192.168.7.7" in rig.table().elements["nodeport-ips"], "the next periodic sync")
+        await stop(task)
+
+    run(main)
+
+
 @pytest.mark.parametrize(("kind", "obj", "families", "want"), [
     ("EndpointSlice", {"addressType": "IPv4"}, [4, 6], [4]),
     ("EndpointSlice", {"addressType": "IPv6"}, [4, 6], [6]),
