@@ -93,8 +93,8 @@ class SyncRunner:
         self.builder = StateBuilder(node_name=config.hostname, family=config.family)
         self.interface_ips = interface_ips
         self.read_interface_ips = read_interface_ips
-        """Re-reads the node's addresses before each sync (NodePorts follow an address added
-        after start-up within one sync period); None keeps ``interface_ips`` fixed."""
+        """Re-reads the node's addresses before each sync that uses them (NodePorts follow an
+        address added after start-up within one sync period); None keeps ``interface_ips`` fixed."""
         self.cleaner: ConntrackCleaner | None = ConntrackCleaner(family=config.family) if clean_conntrack else None
         self._wake = asyncio.Event()
         self._pending_triggers: list[float] = []
@@ -172,8 +172,10 @@ class SyncRunner:
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
             try:
-                if self.read_interface_ips is not None:
+                if self.read_interface_ips is not None and \
+                        self.builder.needs_interfaces(self.config.nodeport_addresses):
                     # In a thread: pyroute2's synchronous API runs an event loop of its own.
+                    # Only when the Node object does not settle the NodePort addresses.
                     self.interface_ips = await asyncio.to_thread(self.read_interface_ips)
                 state = self._state()
                 self.problems.report(self.config.family, state.problems)

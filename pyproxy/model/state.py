@@ -369,11 +369,15 @@ class StateBuilder:
         or, when it is missing or has none, the interfaces'; with ``--nodeport-addresses``
         CIDRs, both (``interfaces`` is only called when needed: it reads the namespace)."""
         node = self.node
-        # With CIDRs, any local address inside them takes NodePorts, as upstream: the
-        # interfaces count too, not only the Node object's addresses.
-        wants_cidrs = any(c != "primary" for c in cidrs)
-        ifaces = interfaces() if node is None or not node.addresses or wants_cidrs else ()
+        ifaces = interfaces() if self.needs_interfaces(cidrs) else ()
         return self.build(nodeport_ips=nodeport_ips(node=node, interface_ips=ifaces, cidrs=cidrs))
+
+    def needs_interfaces(self, cidrs: tuple[str, ...]) -> bool:
+        """Whether the NodePort addresses depend on the interfaces' addresses: no Node object
+        (or one without addresses), or ``--nodeport-addresses`` CIDRs - with CIDRs any local
+        address inside them takes NodePorts, as upstream, not only the Node object's."""
+        node = self.node
+        return node is None or not node.addresses or any(c != "primary" for c in cidrs)
 
     def _claim(self, dirty: set[Key]) -> None:
         """Give each ClusterIP:port and NodePort to one Service only.

@@ -535,6 +535,23 @@ def test_nodeports_follow_an_address_added_after_start_up() -> None:
     run(main)
 
 
+def test_the_addresses_are_not_read_when_the_node_object_settles_them() -> None:
+    """With our Node object's addresses (and no --nodeport-addresses CIDRs) the interfaces do
+    not matter: no netlink dump on each sync."""
+    async def main() -> None:
+        rig = Rig()
+        reads: list[int] = []
+        rig.runner.read_interface_ips = lambda: reads.append(1) or ("192.168.9.9",)  # type: ignore[func-returns-value]
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: rig.runner.syncs >= 2, "two syncs")
+        assert rig.table().elements["nodeport-ips"] == {"192.168.1.1": ""}  # from our Node object
+        assert reads == []
+        await stop(task)
+
+    run(main)
+
+
 @pytest.mark.parametrize(("kind", "obj", "families", "want"), [
     ("EndpointSlice", {"addressType": "IPv4"}, [4, 6], [4]),
     ("EndpointSlice", {"addressType": "IPv6"}, [4, 6], [6]),
