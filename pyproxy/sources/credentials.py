@@ -100,7 +100,6 @@ def from_kubeconfig(path: str) -> Credentials | None:
     server = cluster.get("server")
     if not server:
         raise CredentialsError(f"cluster {context.get('cluster')!r} has no server")
-    tmpdir = tempfile.mkdtemp(prefix="pyproxy-kubeconfig-")
     ctx: ssl.SSLContext | bool = False
     if server.startswith("https"):
         if cluster.get("certificate-authority-data"):
@@ -116,12 +115,16 @@ def from_kubeconfig(path: str) -> Credentials | None:
             ctx.check_hostname = False  # verified against the CA; the name differs from the address
         cert = user.get("client-certificate")
         key = user.get("client-key")
-        if user.get("client-certificate-data"):
-            cert = _data_file(user["client-certificate-data"], tmpdir, "client.crt")
-        if user.get("client-key-data"):
-            key = _data_file(user["client-key-data"], tmpdir, "client.key")
-        if cert:
-            ctx.load_cert_chain(os.path.join(base, cert), os.path.join(base, key) if key else None)
+        # ssl reads a client certificate only from files. Inline data goes to a private
+        # directory that lives only as long as load_cert_chain reads it: one left per load
+        # piled up in /tmp (thousands on a test machine), with the private key in each.
+        with tempfile.TemporaryDirectory(prefix="pyproxy-kubeconfig-") as tmpdir:
+            if user.get("client-certificate-data"):
+                cert = _data_file(user["client-certificate-data"], tmpdir, "client.crt")
+            if user.get("client-key-data"):
+                key = _data_file(user["client-key-data"], tmpdir, "client.key")
+            if cert:
+                ctx.load_cert_chain(os.path.join(base, cert), os.path.join(base, key) if key else None)
     headers: dict[str, str] = {}
     auth = None
     if user.get("token"):

@@ -80,3 +80,21 @@ def test_client_key_data_is_written_privately(tmp_path):
     path = credentials._data_file(base64.b64encode(b"secret").decode(), str(tmp_path), "k")
     assert open(path, "rb").read() == b"secret"
     assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_inline_client_certificate_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The certificate and key data are written for ssl to read, then removed at once: one
+    directory per load (with the private key in it) used to pile up in /tmp."""
+    import subprocess
+    import tempfile
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(tmp_path / "c.pem"), "-days", "1", "-subj", "/CN=u"], check=True, capture_output=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    b64 = lambda name: base64.b64encode((tmp_path / name).read_bytes()).decode()  # noqa: E731
+    creds = from_kubeconfig(_write(tmp_path, {"client-certificate-data": b64("c.pem"), "client-key-data": b64("k.pem")},
+                                   cluster={"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}))
+    assert isinstance(creds.ssl, ssl.SSLContext)
+    assert list(scratch.iterdir()) == []
