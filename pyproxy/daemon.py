@@ -72,7 +72,14 @@ async def serve(config: ProxyConfig, settings: Settings, *,
 
     configs = config.family_configs()
     proxiers = [make_proxier(c, iptables_backend=settings.iptables_backend) for c in configs]
-    if settings.clean_other_modes:
+    # Another mode's rules (a switch from iptables to nftables, or from upstream kube-proxy)
+    # are removed once every family's own rules are in, not at start-up: until the first sync
+    # (caches listed, ruleset applied: seconds) the old rules keep serving, so a mode switch
+    # drops no connection. Both rule sets send a Service to the same endpoints meanwhile.
+    first_synced = [asyncio.Event() for _ in configs]
+
+    async def clean_other_modes() -> None:
+        await asyncio.gather(*(e.wait() for e in first_synced))
         await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
                                 iptables_backend=getattr(proxiers[0].executor, "backend", None))
     healths = [ProxyHealth(timeout=2 * settings.sync_period) for _ in configs]
@@ -80,11 +87,13 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     runners: list[SyncRunner] = []
     checks: list[HealthCheckServer] = []
     problems = ProblemLog()  # shared: each invalid object is logged and counted once
-    for fam, proxier, fam_health in zip(configs, proxiers, healths):
+    for fam, proxier, fam_health, synced_once in zip(configs, proxiers, healths, first_synced):
         server = HealthCheckServer(proxy_healthy=fam_health.healthy, family=fam.family)
         checks.append(server)
 
-        async def follow_checks(state: DesiredState, server: HealthCheckServer = server) -> None:
+        async def follow_checks(state: DesiredState, server: HealthCheckServer = server,
+                                synced_once: asyncio.Event = synced_once) -> None:
+            synced_once.set()
             await server.update(health_checks(state), state.nodeport_ips)
 
         runners.append(SyncRunner(
@@ -125,6 +134,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     synced = asyncio.ensure_future(wait_synced(reflectors))
     for fam, runner in zip(configs, runners):
         tasks.append(asyncio.create_task(runner.run(synced), name=f"sync-loop-ipv{fam.family}"))
+    cleaner = asyncio.create_task(clean_other_modes()) if settings.clean_other_modes else None
     log.info("watching the API as node %s in %s mode", config.hostname, config.mode)
     done_waiter = asyncio.ensure_future(stop.wait())
     finished, _ = await asyncio.wait([done_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -137,6 +147,9 @@ async def serve(config: ProxyConfig, settings: Settings, *,
                       task.get_name(), exc_info=err)
     for task in tasks:
         task.cancel()
+    if cleaner is not None:
+        cleaner.cancel()
+        await asyncio.gather(cleaner, return_exceptions=True)
     await asyncio.gather(*tasks, return_exceptions=True)
     for site in sites:
         await site.cleanup()

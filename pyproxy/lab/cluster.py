@@ -36,6 +36,8 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
+from pyproxy.lab.realnode import NODE_ROOT, RealNode
+
 REPO = Path(__file__).resolve().parents[2]
 STATE_ROOT = Path(os.environ.get("PYPROXY_LAB_DIR", "/run/pyproxy-lab"))
 CP_IP = "192.168.60.1"
@@ -74,12 +76,19 @@ def ns_run(ns: str | None, argv: list[str], **kw: Any) -> subprocess.CompletedPr
     return subprocess.run([*prefix, *argv], check=False, **kw)
 
 
-def build_binaries() -> Path:
-    """Build (or reuse from the cache) the upstream binaries; return their directory."""
-    proc = subprocess.run(["bash", str(REPO / "e2e" / "build-k8s.sh")], capture_output=True, text=True,
-                          timeout=5400)
+def lab_images() -> list[Path]:
+    """The OCI archives every real node imports: pause, pyproxy's image, the lab's tools."""
+    from e2e import images  # the builder lives beside the tests until the lab has a package of its own
+
+    return [images.build(name) for name in ("pause", "pyproxy", "tools")]
+
+
+def build_binaries(script: str = "build-k8s.sh") -> Path:
+    """Build (or reuse from the cache) upstream binaries with ``e2e/<script>``: the control
+    plane's (build-k8s.sh) or a real node's (build-node.sh); return their directory."""
+    proc = subprocess.run(["bash", str(REPO / "e2e" / script)], capture_output=True, text=True, timeout=5400)
     if proc.returncode != 0:
-        raise RuntimeError(f"e2e/build-k8s.sh failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"e2e/{script} failed:\n{proc.stderr[-3000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
@@ -96,6 +105,12 @@ class ClusterLab:
     owner_pid: int = 0
     """The process that brought the lab up, for labs that die with it (tests, benchmarks);
     0 for a lab meant to outlive its creator (``pyproxy lab up``)."""
+    real_nodes: bool = False
+    """Nodes run containerd and the real kubelet (pyproxy.lab.realnode), the control plane adds
+    kube-scheduler, the Node authorizer and the controllers pods need; False: the lab's
+    stand-in kubelet runs pods as ``unshare --net`` processes (quicker, no images)."""
+    node_bin_dir: str = ""
+    """e2e/build-node.sh's output (real nodes only)."""
 
     # -- naming --------------------------------------------------------------------------
     @property
@@ -126,8 +141,14 @@ class ClusterLab:
         """For use inside node namespaces (server 192.168.60.1)."""
         return str(self.path / "admin-node.kubeconfig")
 
-    def bin(self, name: str) -> str:
-        return str(Path(self.bin_dir) / name)
+    def bin(self, name: str, *, node: bool = False) -> str:
+        """An upstream binary: the control plane's build, or (``node``) build-node.sh's."""
+        return str(Path(self.node_bin_dir if node else self.bin_dir) / name)
+
+    def real_node(self, i: int) -> RealNode:
+        return RealNode(name=self.node_name(i), netns=self.node_ns(i), dir=str(NODE_ROOT / f"{self.tag}-n{i}"),
+                        bin_dir=self.node_bin_dir, node_ips=(node_ip(i), node_ip6(i)),
+                        pod_cidrs=(pod_cidr(i), pod_cidr6(i)))
 
     # -- state file ----------------------------------------------------------------------
     def save(self) -> None:
@@ -154,13 +175,16 @@ class ClusterLab:
 
     @classmethod
     def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None,
-           owned: bool = True) -> ClusterLab:
+           owned: bool = True, real_nodes: bool = False) -> ClusterLab:
         cls.reap_orphans()
         if (STATE_ROOT / name / "state.json").exists():
             raise RuntimeError(f"lab {name!r} is already up; run 'pyproxy lab down --name {name}' first")
         lab = cls(name=name, nodes=nodes, tag=f"pxl{secrets.token_hex(2)}",
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
-                  admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0)
+                  admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0,
+                  real_nodes=real_nodes, node_bin_dir=str(build_binaries("build-node.sh")) if real_nodes else "")
+        if real_nodes:
+            lab_images()  # built (or found in the cache) before anything starts
         lab.path.mkdir(parents=True, exist_ok=True)
         lab.save()
         try:
@@ -170,6 +194,8 @@ class ClusterLab:
             lab._register_nodes()
             for i in range(1, nodes + 1):
                 lab._start_kubelet(i)
+            if real_nodes:
+                lab._wait("every node Ready", lambda: lab.ready_nodes() == nodes, timeout=120)
             lab.save()
         except BaseException:
             lab.down()
@@ -215,12 +241,13 @@ class ClusterLab:
         for i in range(1, self.nodes + 1):
             ns = self.node_ns(i)
             with IPRoute(netns=ns) as ipr:
-                ipr.link("add", ifname="cbr0", kind="bridge")
-                br = ipr.link_lookup(ifname="cbr0")[0]
-                ipr.addr("add", index=br, address=pod_cidr(i).replace(".0/24", ".1"), prefixlen=24)
-                ipr.addr("add", index=br, address=pod_cidr6(i).replace("::/64", "::1"), prefixlen=64,
-                         flags=NODAD)
-                ipr.link("set", index=br, state="up")
+                if not self.real_nodes:  # on a real node, the CNI bridge plugin makes cbr0
+                    ipr.link("add", ifname="cbr0", kind="bridge")
+                    br = ipr.link_lookup(ifname="cbr0")[0]
+                    ipr.addr("add", index=br, address=pod_cidr(i).replace(".0/24", ".1"), prefixlen=24)
+                    ipr.addr("add", index=br, address=pod_cidr6(i).replace("::/64", "::1"), prefixlen=64,
+                             flags=NODAD)
+                    ipr.link("set", index=br, state="up")
                 for j in range(1, self.nodes + 1):
                     if j != i:  # flannel host-gw: the other nodes' pod CIDRs via their node IPs
                         ipr.route("add", dst=pod_cidr(j), gateway=node_ip(j))
@@ -252,11 +279,26 @@ class ClusterLab:
                              (self.node_admin_kubeconfig, f"https://{CP_IP}:{API_PORT}")):
             Path(path).write_text(kubeconfig(server=server, ca=str(d / "ca.crt"), token=self.admin_token,
                                              user="admin"))
+        if not self.real_nodes:
+            return
+        # Each kubelet's identity: system:node:NAME in group system:nodes (the Node authorizer
+        # and NodeRestriction let it touch its own Node and the pods bound to it, nothing else).
+        for i in range(1, self.nodes + 1):
+            n = self.node_name(i)
+            ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{n}.key", "-out", f"{n}.csr",
+                 "-subj", f"/O=system:nodes/CN=system:node:{n}")
+            ossl("x509", "-req", "-in", f"{n}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{n}.crt", "-days", "7")
 
-    def _spawn(self, key: str, ns: str, argv: list[str]) -> None:
+    def _spawn(self, key: str, ns: str, argv: list[str], *, nsenter: bool = False,
+               env: dict[str, str] | None = None) -> None:
+        """Start a lab process in namespace ``ns``: with ``ip netns exec`` (its own mount
+        namespace and /sys), or with ``nsenter`` (the network namespace only: the kubelet and
+        containerd must share the host's mounts)."""
         log = open(self.path / f"{key}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        prefix = ["nsenter", f"--net=/run/netns/{ns}"] if nsenter else ["ip", "netns", "exec", ns]
+        proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         self.pids[key] = proc.pid
         self.save()
 
@@ -285,8 +327,13 @@ class ClusterLab:
             f"--client-ca-file={d / 'ca.crt'}", f"--token-auth-file={d / 'tokens.csv'}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d / 'sa.key'}", f"--service-account-signing-key-file={d / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}", "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}",
+            # Real kubelets: the Node authorizer and NodeRestriction, as a kubeadm cluster has them,
+            # and the ServiceAccount admission that mounts a pod's token. The stand-in kubelet
+            # mounts nothing and acts as admin.
+            *(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"] if self.real_nodes
+              else ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]),
+            "--allow-privileged=true", "--kubelet-preferred-address-types=InternalIP",
             "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"])
 
     def api_ready(self) -> bool:
@@ -297,12 +344,23 @@ class ClusterLab:
         self._wait("etcd", lambda: "true" in ns_run(self.cp_ns, ["curl", "-s", "http://127.0.0.1:2379/health"]).stdout)
         self.start_apiserver()
         self._wait("kube-apiserver", self.api_ready, timeout=120)
+        controllers = ["endpointslice-controller", "endpointslice-mirroring-controller"]
+        if self.real_nodes:  # what Deployments, DaemonSets and pods with a ServiceAccount need
+            controllers += ["deployment-controller", "replicaset-controller", "daemonset-controller",
+                            "garbage-collector-controller", "serviceaccount-controller",
+                            "root-ca-certificate-publisher-controller", "namespace-controller",
+                            "pod-garbage-collector-controller"]
         self._spawn("kube-controller-manager", self.cp_ns, [
             self.bin("kube-controller-manager"), f"--kubeconfig={self.admin_kubeconfig}",
-            "--controllers=endpointslice-controller,endpointslice-mirroring-controller",
+            f"--controllers={','.join(controllers)}", f"--root-ca-file={self.path / 'ca.crt'}",
             "--leader-elect=false", "--use-service-account-credentials=false",
             "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-service-endpoint-syncs=10",
             "--secure-port=0", "--v=1"])
+        if self.real_nodes:
+            self._spawn("kube-scheduler", self.cp_ns, [
+                self.bin("kube-scheduler", node=True), f"--kubeconfig={self.admin_kubeconfig}",
+                f"--authentication-kubeconfig={self.admin_kubeconfig}",
+                f"--authorization-kubeconfig={self.admin_kubeconfig}", "--leader-elect=false", "--v=1"])
 
     def _register_nodes(self) -> None:
         for i in range(1, self.nodes + 1):
@@ -312,6 +370,8 @@ class ClusterLab:
                         "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"}},
                     "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i), pod_cidr6(i)]}}
             self.kubectl_apply([node])
+            if self.real_nodes:
+                continue  # the kubelet reports its own status
             status = {"status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)},
                                                {"type": "InternalIP", "address": node_ip6(i)},
                                                {"type": "Hostname", "address": self.node_name(i)}],
@@ -321,9 +381,28 @@ class ClusterLab:
                          "-p", json.dumps(status))
 
     def _start_kubelet(self, i: int) -> None:
+        if self.real_nodes:
+            self._start_real_node(i)
+            return
         self._spawn(f"kubelet-{i}", self.node_ns(i), [
             sys.executable, "-m", "pyproxy.lab.kubelet", "--kubeconfig", self.node_admin_kubeconfig,
             "--node", self.node_name(i), "--pod-cidr", f"{pod_cidr(i)},{pod_cidr6(i)}", "--state-dir", str(self.path / f"node-{i}")])
+
+    def _start_real_node(self, i: int) -> None:
+        node = self.real_node(i)
+        node.write_config(kubeconfig=kubeconfig(
+            server=f"https://{CP_IP}:{API_PORT}", ca=str(self.path / "ca.crt"), user=f"system:node:{node.name}",
+            cert=str(self.path / f"{node.name}.crt"), key=str(self.path / f"{node.name}.key")))
+        self._spawn(f"containerd-{i}", node.netns, node.containerd_argv(), nsenter=True, env=node.env())
+        self._wait(f"containerd on {node.name}", lambda: os.path.exists(node.sock), timeout=30)
+        for archive in lab_images():
+            node.import_image(archive)
+        self._spawn(f"kubelet-{i}", node.netns, node.kubelet_argv(), nsenter=True, env=node.env())
+
+    def ready_nodes(self) -> int:
+        out = self.kubectl("get", "nodes", "-o", "json", check=False).stdout or '{"items": []}'
+        return sum(1 for n in json.loads(out)["items"] for c in n["status"].get("conditions") or []
+                   if c["type"] == "Ready" and c["status"] == "True")
 
     # -- using it ------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -364,8 +443,16 @@ class ClusterLab:
         self.save()
 
     def down(self) -> None:
+        if self.real_nodes:
+            for i in range(1, self.nodes + 1):  # no kubelet left to restart what is killed next
+                self.stop(f"kubelet-{i}")
+            for i in range(1, self.nodes + 1):
+                self.real_node(i).kill_pods()
         for key in sorted(self.pids, key=lambda k: (k.startswith("etcd"), k.startswith("kube-apiserver"))):
             self.stop(key)
+        if self.real_nodes:
+            for i in range(1, self.nodes + 1):
+                self.real_node(i).remove_leftovers()
         for ns in reversed(self.namespaces):
             try:
                 netns.remove(ns)
@@ -392,11 +479,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def kubeconfig(*, server: str, ca: str, token: str, user: str) -> str:
+def kubeconfig(*, server: str, ca: str, user: str, token: str = "", cert: str = "", key: str = "") -> str:
+    """A kubeconfig that authenticates with a bearer ``token``, or a client ``cert`` and ``key``."""
+    creds = {"token": token} if token else {"client-certificate": cert, "client-key": key}
     return json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "lab",
         "clusters": [{"name": "lab", "cluster": {"server": server, "certificate-authority": ca}}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": creds}],
         "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": user}}],
     }, indent=1)
 
@@ -407,12 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--name", default="lab")
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--real-nodes", action="store_true",
+                        help="containerd and the real kubelet on every node (builds them and the images "
+                             "on first use); default: the lab's stand-in kubelet")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or sys.platform != "linux":
         print("pyproxy lab: needs root on Linux (network namespaces); run it with sudo", file=sys.stderr)
         return 2
     if args.action == "up":
-        lab = ClusterLab.up(name=args.name, nodes=args.nodes, owned=False)
+        lab = ClusterLab.up(name=args.name, nodes=args.nodes, owned=False, real_nodes=args.real_nodes)
         print(json.dumps(lab.status(), indent=1))
         print(f"kubectl: ip netns exec {lab.cp_ns} {lab.bin('kubectl')} --kubeconfig {lab.admin_kubeconfig} ...")
         return 0

@@ -1,0 +1,140 @@
+"""The real-node lab's workloads and chart installs (issue 10): what e2e/test_realnodes.py and
+the demo deploy on a lab whose nodes run containerd and the real kubelet.
+
+Everything here goes through the API as a user would: the chart by ``helm``, backends as a
+Deployment with a readiness probe, clients as pods placed by the scheduler; the only thing done
+from outside is entering a client pod's network namespace (by its container's PID, from the
+node's containerd) to run curl or the lab's probe client in it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from e2e.harness import SA_NAMESPACE, helm
+from pyproxy.lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab
+
+TOOLS = "docker.io/library/lab-tools:dev"
+NAMESPACE = "e2e"
+
+
+def install_chart(lab: ClusterLab, *, mode: str = "nftables", extra: tuple[str, ...] = (),
+                  timeout: float = 180) -> float:
+    """``helm upgrade --install`` of charts/pyproxy with the image built here (the chart's
+    default ``pyproxy:dev``, already in every node's containerd), waiting until the DaemonSet
+    is rolled out; returns the seconds it took."""
+    t0 = time.monotonic()
+    proc = helm(lab, "upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
+                "--set", f"apiServer.host={CP_IP}", "--set", f"config.clusterCIDR={CLUSTER_CIDR}\\,{CLUSTER_CIDR6}",
+                "--set", f"config.proxyMode={mode}", *extra, "--wait", "--timeout", f"{int(timeout)}s")
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm upgrade --install: {proc.stderr.strip()}\n{daemonset_report(lab)}")
+    wait_rolled_out(lab, timeout=timeout)
+    return time.monotonic() - t0
+
+
+def daemonset_report(lab: ClusterLab) -> str:
+    return lab.kubectl("-n", SA_NAMESPACE, "get", "daemonset,pods", "-o", "wide", check=False).stdout
+
+
+def wait_rolled_out(lab: ClusterLab, timeout: float = 180) -> None:
+    """Every node runs the DaemonSet's current template, Ready (helm --wait can return while the
+    controller has not yet counted the last pod)."""
+    proc = lab.kubectl("-n", SA_NAMESPACE, "rollout", "status", "daemonset/pyproxy", f"--timeout={int(timeout)}s",
+                       check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pyproxy's DaemonSet did not roll out: {proc.stderr.strip()}\n{daemonset_report(lab)}")
+
+
+def proxy_pods(lab: ClusterLab) -> dict[str, dict[str, Any]]:
+    """pyproxy's pods by node name."""
+    out = lab.kubectl("-n", SA_NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/name=pyproxy", "-o", "json").stdout
+    return {p["spec"]["nodeName"]: p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")}
+
+
+def echo_deployment(name: str, replicas: int, *, node: str | None = None) -> dict[str, Any]:
+    """Backends: the lab's echo server (answers ``<pod name> <client ip>``), Ready by a real
+    HTTP probe, so the EndpointSlice controller sees what the kubelet saw."""
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 2,
+        "containers": [{
+            "name": "echo", "image": TOOLS, "imagePullPolicy": "Never",
+            "command": ["python3", "/opt/lab/echo.py", "--name", "$(POD_NAME)", "--port", "8080",
+                        "--http-port", "8081"],
+            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "ports": [{"name": "http", "containerPort": 8081}, {"name": "line", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": 8081}, "periodSeconds": 1},
+        }]}
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
+
+
+def client_pod(name: str, node: str) -> dict[str, Any]:
+    """A pod that only holds a network namespace on ``node`` for probes to run in."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE,
+                                                            "labels": {"role": "client"}},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": node}, "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "client", "image": TOOLS, "imagePullPolicy": "Never",
+                                     "command": ["sleep", "infinity"]}]}}
+
+
+def wait_pods_running(lab: ClusterLab, selector: str, count: int, timeout: float = 120) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    pods: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        out = lab.kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json").stdout
+        pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"
+                and all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+        if len(pods) == count:
+            return pods
+        time.sleep(0.5)
+    raise AssertionError(f"pods {selector}: {len(pods)} running and ready, want {count}:\n"
+                         + lab.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide").stdout)
+
+
+def pod_netns_pid(lab: ClusterLab, pod: dict[str, Any]) -> int:
+    """PID of the pod's first container, from the containerd of the node it runs on."""
+    node = int(pod["spec"]["nodeName"].rsplit("-", 1)[1])
+    return lab.real_node(node).container_pid(pod["metadata"]["name"], pod["metadata"]["namespace"],
+                                             pod["spec"]["containers"][0]["name"])
+
+
+def probe(pid: int, target: str, *, count: int, http: bool = True, interval: float = 0.0,
+          deadline: float = 60.0, timeout: float = 1.0) -> dict[str, Any]:
+    """The lab's probe client in a pod's network namespace: ``{"answers": [[pod, seen_ip],
+    ...], "errors": {...}}``. Each attempt is a new connection."""
+    argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", target,
+            "--count", str(count), "--interval", str(interval), "--deadline", str(deadline),
+            "--timeout", str(timeout), "--reset-close", *(["--http"] if http else [])]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=deadline + 30, cwd=REPO)
+    if proc.returncode not in (0, 1) or not proc.stdout.strip():
+        raise RuntimeError(f"probe client failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+class Prober:
+    """The probe client running in the background (during a rolling update, a pod kill)."""
+
+    def __init__(self, pid: int, target: str, *, seconds: float, interval: float = 0.02) -> None:
+        self.argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", target,
+                     "--count", str(int(seconds / interval) + 1000), "--interval", str(interval),
+                     "--deadline", str(seconds), "--timeout", "1", "--reset-close", "--http"]
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+    def result(self, timeout: float = 300) -> dict[str, Any]:
+        out, err = self.proc.communicate(timeout=timeout)
+        if not out.strip():
+            raise RuntimeError(f"probe client failed ({self.proc.returncode}): {err[-2000:]}")
+        return json.loads(out)
+
+
+def failures(result: dict[str, Any]) -> dict[str, int]:
+    """The probe's failed attempts by kind (running out of time at the end is not a failure)."""
+    return {k: v for k, v in result["errors"].items() if k != "deadline"}
