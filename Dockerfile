@@ -1,5 +1,5 @@
 # pyproxy's image: Debian with Python and the kernel tools the executors drive.
-# e2e/images.py builds the same image without a container engine for the real-node lab, reading
+# lab/images.py builds the same image without a container engine for the real-node lab, reading
 # the base, the package list and the CMD from this file (tests/unit/test_images.py checks it):
 # keep one `apt-get install -y --no-install-recommends` line and exec-form CMD and ENTRYPOINT.
 FROM debian:bookworm-slim

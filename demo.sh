@@ -3,10 +3,10 @@
 # plane from Go modules, bring up a two-node cluster in network namespaces, install pyproxy's
 # chart into it, run pyproxy on every node and show curl reaching a ClusterIP and a NodePort.
 #   bash demo.sh                               # the real-cluster demo (needs root, Linux)
-#   python3 -m pyproxy.lab.quickdemo           # one node, objects from a file, no control plane
+#   python3 -m lab.quickdemo           # one node, objects from a file, no control plane
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(uname -s)" != Linux ]; then echo "demo.sh: needs Linux (network namespaces)" >&2; exit 2; fi
 if [ "$(id -u)" -ne 0 ]; then echo "demo.sh: needs root to create network namespaces: sudo bash demo.sh" >&2; exit 2; fi
 bash scripts/setup.sh
-exec python3 -m pyproxy.lab.demo "$@"
+exec python3 -m lab.demo "$@"

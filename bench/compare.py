@@ -4,11 +4,11 @@
     python -m bench.compare --sizes 1,20 --requests 100 --bulk-seconds 2 --out /tmp/x   # smoke
 
 For each mode (nftables, iptables, userspace) and each number of Services, one lab of network
-namespaces (pyproxy.lab.netns) is programmed with N Services, the last one backed by three echo
+namespaces (lab.netns) is programmed with N Services, the last one backed by three echo
 pods. From a client pod:
 
 * short HTTP requests over **new connections** (the bounded Python generator
-  ``pyproxy.lab.load``, 16 in flight; ``--load wrk`` uses ``wrk -H "Connection: close"``):
+  ``lab.load``, 16 in flight; ``--load wrk`` uses ``wrk -H "Connection: close"``):
   requests per second and latency p50/p99 — what a proxy costs per connection;
 * one **bulk TCP stream** (256 MB of zeros from one pod): MB/s — what it costs per byte;
 * **CPU seconds** pyproxy used meanwhile (the kernel modes only program rules; the userspace
@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from bench.synthetic import cluster, service_ip
-from pyproxy.lab.netns import Topology, ns_exec
+from lab.netns import Topology, ns_exec
 
 MODES = ("nftables", "iptables", "userspace")
 HTTP_PORT, BULK_PORT = 8081, 8082
@@ -105,7 +105,7 @@ def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency:
     client = topo.pod("pod3").ns
     try:
         deadline = time.monotonic() + 120
-        while '"requests": 0' in ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target",
+        while '"requests": 0' in ns_exec(client, [sys.executable, "-m", "lab.load", "--target",
                                                   f"{target}:80", "--requests", "1", "--concurrency", "1",
                                                   "--timeout", "1"]).stdout:
             if time.monotonic() > deadline:
@@ -116,10 +116,10 @@ def run_one(topo: Topology, mode: str, size: int, *, requests: int, concurrency:
         if use_wrk:
             load = _wrk(client, f"http://{target}/", seconds=load_seconds, connections=concurrency)
         else:
-            load = json.loads(ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target",
+            load = json.loads(ns_exec(client, [sys.executable, "-m", "lab.load", "--target",
                                                f"{target}:80", "--requests", str(requests), "--concurrency",
                                                str(concurrency), "--deadline", "60"], timeout=180).stdout)
-        bulk = json.loads(ns_exec(client, [sys.executable, "-m", "pyproxy.lab.load", "--target", f"{target}:81",
+        bulk = json.loads(ns_exec(client, [sys.executable, "-m", "lab.load", "--target", f"{target}:81",
                                            "--bulk", "--deadline", str(bulk_seconds)], timeout=180).stdout)
         if proc:
             load_cpu = _cpu_seconds(proc.pid) - cpu0

@@ -26,7 +26,7 @@ MODES = ("nftables", "iptables")
 def _one(mode: str, size: int, endpoints: int, samples: int, backend: str) -> dict[str, Any]:
     from bench.synthetic import cluster
     from pyproxy.config import ProxyConfig
-    from pyproxy.lab.netns import Topology
+    from lab.netns import Topology
     from pyproxy.model.state import StateBuilder, nodeport_ips
 
     out: dict[str, Any] = {"mode": mode, "size": size, "endpoints": endpoints}

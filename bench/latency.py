@@ -15,7 +15,7 @@ Measures, per proxy:
 
 The Services are selector-less with hand-made EndpointSlices (10 endpoints each that nothing
 contacts), so the API holds N realistic Services without N×10 pods. All traffic stays in the
-lab's namespaces. Needs root and the upstream binaries (e2e/build-k8s.sh).
+lab's namespaces. Needs root and the upstream binaries (lab/build-k8s.sh).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ TARGET = "probe"
 
 async def _client(kubeconfig: str):  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pyproxy.lab.kubelet import LabClient
+    from lab.kubelet import LabClient
 
     return await LabClient.from_config(kubeconfig=kubeconfig)
 
@@ -114,7 +114,7 @@ def prober(target: str) -> None:
     """Read 'NAME [SECONDS]' lines; probe target until NAME answers (60 s at most by default);
     print when (monotonic), or null."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pyproxy.lab.client import probe_once
+    from lab.client import probe_once
 
     host, _, port = target.rpartition(":")
     for line in sys.stdin:
@@ -172,7 +172,7 @@ def _start_proxy(lab: Any, i: int, kind: str, mode: str) -> subprocess.Popen[byt
 
 
 def _cleanup_node(lab: Any, i: int) -> None:
-    from pyproxy.lab.cluster import ns_run
+    from lab.cluster import ns_run
 
     # Removing 10k services' rules from iptables-nft takes minutes.
     ns_run(lab.node_ns(i), [sys.executable, "-m", "pyproxy", "cleanup"], timeout=3600)
@@ -180,7 +180,7 @@ def _cleanup_node(lab: Any, i: int) -> None:
 
 
 def run_size(lab: Any, size: int, changes: int, endpoints: int, previous: str | None) -> list[dict[str, Any]]:
-    from pyproxy.lab.cluster import ns_run
+    from lab.cluster import ns_run
 
     if previous:
         # The lab runs no namespace controller: empty the previous size's namespace by hand.
@@ -346,7 +346,7 @@ def main() -> int:
     if args.cmd == "prober":
         prober(args.target)
         return 0
-    from pyproxy.lab.cluster import ClusterLab
+    from lab.cluster import ClusterLab
 
     ONLY.update(p for p in args.proxies.split(",") if p)
     lab = ClusterLab.up(name=f"bench{os.getpid()}", nodes=len(PROXIES))

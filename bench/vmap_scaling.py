@@ -16,7 +16,7 @@ import subprocess
 import time
 
 from bench.synthetic import endpoint_ip, service_ip
-from pyproxy.lab.netns import NETNS_PREFIX
+from lab.netns import NETNS_PREFIX
 
 
 def script(n: int, e: int, *, style: str) -> str:

@@ -1,6 +1,6 @@
-"""The e2e fixtures: one real cluster (pyproxy.lab.cluster) for the session, pyproxy on every
+"""The e2e fixtures: one real cluster (lab.cluster) for the session, pyproxy on every
 node in each proxy mode. Needs root and the upstream binaries (built and cached by
-e2e/build-k8s.sh on first use; a cold build takes ~15 min on 2 cores)."""
+lab/build-k8s.sh on first use; a cold build takes ~15 min on 2 cores)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from e2e.harness import ProxyFleet, install_chart, sa_kubeconfig
-from pyproxy.lab.cluster import ClusterLab
-from pyproxy.lab.preflight import CLUSTER_TOOLS, missing
+from lab.cluster import ClusterLab
+from lab.preflight import CLUSTER_TOOLS, missing
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyproxy.lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
+from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
 
 SA = "pyproxy"
 SA_NAMESPACE = "kube-system"

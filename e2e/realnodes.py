@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from e2e.harness import SA_NAMESPACE, helm
-from pyproxy.lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab
+from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab
 
 TOOLS = "docker.io/library/lab-tools:dev"
 NAMESPACE = "e2e"
@@ -110,7 +110,7 @@ def probe(pid: int, target: str, *, count: int, http: bool = True, interval: flo
           deadline: float = 60.0, timeout: float = 1.0) -> dict[str, Any]:
     """The lab's probe client in a pod's network namespace: ``{"answers": [[pod, seen_ip],
     ...], "errors": {...}}``. Each attempt is a new connection."""
-    argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", target,
+    argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "lab.client", "--target", target,
             "--count", str(count), "--interval", str(interval), "--deadline", str(deadline),
             "--timeout", str(timeout), "--reset-close", *(["--http"] if http else [])]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=deadline + 30, cwd=REPO)
@@ -123,7 +123,7 @@ class Prober:
     """The probe client running in the background (during a rolling update, a pod kill)."""
 
     def __init__(self, pid: int, target: str, *, seconds: float, interval: float = 0.02) -> None:
-        self.argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", target,
+        self.argv = ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "lab.client", "--target", target,
                      "--count", str(int(seconds / interval) + 1000), "--interval", str(interval),
                      "--deadline", str(seconds), "--timeout", "1", "--reset-close", "--http"]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e.harness import answers, cluster_ip, pod, service, wait_for, wait_ready_endpoints
-from pyproxy.lab.cluster import CLUSTER_CIDR, REPO, ClusterLab, ns_run
+from lab.cluster import CLUSTER_CIDR, REPO, ClusterLab, ns_run
 
 NS = "soak"
 
@@ -89,7 +89,7 @@ class SoakResult:
 async def churn(kubeconfig: str, count: int, rate: float, seconds: float) -> dict[str, int]:
     """PATCH one random slice's endpoints ``rate`` times a second for ``seconds``."""
     sys.path.insert(0, str(REPO))
-    from pyproxy.lab.kubelet import LabClient
+    from lab.kubelet import LabClient
 
     client = await LabClient.from_config(kubeconfig=kubeconfig)
     rng = random.Random(7)
@@ -229,7 +229,7 @@ def soak(lab: ClusterLab, *, services: int, rate: float, seconds: float, mode: s
         assert got <= {f"{stable}-0", f"{stable}-1"}, got
         say(f"first sync after {time.monotonic() - t:.0f}s; churning {rate:.0f} updates/s for {seconds:.0f}s")
         client = subprocess.Popen(
-            ["ip", "netns", "exec", lab.node_ns(1), sys.executable, "-m", "pyproxy.lab.client", "--target",
+            ["ip", "netns", "exec", lab.node_ns(1), sys.executable, "-m", "lab.client", "--target",
              f"{cip}:80", "--http", "--reset-close", "--count", "10000000", "--timeout", "2", "--deadline", str(seconds + 5)],
             stdout=subprocess.PIPE, text=True)
         churner = subprocess.Popen(

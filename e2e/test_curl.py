@@ -17,7 +17,7 @@ from e2e.harness import (
     wait_for,
     wait_ready_endpoints,
 )
-from pyproxy.lab.cluster import EXT_IP, ClusterLab, node_ip
+from lab.cluster import EXT_IP, ClusterLab, node_ip
 
 
 def _deploy(lab: ClusterLab, app: str, replicas: int, **svc_kw) -> str:
@@ -134,7 +134,7 @@ def test_kill_9_and_restart_drops_no_connection(lab: ClusterLab, fleet: ProxyFle
     pid = clients[1]
     wait_for("service up", lambda: app in curl(lab, f"http://{cip}/", pod_pid=pid))
     loop = subprocess.Popen(
-        ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "pyproxy.lab.client", "--target", f"{cip}:80",
+        ["nsenter", "-t", str(pid), "-n", sys.executable, "-m", "lab.client", "--target", f"{cip}:80",
          "--count", "800", "--timeout", "2", "--deadline", "60", "--http"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -246,7 +246,7 @@ def test_dual_stack_service(lab: ClusterLab, fleet: ProxyFleet):
     both families; pods keep their own IPv6 address, NodePorts answer on the nodes' IPv6."""
     import json
 
-    from pyproxy.lab.cluster import node_ip6
+    from lab.cluster import node_ip6
 
     app = f"ds-{fleet.mode[:3]}"
     svc = service(app, {"app": app}, node_port=30000 + (190 if fleet.mode == "nftables" else 191))

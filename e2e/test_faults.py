@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from e2e.harness import SA, SA_NAMESPACE, answers, cluster_ip, curl, pod, service, wait_for, wait_ready_endpoints
-from pyproxy.lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
+from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
 
 PROXY_PORT, CONTROL = 7443, "127.0.0.1:7444"
 API_FAULTS = ["stall", "cut", "gone", "gone-event", "status-500", "status-503", "status-504", "garbage",

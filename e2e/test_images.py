@@ -1,5 +1,5 @@
-"""pyproxy's image, built here (e2e/images.py), run by a real containerd and runc
-(e2e/build-node.sh) the way the chart runs it: every capability dropped but NET_ADMIN, a
+"""pyproxy's image, built here (lab/images.py), run by a real containerd and runc
+(lab/build-node.sh) the way the chart runs it: every capability dropped but NET_ADMIN, a
 read-only root filesystem, a network namespace of its own. The first step of the real-nodes
 issue: the image exists and runs before any kubelet starts it."""
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import images
+from lab import images
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "pyproxy-e2e"
@@ -107,7 +107,7 @@ def containerd() -> Iterator[Containerd]:
         if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
             pytest.fail(f"image tests cannot run here: {why}")
         pytest.skip(why)
-    bin_dir = subprocess.run(["bash", str(REPO / "e2e" / "build-node.sh")], check=True, capture_output=True,
+    bin_dir = subprocess.run(["bash", str(REPO / "lab" / "build-node.sh")], check=True, capture_output=True,
                              text=True, timeout=3600).stdout.strip()
     archive = images.build("pyproxy")
     ctr = Containerd(bin_dir)

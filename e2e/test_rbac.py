@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from e2e.harness import helm
-from pyproxy.lab.cluster import REPO, ClusterLab
+from lab.cluster import REPO, ClusterLab
 
 AS = "--as=system:serviceaccount:kube-system:pyproxy"
 

@@ -21,8 +21,8 @@ import pytest
 from e2e.harness import SA_NAMESPACE, cluster_ip, curl, helm, wait_for, wait_ready_endpoints
 from e2e.realnodes import (NAMESPACE, Prober, client_pod, echo_deployment, failures, install_chart, pod_netns_pid,
                            probe, proxy_pods, wait_pods_running, wait_rolled_out)
-from pyproxy.lab.cluster import EXT_IP, ClusterLab, node_ip, ns_run
-from pyproxy.lab.preflight import CLUSTER_TOOLS, missing
+from lab.cluster import EXT_IP, ClusterLab, node_ip, ns_run
+from lab.preflight import CLUSTER_TOOLS, missing
 
 NODES = 2
 REPLICAS = 4
@@ -59,7 +59,10 @@ def rlab() -> Iterator[ClusterLab]:
 
 
 def _service(name: str, app: str, *, affinity: bool = False, local: bool = False) -> dict[str, Any]:
-    spec: dict[str, Any] = {"selector": {"app": app}, "type": "NodePort" if local or name == "web" else "ClusterIP",
+    # eTP Local: a LoadBalancer (no load balancer here: its NodePort and health check node port
+    # are what the proxy serves; the API server allocates a health check port only for this type).
+    kind = "LoadBalancer" if local else "NodePort" if name == "web" else "ClusterIP"
+    spec: dict[str, Any] = {"selector": {"app": app}, "type": kind,
                             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}
     if affinity:
         spec["sessionAffinity"] = "ClientIP"

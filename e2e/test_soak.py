@@ -11,7 +11,7 @@ import os
 import pytest
 
 from e2e.soak import soak
-from pyproxy.lab.cluster import ClusterLab
+from lab.cluster import ClusterLab
 
 
 def test_churn_soak(lab: ClusterLab, capsys: pytest.CaptureFixture[str]):

@@ -141,11 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="source", metavar="SRC", help="the packet's source address")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
-    lab = sub.add_parser("lab", help="a real cluster in network namespaces: 'pyproxy lab up|down|status'",
-                         add_help=False)
-    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
-    lab.set_defaults(verbosity=1)
-
     cleanup = sub.add_parser("cleanup", help="remove everything pyproxy installed, in every mode")
     cleanup.add_argument("-v", "--v", dest="verbosity", type=int, default=1, metavar="N",
                          help="log verbosity: 0 warnings, 1 info (default), 2 debug")
@@ -528,12 +523,6 @@ def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState
                                   interfaces=lambda: interface_ips(config.family))
 
 
-def cmd_lab(args: argparse.Namespace) -> int:
-    from pyproxy.lab.cluster import main as lab_main
-
-    return lab_main(args.lab_args)
-
-
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from pyproxy.cleanup import cleanup_all
 
@@ -602,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "write_config_to", None):
         return _write_config(args)
     try:
-        return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup, "lab": cmd_lab,
+        return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup,
                 "explain": cmd_explain}[args.command](args)
     except (UsageError, SourceError, KubeError) as err:
         print(f"pyproxy: {err}", file=sys.stderr)

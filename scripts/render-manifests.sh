@@ -3,7 +3,7 @@
 #   bash scripts/render-manifests.sh [helm binary]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HELM=${1:-$(command -v helm || echo "$(bash e2e/build-k8s.sh)/helm")}
+HELM=${1:-$(command -v helm || echo "$(bash lab/build-k8s.sh)/helm")}
 {
   echo "# Rendered from charts/pyproxy by scripts/render-manifests.sh; do not edit by hand."
   echo "# kubectl apply -f manifests/pyproxy.yaml  (set the API server address first: see README)"

@@ -7,7 +7,7 @@ need=()
 for tool in nft:nftables iptables-nft-restore:iptables iptables-legacy-restore:iptables conntrack:conntrack ip:iproute2 curl:curl openssl:openssl nsenter:util-linux wrk:wrk mmdebstrap:mmdebstrap; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
-# The real-node lab builds runc with seccomp support (e2e/build-node.sh): headers and pkg-config.
+# The real-node lab builds runc with seccomp support (lab/build-node.sh): headers and pkg-config.
 [ -f /usr/include/seccomp.h ] || need+=(libseccomp-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, and exactly what .ci/run runs): install, then unit tests (no root),
 # netns tests (root: real rules in fresh namespaces, real packets) and e2e tests (root: a real
-# cluster in namespaces; pyproxy's image under a real containerd), then check that no test
-# namespace, containerd process, mount or cgroup survived.
+# cluster in namespaces, with real kubelets and containerd; pyproxy's image under a real
+# containerd), then check that no test namespace, kubelet or containerd process, mount or cgroup
+# survived.
 #
 # Every tier must run: a netns or e2e test that cannot (no root, a missing tool) fails the run
 # instead of being skipped. `bash scripts/test.sh --unit` runs the unit tier alone, on purpose.
@@ -16,6 +17,8 @@ fi
 bash scripts/setup.sh
 export PYPROXY_ALL_TIERS=1
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort || true)
+# Real nodes' containers get cgroups under k8s.io (any containerd's default); compare, not forbid.
+cg_before=$(ls -d /sys/fs/cgroup/*/k8s.io/* 2>/dev/null | sort || true)
 set +e
 python3 -m pytest -q "$@"
 rc=$?
@@ -30,9 +33,13 @@ if [ -n "$left" ]; then
   echo "test.sh: test namespaces left behind: $left" >&2
   exit 1
 fi
-# The image tests run a containerd of their own: no daemon, shim, mount or cgroup of it may survive.
-stray=$( (pgrep -af 'containerd.*pxctr-' || true; grep ' /tmp/pxctr-' /proc/self/mounts || true;
-          ls -d /sys/fs/cgroup/*/pyproxy-e2e 2>/dev/null || true) | grep -v pgrep || true)
+# The image tests run a containerd of their own, and the real-node lab a containerd and a kubelet
+# per node: no daemon, shim, container, mount, cgroup or node directory of theirs may survive.
+stray=$( (pgrep -af 'containerd.*pxctr-|/var/lib/pyproxy-lab/' || true;
+          grep -E ' /tmp/pxctr-| /var/lib/pyproxy-lab/' /proc/self/mounts || true;
+          ls -d /sys/fs/cgroup/*/pyproxy-e2e /var/lib/pyproxy-lab/* 2>/dev/null || true;
+          comm -13 <(echo "$cg_before") <(ls -d /sys/fs/cgroup/*/k8s.io/* 2>/dev/null | sort || true)) |
+        grep -v pgrep | grep . || true)
 if [ -n "$stray" ]; then
   echo "test.sh: left behind by the container tests: $stray" >&2
   exit 1

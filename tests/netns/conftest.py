@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.lab.netns import Topology, ns_exec
-from pyproxy.lab.preflight import missing
+from lab.netns import Topology, ns_exec
+from lab.preflight import missing
 from tests import scenario as sc
 
 MODES = ["nftables", "iptables-nft", "iptables-legacy"]

@@ -26,7 +26,7 @@ def _with_dns_backends(objects: list[dict], ips: list[str]) -> list[dict]:
 def _udp_stream(topo, *, seconds: float) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     """One UDP socket in pod3 sending to the dns Service every 50 ms; a JSON line per reply."""
     return subprocess.Popen(
-        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
+        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "lab.client",
          "--target", f"{DNS_IP}:53", "--udp-stream", str(seconds), "--interval", "0.05"],
         stdout=subprocess.PIPE, text=True)
 

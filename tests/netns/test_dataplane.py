@@ -103,7 +103,7 @@ def node_listener(programmed: Programmed) -> Iterator[Programmed]:
     reject rule were missing, that listener would answer (without it, nothing listens and the
     kernel refuses by itself: such a check cannot fail)."""
     topo = programmed.topo
-    proc = subprocess.Popen(["ip", "netns", "exec", topo.node_ns, sys.executable, "-m", "pyproxy.lab.echo",
+    proc = subprocess.Popen(["ip", "netns", "exec", topo.node_ns, sys.executable, "-m", "lab.echo",
                              "--name", "node-listener", "--port", str(EMPTY_NODEPORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -93,7 +93,7 @@ def test_one_family_failing_leaves_the_other_programmed(kernel: Programmed, tmp_
     topo = kernel.topo
     kernel.path.write_text(sc.dump(_objects(topo)))
     env = {**os.environ, "PATH": _failing_ipv6_path(tmp_path, kernel.mode)}
-    from pyproxy.lab.netns import ns_exec
+    from lab.netns import ns_exec
     import sys
 
     proc = ns_exec(topo.node_ns, [sys.executable, "-m", "pyproxy", "run", "--once", "--retries", "1",

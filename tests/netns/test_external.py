@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pyproxy.lab.netns import ns_exec
+from lab.netns import ns_exec
 from tests import scenario as sc
 from tests.netns.conftest import NODE, Programmed, base_objects
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.lab.netns import Topology
+from lab.netns import Topology
 from tests import fuzz
 
 pytestmark = pytest.mark.netns

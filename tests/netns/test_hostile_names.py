@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyproxy.lab.netns import ns_exec
+from lab.netns import ns_exec
 from tests import scenario as sc
 from tests.netns.conftest import WEB_IP, WEB_NODEPORT, Programmed, base_objects
 

@@ -10,7 +10,7 @@ import pytest
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesCli
 from pyproxy.ipt.restore import RestorePayload
-from pyproxy.lab.netns import Topology, ns_exec
+from lab.netns import Topology, ns_exec
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.iptables import IptProxier
 from tests import scenario as sc

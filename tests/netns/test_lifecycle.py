@@ -15,7 +15,7 @@ import pytest
 
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesCli
-from pyproxy.lab.netns import Topology, ns_exec
+from lab.netns import Topology, ns_exec
 from pyproxy.model.state import StateBuilder, nodeport_ips
 from pyproxy.nft.executor import NftCli
 from pyproxy.proxier.base import SyncFailed
@@ -199,7 +199,7 @@ def test_restart_under_load_drops_no_connection(programmed: Programmed):
         pytest.skip("a userspace proxy's restart drops what it relays, by design (README)")
     topo = programmed.topo
     client = subprocess.Popen(
-        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
+        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "lab.client",
          "--target", f"{WEB_IP}:80", "--count", "1500", "--timeout", "2", "--deadline", "60"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -283,7 +283,7 @@ def test_switching_modes_removes_leftovers_and_keeps_established_connections(top
 
     run("nftables")
     conn = subprocess.Popen(
-        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "pyproxy.lab.client",
+        ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "lab.client",
          "--target", f"{CHAT_IP}:80", "--hold", "--timeout", "3"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

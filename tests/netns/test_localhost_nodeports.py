@@ -1,6 +1,6 @@
 """Localhost NodePorts (iptables mode, opt-in) and the CVE-2020-8558 guard, with real packets.
 
-A neighbour's SYN to 127.0.0.1 is sent as a hand-built frame (``pyproxy.lab.martian``): with
+A neighbour's SYN to 127.0.0.1 is sent as a hand-built frame (``lab.martian``): with
 route_localnet=1 and no guard the node answers it (the control case proves the probe can see
 the hole); with pyproxy's localnet firewall it does not.
 """
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pyproxy.lab.netns import ns_exec
+from lab.netns import ns_exec
 from tests.netns.conftest import WEB_NODEPORT, Programmed, base_objects
 
 pytestmark = pytest.mark.netns
@@ -31,7 +31,7 @@ def _martian_answered(topo) -> bool:
     neigh = ns_exec(topo.node_ns, ["ip", "neigh", "replace", topo.client_ip, "lladdr", client_mac,
                                    "dev", "eth0", "nud", "reachable"])
     assert neigh.returncode == 0, neigh.stderr
-    proc = ns_exec(topo.client_ns, [sys.executable, "-m", "pyproxy.lab.martian", "--iface", "eth0",
+    proc = ns_exec(topo.client_ns, [sys.executable, "-m", "lab.martian", "--iface", "eth0",
                                     "--dst-mac", mac, "--src", topo.client_ip, "--port", str(LOOPBACK_PORT)])
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["syn_ack"]

@@ -1,6 +1,6 @@
 """SCTP through real rules. The kernel here has no SCTP sockets, but netfilter tracks, DNATs
 and masquerades SCTP: raw sockets send INIT chunks from many source ports and each backend
-reports what reached it (``pyproxy.lab.sctp``)."""
+reports what reached it (``lab.sctp``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pyproxy.lab.netns import ns_exec
+from lab.netns import ns_exec
 from tests import scenario as sc
 from tests.netns.conftest import Programmed, base_objects
 
@@ -24,12 +24,12 @@ def _send_and_collect(topo, src_ns: str, target: str, count: int) -> list[dict]:
     listeners = []
     try:
         for pod in topo.pods[:3]:
-            proc = subprocess.Popen(["ip", "netns", "exec", pod.ns, sys.executable, "-m", "pyproxy.lab.sctp",
+            proc = subprocess.Popen(["ip", "netns", "exec", pod.ns, sys.executable, "-m", "lab.sctp",
                                      "listen", "--name", pod.name, "--port", "8080", "--seconds", "30"],
                                     stdout=subprocess.PIPE, text=True)
             listeners.append(proc)
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        sent = ns_exec(src_ns, [sys.executable, "-m", "pyproxy.lab.sctp", "send", "--target", target,
+        sent = ns_exec(src_ns, [sys.executable, "-m", "lab.sctp", "send", "--target", target,
                                 "--count", str(count)])
         assert sent.returncode == 0, sent.stderr
         time.sleep(0.5)

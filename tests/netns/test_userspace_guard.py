@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.lab.netns import Topology, ns_exec
+from lab.netns import Topology, ns_exec
 from tests.netns.conftest import WEB_IP, Programmed, _programmed
 
 pytestmark = pytest.mark.netns

@@ -1,4 +1,4 @@
-"""The lab's image builder (e2e/images.py): it follows the Dockerfile, and its OCI archives are
+"""The lab's image builder (lab/images.py): it follows the Dockerfile, and its OCI archives are
 well formed and reproducible."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import images
+from lab import images
 
 
 def test_the_builder_reads_the_users_dockerfile() -> None:

@@ -7,7 +7,7 @@ to 127.0.0.1 through a link (its own loopback wins), so this builds the Ethernet
 and sends it on an AF_PACKET socket to the node's MAC address. Lab use only: run it inside the
 client namespace of a lab topology.
 
-    python -m pyproxy.lab.martian --iface eth0 --dst-mac MAC --src IP --port P
+    python -m lab.martian --iface eth0 --dst-mac MAC --src IP --port P
 
 prints ``{"syn_ack": true|false}``.
 """

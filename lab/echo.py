@@ -1,7 +1,7 @@
 """A tiny TCP+UDP echo backend: answers ``<pod name> <client ip>`` so tests see who answered
 and which source address the backend saw (masqueraded or not).
 
-Run inside a pod namespace: ``python -m pyproxy.lab.echo --name pod0 --port 8080``.
+Run inside a pod namespace: ``python -m lab.echo --name pod0 --port 8080``.
 """
 
 from __future__ import annotations

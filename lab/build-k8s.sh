@@ -4,8 +4,8 @@
 # The cache key is the Kubernetes, etcd and helm versions plus the Go version, so a second run
 # only checks that the binaries are there (seconds). Prints the bin directory on stdout.
 #
-#   bash e2e/build-k8s.sh            # build (or reuse) and print the bin dir
-#   K8S_VERSION=1.36.3 bash e2e/build-k8s.sh
+#   bash lab/build-k8s.sh            # build (or reuse) and print the bin dir
+#   K8S_VERSION=1.36.3 bash lab/build-k8s.sh
 set -euo pipefail
 K=${K8S_VERSION:-1.37.2}
 HELM=${HELM_VERSION:-3.22.0}

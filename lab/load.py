@@ -1,7 +1,7 @@
 """A bounded load generator: short HTTP requests over new connections, or one bulk stream.
 
-    python -m pyproxy.lab.load --target 10.96.0.10:80 --requests 2000 --concurrency 16
-    python -m pyproxy.lab.load --target 10.96.0.10:81 --bulk
+    python -m lab.load --target 10.96.0.10:80 --requests 2000 --concurrency 16
+    python -m lab.load --target 10.96.0.10:81 --bulk
 
 Each request opens a new TCP connection, sends ``GET /``, reads the whole answer and closes:
 what a proxy costs is paid per connection. Bounded by the request count and a deadline.

@@ -6,7 +6,7 @@
 # The cache key holds every version and the Go version; a second run only checks the files
 # (seconds). Prints the bin directory on stdout; the CNI plugins are in its cni/ subdirectory.
 #
-#   bash e2e/build-node.sh
+#   bash lab/build-node.sh
 #
 # Why these builds and not Debian's packages: Debian's runc 1.1.5 and crun 1.8.1 both fail with
 # containerd 2.4's runtime specs (crun: "unknown version specified"; runc: init dies), and

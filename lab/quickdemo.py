@@ -1,6 +1,6 @@
 """The quick demo: a one-node cluster in network namespaces, pyproxy programming it, curl using it.
 
-    sudo python -m pyproxy.lab.quickdemo     # no control plane: objects come from a file
+    sudo python -m lab.quickdemo     # no control plane: objects come from a file
 
 It builds the lab (a node, three pods, an external client), loads ``examples/demo.yaml``
 with ``pyproxy run --once`` in each proxy mode, and shows curl reaching a ClusterIP from a pod,
@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-from pyproxy.lab.netns import Topology, ns_exec
-from pyproxy.lab.preflight import missing
+from lab.netns import Topology, ns_exec
+from lab.preflight import missing
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo.yaml"
 
 
 def _curl(topo: Topology, ns: str, url: str, *, source: str | None = None) -> str:

@@ -223,7 +223,7 @@ class Topology:
                    bulk_ports: tuple[int, ...] = (), stream_ports: tuple[int, ...] = ()) -> None:
         """Start the echo backend in every pod and wait until each one is listening."""
         for pod in self.pods:
-            argv = ["ip", "netns", "exec", pod.ns, sys.executable, "-m", "pyproxy.lab.echo",
+            argv = ["ip", "netns", "exec", pod.ns, sys.executable, "-m", "lab.echo",
                     "--name", pod.name, *[a for p in ports for a in ("--port", str(p))],
                     *[a for p in http_ports for a in ("--http-port", str(p))],
                     *[a for p in bulk_ports for a in ("--bulk-port", str(p))],
@@ -240,7 +240,7 @@ class Topology:
     def probe(self, ns: str, target: str, *, proto: str = "tcp", count: int = 1,
               sources: list[str] | None = None, timeout: float = 2.0) -> Probe:
         """Run the probe client inside ``ns`` (bounded: count attempts, 60 s at most)."""
-        argv = [sys.executable, "-m", "pyproxy.lab.client", "--target", target, "--proto", proto,
+        argv = [sys.executable, "-m", "lab.client", "--target", target, "--proto", proto,
                 "--count", str(count), "--timeout", str(timeout), "--deadline", "60"]
         for s in sources or []:
             argv += ["--source", s]

@@ -8,7 +8,7 @@ the EndpointSlice controller reads. A Pod being deleted keeps serving for its gr
 (so its endpoint shows as terminating), then its process is stopped and the Pod is removed.
 
 Runs inside the node's network namespace:
-``ip netns exec NODE python -m pyproxy.lab.kubelet --kubeconfig K --node NAME --pod-cidr C``.
+``ip netns exec NODE python -m lab.kubelet --kubeconfig K --node NAME --pod-cidr C``.
 Unlike pyproxy, this program writes to the API (it plays the kubelet).
 """
 
@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 
 from pyproxy.sources.kube import KubeClient, KubeError, Reflector, Resource
 
-log = logging.getLogger("pyproxy.lab.kubelet")
+log = logging.getLogger("lab.kubelet")
 MAX_GRACE = 2.0  # seconds a deleted Pod keeps serving, at most (keeps tests quick)
 
 
@@ -125,7 +125,7 @@ class Kubelet:
                     (http_ports if p.get("name", "").startswith("http") else ports).append(p["containerPort"])
             if not ports:
                 ports = [8080]
-            argv = ["unshare", "--net", sys.executable, "-m", "pyproxy.lab.echo", "--name", name,
+            argv = ["unshare", "--net", sys.executable, "-m", "lab.echo", "--name", name,
                     "--address", f"{ip}/{self.prefix}", "--gateway", self.gateway]
             ip6 = ""
             if self.net6 is not None:

@@ -52,7 +52,7 @@ class RealNode:
     dir: str
     """Everything of this node on disk: containerd, kubelet, CNI, certificates."""
     bin_dir: str
-    """e2e/build-node.sh's output: kubelet, containerd, runc, shim, ctr; CNI plugins in cni/."""
+    """lab/build-node.sh's output: kubelet, containerd, runc, shim, ctr; CNI plugins in cni/."""
     node_ips: tuple[str, ...]
     """The node's addresses (IPv4 first), the kubelet's --node-ip."""
     pod_cidrs: tuple[str, ...]

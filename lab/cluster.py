@@ -1,6 +1,6 @@
 """A real multi-node cluster in network namespaces: etcd, kube-apiserver and
 kube-controller-manager (EndpointSlice controllers only), built from Go modules by
-``e2e/build-k8s.sh``; nodes with pod bridges and host-gw routes; a pod runner per node.
+``lab/build-k8s.sh``; nodes with pod bridges and host-gw routes; a pod runner per node.
 
 ::
 
@@ -14,7 +14,7 @@ Dual-stack: every link also has an IPv6 address (fd00:60::1, fd00:60::1X, fd00:6
 bridges fd00:244:X::1/64), Services get a ClusterIP of each family (fd00:96::/108), and pods
 get an address of each family.
 
-Every address lives in namespaces the lab creates. ``pyproxy lab up|down|status`` drives it;
+Every address lives in namespaces the lab creates. ``python3 -m lab up|down|status`` drives it;
 the e2e tests use :class:`ClusterLab` directly.
 """
 
@@ -36,9 +36,9 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from pyproxy.lab.realnode import NODE_ROOT, RealNode
+from lab.realnode import NODE_ROOT, RealNode
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STATE_ROOT = Path(os.environ.get("PYPROXY_LAB_DIR", "/run/pyproxy-lab"))
 CP_IP = "192.168.60.1"
 EXT_IP = "192.168.60.200"
@@ -78,17 +78,17 @@ def ns_run(ns: str | None, argv: list[str], **kw: Any) -> subprocess.CompletedPr
 
 def lab_images() -> list[Path]:
     """The OCI archives every real node imports: pause, pyproxy's image, the lab's tools."""
-    from e2e import images  # the builder lives beside the tests until the lab has a package of its own
+    from lab import images
 
     return [images.build(name) for name in ("pause", "pyproxy", "tools")]
 
 
 def build_binaries(script: str = "build-k8s.sh") -> Path:
-    """Build (or reuse from the cache) upstream binaries with ``e2e/<script>``: the control
+    """Build (or reuse from the cache) upstream binaries with ``lab/<script>``: the control
     plane's (build-k8s.sh) or a real node's (build-node.sh); return their directory."""
-    proc = subprocess.run(["bash", str(REPO / "e2e" / script)], capture_output=True, text=True, timeout=5400)
+    proc = subprocess.run(["bash", str(REPO / "lab" / script)], capture_output=True, text=True, timeout=5400)
     if proc.returncode != 0:
-        raise RuntimeError(f"e2e/{script} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"lab/{script} failed:\n{proc.stderr[-3000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
@@ -104,13 +104,13 @@ class ClusterLab:
     namespaces: list[str] = field(default_factory=list)
     owner_pid: int = 0
     """The process that brought the lab up, for labs that die with it (tests, benchmarks);
-    0 for a lab meant to outlive its creator (``pyproxy lab up``)."""
+    0 for a lab meant to outlive its creator (``python3 -m lab up``)."""
     real_nodes: bool = False
-    """Nodes run containerd and the real kubelet (pyproxy.lab.realnode), the control plane adds
+    """Nodes run containerd and the real kubelet (lab.realnode), the control plane adds
     kube-scheduler, the Node authorizer and the controllers pods need; False: the lab's
     stand-in kubelet runs pods as ``unshare --net`` processes (quicker, no images)."""
     node_bin_dir: str = ""
-    """e2e/build-node.sh's output (real nodes only)."""
+    """lab/build-node.sh's output (real nodes only)."""
 
     # -- naming --------------------------------------------------------------------------
     @property
@@ -158,7 +158,7 @@ class ClusterLab:
     def load(cls, name: str) -> ClusterLab:
         path = STATE_ROOT / name / "state.json"
         if not path.exists():
-            raise FileNotFoundError(f"no lab named {name!r} is up (no {path}); run 'pyproxy lab up'")
+            raise FileNotFoundError(f"no lab named {name!r} is up (no {path}); run 'python3 -m lab up'")
         return cls(**json.loads(path.read_text()))
 
     # -- bring up ------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class ClusterLab:
            owned: bool = True, real_nodes: bool = False) -> ClusterLab:
         cls.reap_orphans()
         if (STATE_ROOT / name / "state.json").exists():
-            raise RuntimeError(f"lab {name!r} is already up; run 'pyproxy lab down --name {name}' first")
+            raise RuntimeError(f"lab {name!r} is already up; run 'python3 -m lab down --name {name}' first")
         lab = cls(name=name, nodes=nodes, tag=f"pxl{secrets.token_hex(2)}",
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
                   admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0,
@@ -298,7 +298,8 @@ class ClusterLab:
         log = open(self.path / f"{key}.log", "ab")  # noqa: SIM115 - owned by the child
         prefix = ["nsenter", f"--net=/run/netns/{ns}"] if nsenter else ["ip", "netns", "exec", ns]
         proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                cwd=REPO)  # ``python -m lab.…`` children find the lab from there
         self.pids[key] = proc.pid
         self.save()
 
@@ -349,7 +350,9 @@ class ClusterLab:
             controllers += ["deployment-controller", "replicaset-controller", "daemonset-controller",
                             "garbage-collector-controller", "serviceaccount-controller",
                             "root-ca-certificate-publisher-controller", "namespace-controller",
-                            "pod-garbage-collector-controller"]
+                            "pod-garbage-collector-controller",
+                            # Lifts the not-ready taint a kubelet registers its Node with.
+                            "node-lifecycle-controller"]
         self._spawn("kube-controller-manager", self.cp_ns, [
             self.bin("kube-controller-manager"), f"--kubeconfig={self.admin_kubeconfig}",
             f"--controllers={','.join(controllers)}", f"--root-ca-file={self.path / 'ca.crt'}",
@@ -385,7 +388,7 @@ class ClusterLab:
             self._start_real_node(i)
             return
         self._spawn(f"kubelet-{i}", self.node_ns(i), [
-            sys.executable, "-m", "pyproxy.lab.kubelet", "--kubeconfig", self.node_admin_kubeconfig,
+            sys.executable, "-m", "lab.kubelet", "--kubeconfig", self.node_admin_kubeconfig,
             "--node", self.node_name(i), "--pod-cidr", f"{pod_cidr(i)},{pod_cidr6(i)}", "--state-dir", str(self.path / f"node-{i}")])
 
     def _start_real_node(self, i: int) -> None:
@@ -491,7 +494,7 @@ def kubeconfig(*, server: str, ca: str, user: str, token: str = "", cert: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyproxy lab", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python3 -m lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--name", default="lab")
@@ -501,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                              "on first use); default: the lab's stand-in kubelet")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or sys.platform != "linux":
-        print("pyproxy lab: needs root on Linux (network namespaces); run it with sudo", file=sys.stderr)
+        print("lab: needs root on Linux (network namespaces); run it with sudo", file=sys.stderr)
         return 2
     if args.action == "up":
         lab = ClusterLab.up(name=args.name, nodes=args.nodes, owned=False, real_nodes=args.real_nodes)
@@ -511,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lab = ClusterLab.load(args.name)
     except FileNotFoundError as err:
-        print(f"pyproxy lab: {err}", file=sys.stderr)
+        print(f"lab: {err}", file=sys.stderr)
         return 0 if args.action == "down" else 1
     if args.action == "down":
         lab.down()

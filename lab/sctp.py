@@ -7,8 +7,8 @@ ports (each one a new conntrack entry, so a new backend choice); each backend's 
 reports the destination port it saw (DNAT rewrote it), the source address (masqueraded or
 not) and whether the CRC32c checksum is right (NAT must recompute it).
 
-    python -m pyproxy.lab.sctp send --target IP:PORT --count N
-    python -m pyproxy.lab.sctp listen --name pod0 --port 8080 --seconds S
+    python -m lab.sctp send --target IP:PORT --count N
+    python -m lab.sctp listen --name pod0 --port 8080 --seconds S
 """
 
 from __future__ import annotations

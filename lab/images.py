@@ -1,14 +1,14 @@
 """Container images for the real-node lab, built here without a registry or a container engine
 (the real-nodes issue): OCI archives that ``ctr -n k8s.io images import`` takes.
 
-    python -m e2e.images              # build (or reuse) all three; print their archives
-    python -m e2e.images pyproxy      # one of: pyproxy, pause, tools
+    python -m lab.images              # build (or reuse) all three; print their archives
+    python -m lab.images pyproxy      # one of: pyproxy, pause, tools
 
 - ``pyproxy:dev`` - what the Dockerfile at the repo root builds, from the same recipe: the base,
   the Debian packages and the CMD are read from the Dockerfile itself, so the two cannot drift
   apart (``tests/unit/test_images.py`` also checks it). The root filesystem comes from
   ``mmdebstrap`` (Debian's packages), then pip installs pyproxy's wheel inside it.
-- ``pause:lab`` - upstream's pause.c, built static by ``e2e/build-node.sh``, alone in the image.
+- ``pause:lab`` - upstream's pause.c, built static by ``lab/build-node.sh``, alone in the image.
 - ``lab-tools:dev`` - Debian with python3, curl and iproute2, plus the lab's echo server and
   client (standard library only) in /opt/lab: the test backends and clients.
 
@@ -125,7 +125,7 @@ def write_archive(image: Image, layer: bytes, out: Path) -> str:
                    **({"Cmd": list(image.cmd)} if image.cmd else {}),
                    **({"Entrypoint": list(image.entrypoint)} if image.entrypoint else {})},
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
-        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "e2e/images.py"}],
+        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "lab/images.py"}],
     }
     tmp = out.with_suffix(".tmp")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -210,7 +210,7 @@ def build_pyproxy(tmp: Path) -> tuple[Image, bytes]:
 
 def build_tools(tmp: Path) -> tuple[Image, bytes]:
     rootfs = tmp / "rootfs.tar"
-    lab = REPO / "pyproxy" / "lab"
+    lab = REPO / "lab"
     debian_rootfs(["python3", "curl", "iproute2", "ca-certificates"], rootfs, hooks=[
         f'mkdir -p "$1/opt/lab" && cp {lab / "echo.py"} {lab / "client.py"} "$1/opt/lab/"'])
     return Image(ref="docker.io/library/lab-tools:dev", cmd=("python3", "/opt/lab/echo.py", "--help")), \
@@ -218,7 +218,7 @@ def build_tools(tmp: Path) -> tuple[Image, bytes]:
 
 
 def _pause_binary() -> Path:
-    node_bin = subprocess.run(["bash", str(REPO / "e2e" / "build-node.sh")], check=True,
+    node_bin = subprocess.run(["bash", str(REPO / "lab" / "build-node.sh")], check=True,
                               capture_output=True, text=True).stdout.strip()
     return Path(node_bin) / "pause"
 
@@ -236,7 +236,7 @@ BUILDERS = {"pyproxy": build_pyproxy, "pause": build_pause, "tools": build_tools
 def build(name: str) -> Path:
     """The archive for image ``name``, built unless the cache holds one for the same inputs."""
     files = {"pyproxy": _pyproxy_files,
-             "tools": lambda: [REPO / "pyproxy" / "lab" / f for f in ("echo.py", "client.py")],
+             "tools": lambda: [REPO / "lab" / f for f in ("echo.py", "client.py")],
              "pause": lambda: [_pause_binary()]}[name]()
     out = CACHE / f"{name}-{_key(name, SUITE, EPOCH, files=files)}.oci.tar"
     if out.exists():

@@ -1,6 +1,6 @@
 """A bounded probe client: connects N times and reports who answered, as JSON.
 
-Run inside a namespace: ``python -m pyproxy.lab.client --target 10.96.0.10:80 --count 100``.
+Run inside a namespace: ``python -m lab.client --target 10.96.0.10:80 --count 100``.
 Each TCP attempt is a new connection (new source port, so a new random backend choice); each
 UDP attempt uses a new socket. Output: ``{"answers": [[pod, seen_ip], ...], "errors": {...}}``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import socket
 import struct
 import time
@@ -145,7 +146,13 @@ def main() -> None:
     start = time.monotonic()
     end = start + args.deadline
     sources = args.source or [None]
+    # SIGTERM ends the run early but still reports it: a test runs the client in the background
+    # for as long as something else takes (a rolling update), then stops it.
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
     for i in range(max(0, args.count)):
+        if stopped:
+            break
         if time.monotonic() > end:
             errors["deadline"] += args.count - i
             break

@@ -1,9 +1,9 @@
 """The main demo: a real cluster in network namespaces, pyproxy on every node, curl through it.
 
-    sudo python -m pyproxy.lab.demo       # or: bash demo.sh (installs what it needs first)
+    sudo python -m lab.demo       # or: bash demo.sh (installs what it needs first)
 
 Builds (or reuses from the cache) upstream kube-apiserver, kube-controller-manager, kubectl,
-etcd and helm; brings up a two-node lab (``pyproxy lab``); installs the Helm chart into the
+etcd and helm; brings up a two-node lab (``python3 -m lab``); installs the Helm chart into the
 API server; runs pyproxy on each node with the chart's ServiceAccount token, in nftables mode
 and then in iptables mode; deploys three echo pods behind a NodePort Service and curls the
 ClusterIP from a pod on each node, from each node, and the NodePort from an external client.
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from pyproxy.lab.preflight import CLUSTER_TOOLS, missing
+from lab.preflight import CLUSTER_TOOLS, missing
 
 NODES = 2
 
@@ -39,7 +39,7 @@ def main() -> int:
         wait_for,
         wait_ready_endpoints,
     )
-    from pyproxy.lab.cluster import ClusterLab, build_binaries, node_ip
+    from lab.cluster import ClusterLab, build_binaries, node_ip
 
     print("building (or reusing) upstream kube-apiserver, kube-controller-manager, kubectl, etcd, helm;\n"
           "the first time this takes ~15 minutes on 2 cores ...", flush=True)
