@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job in one command: install what is needed, build (or reuse) the upstream control
-# plane from Go modules, bring up a two-node cluster in network namespaces, install pyproxy's
-# chart into it, run pyproxy on every node and show curl reaching a ClusterIP and a NodePort.
+# plane, kubelet, containerd and the images, bring up a two-node cluster in network namespaces
+# with a real kubelet and containerd per node, helm install pyproxy's chart (its DaemonSet
+# replaces kube-proxy) and show curl from real pods reaching a ClusterIP and a NodePort, in
+# nftables mode and then in iptables mode.
 #   bash demo.sh                               # the real-cluster demo (needs root, Linux)
 #   python3 -m lab.quickdemo           # one node, objects from a file, no control plane
 set -euo pipefail

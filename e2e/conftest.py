@@ -44,3 +44,14 @@ def fleet(request: pytest.FixtureRequest, lab: ClusterLab, sa_config: str) -> It
         yield f
     finally:
         f.stop_all()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures e2e tests measured on the way (lab-up and rollout times, memory), printed
+    at the end of the run: the numbers a closing note reports."""
+    from e2e.harness import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("e2e figures")
+        for key, value in FIGURES.items():
+            terminalreporter.write_line(f"{key}: {value}")

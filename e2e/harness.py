@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -10,17 +9,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
+from lab.workloads import answers, cluster_ip, curl, wait_for, wait_ready_endpoints
 
+__all__ = ["FIGURES", "SA", "SA_NAMESPACE", "ProxyFleet", "answers", "cluster_ip", "curl", "install_chart", "pod",
+           "sa_kubeconfig", "service", "wait_for", "wait_ready_endpoints"]
+
+FIGURES: dict[str, str] = {}
+"""What e2e tests measured on the way (name: value with its unit), printed after the run."""
 SA = "pyproxy"
 SA_NAMESPACE = "kube-system"
 
 
-def helm(lab: ClusterLab, *args: str) -> subprocess.CompletedProcess[str]:
-    return ns_run(lab.cp_ns, [lab.bin("helm"), "--kubeconfig", lab.admin_kubeconfig, *args])
-
-
 def install_chart(lab: ClusterLab) -> None:
-    proc = helm(lab, "upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
+    proc = lab.helm("upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
                 "--set", f"apiServer.host={CP_IP}")
     if proc.returncode != 0:
         raise RuntimeError(f"helm install: {proc.stderr}")
@@ -111,54 +112,3 @@ def service(name: str, selector: dict[str, str], *, namespace: str = "e2e", node
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
             "spec": spec}
-
-
-def cluster_ip(lab: ClusterLab, name: str, namespace: str = "e2e") -> str:
-    return lab.kubectl("get", "svc", name, "-n", namespace, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
-
-
-def wait_ready_endpoints(lab: ClusterLab, service_name: str, count: int, namespace: str = "e2e",
-                         timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    ready = -1
-    while time.monotonic() < deadline:
-        out = lab.kubectl("get", "endpointslices", "-n", namespace, "-l",
-                          f"kubernetes.io/service-name={service_name}", "-o", "json").stdout
-        ready = sum(1 for s in json.loads(out)["items"] for e in s.get("endpoints") or []
-                    if (e.get("conditions") or {}).get("ready"))
-        if ready == count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{service_name}: {ready} ready endpoints, want {count}")
-
-
-def curl(lab: ClusterLab, url: str, *, pod_pid: int | None = None, node: int | None = None,
-         ext: bool = False, source: str | None = None, timeout: float = 2) -> str:
-    """One curl from a pod (by its PID), a node, or the external client; returns its output."""
-    argv = ["curl", "-sS", "--max-time", str(timeout), url]
-    if source:
-        argv[1:1] = ["--interface", source]
-    if pod_pid is not None:
-        proc = subprocess.run(["nsenter", "-t", str(pod_pid), "-n", *argv], capture_output=True, text=True,
-                              timeout=timeout + 5)
-    else:
-        ns = lab.ext_ns if ext else lab.node_ns(node or 1)
-        proc = ns_run(ns, argv, timeout=timeout + 5)
-    return (proc.stdout or proc.stderr).strip()
-
-
-def answers(lab: ClusterLab, url: str, n: int, **where: Any) -> list[str]:
-    """The pod names that answered n requests (errors kept as their text)."""
-    return [curl(lab, url, **where).split(" ")[0] for _ in range(n)]
-
-
-def wait_for(what: str, check: Any, timeout: float = 30, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from e2e.harness import helm
 from lab.cluster import REPO, ClusterLab
 
 AS = "--as=system:serviceaccount:kube-system:pyproxy"
@@ -24,7 +23,7 @@ DENIED = [
 
 
 def test_chart_lints(lab: ClusterLab):
-    proc = helm(lab, "lint", str(REPO / "charts" / "pyproxy"))
+    proc = lab.helm("lint", str(REPO / "charts" / "pyproxy"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,16 +17,15 @@ from typing import Any
 
 import pytest
 
-from e2e.harness import SA_NAMESPACE, cluster_ip, curl, helm, wait_for, wait_ready_endpoints
-from e2e.realnodes import (NAMESPACE, Prober, client_pod, echo_deployment, failures, install_chart, pod_netns_pid,
-                           probe, proxy_pods, wait_pods_running, wait_rolled_out)
+from e2e.harness import FIGURES
 from lab.cluster import EXT_IP, ClusterLab, node_ip, ns_run
+from lab.workloads import (NAMESPACE, SA_NAMESPACE, Prober, client_pod, cluster_ip, curl, echo_deployment, failures,
+                           install_chart, pod_netns_pid, probe, proxy_pods, wait_for, wait_pods_running,
+                           wait_ready_endpoints, wait_rolled_out)
 from lab.preflight import CLUSTER_TOOLS, missing
 
 NODES = 2
 REPLICAS = 4
-TIMINGS: dict[str, float] = {}
-"""Lab-up and rollout seconds, printed at the end of the module (the closing note's figures)."""
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +38,36 @@ def rlab() -> Iterator[ClusterLab]:
         pytest.skip(why)
     t0 = time.monotonic()
     lab = ClusterLab.up(name=f"rn{os.getpid()}", nodes=NODES, real_nodes=True)
-    TIMINGS["lab up (s)"] = time.monotonic() - t0
+    FIGURES["real nodes: lab up (etcd to every node Ready)"] = f"{time.monotonic() - t0:.1f} s"
     try:
         lab.kubectl("create", "namespace", NAMESPACE)
-        TIMINGS["helm install, DaemonSet Ready (s)"] = install_chart(lab)
+        FIGURES["real nodes: helm install to DaemonSet Ready"] = f"{install_chart(lab):.1f} s"
         lab.kubectl_apply([echo_deployment("echo", REPLICAS), echo_deployment("solo", 1, node=lab.node_name(1)),
                            *(client_pod(f"client-{i}", lab.node_name(i)) for i in range(1, NODES + 1)),
                            _service("web", "echo", affinity=False), _service("sticky", "echo", affinity=True),
-                           _service("local", "solo", local=True), _service("nobody", "nothing-matches")])
+                           _service("local", "solo", local=True), _service("nobody", "nothing-matches"),
+                           _service("web6", "echo", family="IPv6")])
         wait_pods_running(lab, "app=echo", REPLICAS)
         wait_pods_running(lab, "role=client", NODES)
         wait_ready_endpoints(lab, "web", REPLICAS)
         wait_ready_endpoints(lab, "local", 1)
         yield lab
+        for i in range(1, NODES + 1):
+            FIGURES[f"real nodes: node-{i} kubelet + containerd RSS"] = " + ".join(
+                f"{_rss_mb(lab.pids[f'{k}-{i}']):.0f}" for k in ("kubelet", "containerd")) + " MB"
     finally:
-        print("\nreal-node lab timings: " + ", ".join(f"{k} {v:.1f}" for k, v in TIMINGS.items()), file=sys.stderr)
         lab.down()
 
 
-def _service(name: str, app: str, *, affinity: bool = False, local: bool = False) -> dict[str, Any]:
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _service(name: str, app: str, *, affinity: bool = False, local: bool = False,
+             family: str | None = None) -> dict[str, Any]:
     # eTP Local: a LoadBalancer (no load balancer here: its NodePort and health check node port
     # are what the proxy serves; the API server allocates a health check port only for this type).
     kind = "LoadBalancer" if local else "NodePort" if name == "web" else "ClusterIP"
@@ -69,6 +78,8 @@ def _service(name: str, app: str, *, affinity: bool = False, local: bool = False
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 60}}
     if local:
         spec["externalTrafficPolicy"] = "Local"
+    if family:
+        spec["ipFamilies"], spec["ipFamilyPolicy"] = [family], "SingleStack"
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
 
 
@@ -91,10 +102,13 @@ def mode(request: pytest.FixtureRequest, rlab: ClusterLab) -> Iterator[str]:
     client, pid = _clients(rlab)[0]
     prober = Prober(pid, f"{cluster_ip(rlab, 'web')}:80", seconds=600)
     try:
-        TIMINGS[f"helm upgrade to {request.param} (s)"] = install_chart(rlab, mode=request.param)
+        took = install_chart(rlab, mode=request.param)
+        FIGURES[f"real nodes: helm upgrade to {request.param}, rolled out"] = f"{took:.1f} s"
     finally:
         prober.proc.terminate()
     got = prober.result()
+    FIGURES[f"real nodes: connections during the switch to {request.param} (failed)"] = \
+        f"{len(got['answers'])} ({sum(failures(got).values())})"
     assert got["answers"] and not failures(got), f"switching to {request.param}: {failures(got)} {got['failures']}"
     yield request.param
 
@@ -144,6 +158,18 @@ def test_clusterip_from_pods_on_every_node(rlab: ClusterLab, mode: str) -> None:
         assert len(pods) >= 2 and pods <= set(backends_by_node)
         assert {backends_by_node[p] for p in pods} == {rlab.node_name(i) for i in range(1, NODES + 1)}
         assert {a[1] for a in got["answers"]} == {client["status"]["podIP"]}
+
+
+def test_ipv6_clusterip_from_pods(rlab: ClusterLab, mode: str) -> None:
+    """The CNI gives each pod an address of each family; an IPv6 Service is served by the
+    ip6 table / ip6tables, and the backend sees the client pod's own IPv6 address."""
+    ip = cluster_ip(rlab, "web6")
+    assert ":" in ip
+    for client, pid in _clients(rlab):
+        got = probe(pid, f"[{ip}]:80", count=20)
+        assert not failures(got), got["failures"]
+        own6 = [a["ip"] for a in client["status"]["podIPs"] if ":" in a["ip"]]
+        assert len({a[0] for a in got["answers"]}) >= 2 and {a[1] for a in got["answers"]} == set(own6)
 
 
 def test_clusterip_from_the_nodes_and_nodeport_from_outside(rlab: ClusterLab, mode: str) -> None:
@@ -217,6 +243,8 @@ def test_deleting_and_killing_pyproxy_pods_drops_no_connection(rlab: ClusterLab,
     finally:
         prober.proc.terminate()
     got = prober.result()
+    FIGURES[f"real nodes: connections during pod delete + container kill, {mode} (failed)"] = \
+        f"{len(got['answers'])} ({sum(failures(got).values())})"
     assert len(got["answers"]) > 50 and not failures(got), got["failures"]
 
 
@@ -229,7 +257,7 @@ def _restarts(rlab: ClusterLab, node: str) -> int:
 def test_uninstall_then_cleanup_leaves_no_rules(rlab: ClusterLab) -> None:
     """Last (the module's final test): helm uninstall removes the DaemonSet, the rules stay
     (pyproxy never deletes them on exit), ``pyproxy cleanup`` on each node removes them all."""
-    got = helm(rlab, "uninstall", "pyproxy", "-n", SA_NAMESPACE, "--wait")
+    got = rlab.helm("uninstall", "pyproxy", "-n", SA_NAMESPACE, "--wait")
     assert got.returncode == 0, got.stderr
     wait_for("pyproxy's pods gone", lambda: not proxy_pods(rlab), timeout=60)
     for i in range(1, NODES + 1):
@@ -239,4 +267,3 @@ def test_uninstall_then_cleanup_leaves_no_rules(rlab: ClusterLab) -> None:
         assert ns_run(ns, [sys.executable, "-m", "pyproxy", "cleanup"], cwd=os.getcwd()).returncode == 0
         rules = ns_run(ns, ["nft", "list", "ruleset"]).stdout
         assert "pyproxy" not in rules.lower(), rules
-    subprocess.run(["true"])  # noqa: S607

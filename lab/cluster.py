@@ -111,6 +111,9 @@ class ClusterLab:
     stand-in kubelet runs pods as ``unshare --net`` processes (quicker, no images)."""
     node_bin_dir: str = ""
     """lab/build-node.sh's output (real nodes only)."""
+    images: list[str] = field(default_factory=list)
+    """The OCI archives every real node imports, resolved once at start (every node gets the
+    same images even if the sources change meanwhile)."""
 
     # -- naming --------------------------------------------------------------------------
     @property
@@ -183,8 +186,8 @@ class ClusterLab:
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
                   admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0,
                   real_nodes=real_nodes, node_bin_dir=str(build_binaries("build-node.sh")) if real_nodes else "")
-        if real_nodes:
-            lab_images()  # built (or found in the cache) before anything starts
+        if real_nodes:  # built (or found in the cache) before anything starts
+            lab.images = [str(p) for p in lab_images()]
         lab.path.mkdir(parents=True, exist_ok=True)
         lab.save()
         try:
@@ -398,8 +401,8 @@ class ClusterLab:
             cert=str(self.path / f"{node.name}.crt"), key=str(self.path / f"{node.name}.key")))
         self._spawn(f"containerd-{i}", node.netns, node.containerd_argv(), nsenter=True, env=node.env())
         self._wait(f"containerd on {node.name}", lambda: os.path.exists(node.sock), timeout=30)
-        for archive in lab_images():
-            node.import_image(archive)
+        for archive in self.images:
+            node.import_image(Path(archive))
         self._spawn(f"kubelet-{i}", node.netns, node.kubelet_argv(), nsenter=True, env=node.env())
 
     def ready_nodes(self) -> int:
@@ -414,6 +417,9 @@ class ClusterLab:
         if check and proc.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
         return proc
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return ns_run(self.cp_ns, [self.bin("helm"), "--kubeconfig", self.admin_kubeconfig, *args])
 
     def kubectl_apply(self, objects: list[dict[str, Any]]) -> None:
         self.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))

@@ -184,11 +184,19 @@ def pyproxy_wheel(out: Path) -> Path:
     Dockerfile's ``pip install .`` does) and the wheels of its dependencies beside it, fetched
     here: the image's pip then installs offline (the chroot has neither this host's package
     index settings nor its certificates). Debian's Python is 3.11 on x86_64 like this one."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)], check=True)
+    _quiet([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)])
     (wheel,) = out.glob("pyproxy-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
-                    "-d", str(out), str(wheel)], check=True)
+    _quiet([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
+            "-d", str(out), str(wheel)])
     return wheel
+
+
+def _quiet(argv: list[str]) -> None:
+    """Run a build step; its chatter (pip's warnings about this host's settings) is shown only
+    when it fails."""
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"images: {' '.join(argv[:4])} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
 
 
 def build_pyproxy(tmp: Path) -> tuple[Image, bytes]:
@@ -200,7 +208,7 @@ def build_pyproxy(tmp: Path) -> tuple[Image, bytes]:
     debian_rootfs(list(recipe.packages), rootfs, hooks=[
         f'mkdir -p "$1/tmp/w" && cp {wheel.parent}/*.whl "$1/tmp/w/"',
         # The Dockerfile's pip line, on the wheel its `pip install .` would build.
-        f'chroot "$1" env SOURCE_DATE_EPOCH={EPOCH} pip install --no-cache-dir --break-system-packages '
+        f'chroot "$1" env SOURCE_DATE_EPOCH={EPOCH} pip install --no-cache-dir --break-system-packages --root-user-action=ignore '
         f'-q --no-index --find-links /tmp/w /tmp/w/{wheel.name}',
         'rm -rf "$1/tmp/w" "$1"/root/.cache',
     ])

@@ -1,5 +1,5 @@
-"""The real-node lab's workloads and chart installs (issue 10): what e2e/test_realnodes.py and
-the demo deploy on a lab whose nodes run containerd and the real kubelet.
+"""The real-node lab's workloads and chart installs: what e2e/test_realnodes.py and the demo
+deploy on a lab whose nodes run containerd and the real kubelet.
 
 Everything here goes through the API as a user would: the chart by ``helm``, backends as a
 Deployment with a readiness probe, clients as pods placed by the scheduler; the only thing done
@@ -15,9 +15,10 @@ import sys
 import time
 from typing import Any
 
-from e2e.harness import SA_NAMESPACE, helm
-from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab
+from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, ns_run
 
+SA_NAMESPACE = "kube-system"
+"""Where the chart is installed."""
 TOOLS = "docker.io/library/lab-tools:dev"
 NAMESPACE = "e2e"
 
@@ -28,7 +29,7 @@ def install_chart(lab: ClusterLab, *, mode: str = "nftables", extra: tuple[str, 
     default ``pyproxy:dev``, already in every node's containerd), waiting until the DaemonSet
     is rolled out; returns the seconds it took."""
     t0 = time.monotonic()
-    proc = helm(lab, "upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
+    proc = lab.helm("upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
                 "--set", f"apiServer.host={CP_IP}", "--set", f"config.clusterCIDR={CLUSTER_CIDR}\\,{CLUSTER_CIDR6}",
                 "--set", f"config.proxyMode={mode}", *extra, "--wait", "--timeout", f"{int(timeout)}s")
     if proc.returncode != 0:
@@ -138,3 +139,53 @@ class Prober:
 def failures(result: dict[str, Any]) -> dict[str, int]:
     """The probe's failed attempts by kind (running out of time at the end is not a failure)."""
     return {k: v for k, v in result["errors"].items() if k != "deadline"}
+
+
+def cluster_ip(lab: ClusterLab, name: str, namespace: str = "e2e") -> str:
+    return lab.kubectl("get", "svc", name, "-n", namespace, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+
+
+def wait_ready_endpoints(lab: ClusterLab, service_name: str, count: int, namespace: str = "e2e",
+                         timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    ready = -1
+    while time.monotonic() < deadline:
+        out = lab.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                          f"kubernetes.io/service-name={service_name}", "-o", "json").stdout
+        ready = sum(1 for s in json.loads(out)["items"] for e in s.get("endpoints") or []
+                    if (e.get("conditions") or {}).get("ready"))
+        if ready == count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{service_name}: {ready} ready endpoints, want {count}")
+
+
+def curl(lab: ClusterLab, url: str, *, pod_pid: int | None = None, node: int | None = None,
+         ext: bool = False, source: str | None = None, timeout: float = 2) -> str:
+    """One curl from a pod (by its PID), a node, or the external client; returns its output."""
+    argv = ["curl", "-sS", "--max-time", str(timeout), url]
+    if source:
+        argv[1:1] = ["--interface", source]
+    if pod_pid is not None:
+        proc = subprocess.run(["nsenter", "-t", str(pod_pid), "-n", *argv], capture_output=True, text=True,
+                              timeout=timeout + 5)
+    else:
+        ns = lab.ext_ns if ext else lab.node_ns(node or 1)
+        proc = ns_run(ns, argv, timeout=timeout + 5)
+    return (proc.stdout or proc.stderr).strip()
+
+
+def answers(lab: ClusterLab, url: str, n: int, **where: Any) -> list[str]:
+    """The pod names that answered n requests (errors kept as their text)."""
+    return [curl(lab, url, **where).split(" ")[0] for _ in range(n)]
+
+
+def wait_for(what: str, check: Any, timeout: float = 30, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
