@@ -102,7 +102,10 @@ def mode(request: pytest.FixtureRequest, rlab: ClusterLab) -> Iterator[str]:
     client, pid = _clients(rlab)[0]
     prober = Prober(pid, f"{cluster_ip(rlab, 'web')}:80", seconds=600)
     try:
-        took = install_chart(rlab, mode=request.param)
+        # iptables mode with localhost NodePorts: the chart adds its privileged init container
+        # (route_localnet=1); pyproxy itself stays unprivileged.
+        extra = ("--set", "config.localhostNodePorts=true") if request.param == "iptables" else ()
+        took = install_chart(rlab, mode=request.param, extra=extra)
         FIGURES[f"real nodes: helm upgrade to {request.param}, rolled out"] = f"{took:.1f} s"
     finally:
         prober.proc.terminate()
@@ -179,6 +182,24 @@ def test_clusterip_from_the_nodes_and_nodeport_from_outside(rlab: ClusterLab, mo
         answer = curl(rlab, f"http://{node_ip(i)}:{port}/", ext=True).split()
         assert answer[0].startswith("echo-")
         assert answer[1] != EXT_IP  # eTP Cluster: masqueraded (the backend may be on the other node)
+
+
+def test_localhost_nodeports_only_where_the_chart_turns_them_on(rlab: ClusterLab, mode: str) -> None:
+    """iptables mode with ``config.localhostNodePorts``: the init container (the only privileged
+    one) set route_localnet=1 in the node's namespace and 127.0.0.1:NodePort answers from the
+    node; nftables mode has no localhost NodePorts (as upstream): refused there."""
+    port = _node_port(rlab, "web")
+    for i in range(1, NODES + 1):
+        sysctl = ns_run(rlab.node_ns(i), ["cat", "/proc/sys/net/ipv4/conf/all/route_localnet"]).stdout.strip()
+        answer = curl(rlab, f"http://127.0.0.1:{port}/", node=i, timeout=1)
+        if mode == "iptables":
+            assert sysctl == "1" and answer.startswith("echo-"), answer
+        else:
+            assert not answer.startswith("echo-"), answer
+    if mode == "iptables":
+        spec = proxy_pods(rlab)[rlab.node_name(1)]["spec"]
+        assert [c["securityContext"].get("privileged") for c in spec["initContainers"]] == [True]
+        assert spec["containers"][0]["securityContext"]["privileged"] is False
 
 
 def test_client_ip_affinity_sticks(rlab: ClusterLab, mode: str) -> None:
