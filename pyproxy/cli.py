@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import signal
 import socket
 import sys
@@ -12,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from pyproxy import __version__
+from pyproxy.backoff import Backoff
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.ipt.executor import IptablesError
@@ -299,7 +299,7 @@ def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
                       first_delay: float = 1.0, max_delay: float = 30.0,
                       cleaner: ConntrackCleaner | None = None) -> bool:
     """Sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
-    delay = first_delay
+    backoff = Backoff(initial=first_delay, maximum=max_delay)
     for attempt in range(1, attempts + 1):
         try:
             record(proxier.sync(state))
@@ -310,8 +310,7 @@ def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
             log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
             if attempt == attempts:
                 return False
-            time.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, max_delay)
+            time.sleep(backoff.next())
     return False
 
 
@@ -396,7 +395,7 @@ class _FileFamily:
         self.proxier = make_proxier(source.config, iptables_backend=iptables_backend)
         self.cleaner = ConntrackCleaner(family=source.config.family)
         self.pending = True
-        self.delay = 1.0
+        self.backoff = Backoff(initial=1.0, maximum=30.0)
         self.next_try = 0.0
 
     def step(self, now: float) -> bool:
@@ -414,12 +413,12 @@ class _FileFamily:
             record(self.proxier.sync(self.state))
             self.cleaner.after_sync(self.state)
         except SyncFailed as err:
-            self.next_try = now + self.delay * random.uniform(0.8, 1.2)
+            self.next_try = now + self.backoff.next()
             log.error("IPv%d sync failed, full resync in %.1fs: %s", self.config.family,
                       self.next_try - now, err)
-            self.delay = min(self.delay * 2, 30.0)
             return False
-        self.pending, self.delay = False, 1.0
+        self.pending = False
+        self.backoff.reset()
         return True
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from pyproxy.backoff import Backoff
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
@@ -154,7 +154,7 @@ class SyncRunner:
         log.info("caches synced; first sync")
         last_sync = 0.0
         last_full = time.monotonic()
-        backoff = 1.0
+        backoff = Backoff(initial=1.0, maximum=30.0)
         while True:
             now = time.monotonic()
             wait = max(0.0, last_sync + self.periods.min_sync - now)
@@ -196,15 +196,14 @@ class SyncRunner:
                 self._pending_triggers = (triggers + self._pending_triggers)[:MAX_PENDING_TRIGGERS]
                 for k, v in pending.items():
                     self._pending[k] += v
-                delay = backoff * random.uniform(0.8, 1.2)
+                delay = backoff.next()
                 log.error("sync failed; full resync in %.1fs: %s", delay, err)
-                backoff = min(backoff * 2, 30.0)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 except asyncio.TimeoutError:
                     pass
                 continue
-            backoff = 1.0
+            backoff.reset()
             self.syncs += 1
             if result.operations or result.full:
                 record(result)

@@ -227,7 +227,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
             rules += [
                 # The node itself: its source address would be the VIP or a node IP, which the
                 # endpoint cannot answer directly, so masquerade, and use every endpoint.
-                f'fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
+                'fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
                 f'fib saddr type local goto {service_chain} comment "short-circuit local traffic"',
             ]
             if local:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import socket
 import ssl
 import time
@@ -39,6 +38,8 @@ from typing import Any
 
 import aiohttp
 from prometheus_client import Counter
+
+from pyproxy.backoff import Backoff
 
 log = logging.getLogger("pyproxy.kube")
 
@@ -376,7 +377,9 @@ class Reflector:
 
     async def run(self) -> None:
         """Forever: list, watch, and recover. Cancel the task to stop; nothing else ends it."""
-        backoff = 0.5
+        # Wider jitter than the sync loop's: every node's reflectors lose the same API server
+        # at once, and their relists are what it must survive.
+        backoff = Backoff(initial=0.5, maximum=self.max_backoff, jitter=0.5)
         need_list = True
         while True:
             try:
@@ -392,10 +395,9 @@ class Reflector:
                 if time.monotonic() - started < 1.0 and not self._events:
                     # A watch the server ends at once with nothing in it (a misbehaving proxy,
                     # an overloaded server): do not reconnect in a tight loop.
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, self.max_backoff)
+                    await asyncio.sleep(backoff.next())
                 else:
-                    backoff = 0.5
+                    backoff.reset()
                 continue
             except WatchIdle as err:
                 # Not an error: the next watch starts at once, from our version. A server that
@@ -426,10 +428,9 @@ class Reflector:
                 what = f"unexpected {type(err).__name__}: {err}; relisting"
                 log.error("%s: reflector error", self.resource.kind, exc_info=err)
             REFLECTOR_ERRORS.labels(resource=self.resource.kind, reason=reason).inc()
-            delay = backoff * random.uniform(0.5, 1.5)
+            delay = backoff.next()
             log.warning("%s: %s; retrying in %.1fs", self.resource.kind, what, delay)
             await asyncio.sleep(delay)
-            backoff = min(backoff * 2, self.max_backoff)
 
 
 async def wait_synced(reflectors: list[Reflector]) -> None:

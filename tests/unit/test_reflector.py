@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import pyproxy.backoff as backoff_mod
 from pyproxy.model.state import StateBuilder
 from pyproxy.sources import kube
 from pyproxy.sources.kube import (
@@ -237,7 +238,7 @@ def backoff(monkeypatch: pytest.MonkeyPatch) -> Backoff:
         return (a + b) / 2  # the middle of the jitter range: the plain exponential value
 
     monkeypatch.setattr(kube, "asyncio", AsyncioProxy())
-    monkeypatch.setattr(kube, "random", SimpleNamespace(uniform=uniform))
+    monkeypatch.setattr(backoff_mod, "random", SimpleNamespace(uniform=uniform))
     return rec
 
 

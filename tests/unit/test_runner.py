@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+import pyproxy.backoff as backoff_mod
 from pyproxy import runner as runner_mod
 from pyproxy.config import ProxyConfig
 from pyproxy.health import ProxyHealth
@@ -353,7 +354,7 @@ def test_trigger_time_annotation_is_observed_once_after_the_sync() -> None:
 # -- failures -------------------------------------------------------------------------------------
 
 def test_failed_sync_is_retried_as_a_full_sync_and_stays_pending(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.25))  # 0.25 s retry
+    monkeypatch.setattr(backoff_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.25))  # 0.25 s retry
 
     async def main() -> None:
         rig = Rig(timeout=10.0)
@@ -611,7 +612,7 @@ def test_a_slice_change_counts_once_on_a_dual_stack_node(tmp_path: Any, monkeypa
 ], ids=["oserror", "bug"])
 def test_an_unexpected_exception_from_a_sync_is_retried_not_fatal(monkeypatch: pytest.MonkeyPatch,
                                                                    error: Exception) -> None:
-    monkeypatch.setattr(runner_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.05))
+    monkeypatch.setattr(backoff_mod, "random", SimpleNamespace(uniform=lambda a, b: 0.05))
 
     async def main() -> None:
         rig = Rig(timeout=10.0)
