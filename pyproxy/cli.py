@@ -20,6 +20,7 @@ from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier, SyncFailed, record
+from pyproxy.settings import DEFAULTS
 from pyproxy.sources.file import SourceError, file_stamp, load_objects
 from pyproxy.sources.kube import KubeError
 
@@ -114,24 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="sync once and exit (0 on success)")
     run.add_argument("--min-sync-period", type=float, default=None, metavar="SECONDS",
                      help="least time between two syncs; changes arriving meanwhile are batched "
-                     "(default 0.1 with the API: a sync of one change costs ~30 ms, so this bounds "
+                     f"(default {DEFAULTS.min_sync_period:g} with the API: a sync of one change costs ~30 ms, so this bounds "
                      "pyproxy to ~30%% of a core under a storm of changes while keeping programming "
-                     "latency near 0.1 s; with --source-file it is how often the file is checked, "
+                     f"latency near {DEFAULTS.min_sync_period:g} s; with --source-file it is how often the file is checked, "
                      "default 1)")
-    run.add_argument("--sync-period", type=float, default=30.0, metavar="SECONDS",
-                     help="API mode: sync at least this often even without changes (default 30)")
-    run.add_argument("--full-sync-period", type=float, default=3600.0, metavar="SECONDS",
+    run.add_argument("--sync-period", type=float, default=DEFAULTS.sync_period, metavar="SECONDS",
+                     help="API mode: sync at least this often even without changes (default %(default)g)")
+    run.add_argument("--full-sync-period", type=float, default=DEFAULTS.full_sync_period, metavar="SECONDS",
                      help="API mode: rewrite the whole ruleset this often, healing any drift "
-                     "(default 3600)")
-    run.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="HOST:PORT",
-                     help="API mode: serve /healthz and /livez here (default 0.0.0.0:10256; "
+                     "(default %(default)g)")
+    run.add_argument("--healthz-bind-address", default=DEFAULTS.healthz_bind_address, metavar="HOST:PORT",
+                     help="API mode: serve /healthz and /livez here (default %(default)s; "
                      "empty to disable)")
-    run.add_argument("--metrics-bind-address", default="127.0.0.1:10249", metavar="HOST:PORT",
-                     help="API mode: serve /metrics here (default 127.0.0.1:10249; empty to disable)")
-    run.add_argument("--watch-idle-timeout", type=float, default=90.0, metavar="SECONDS",
+    run.add_argument("--metrics-bind-address", default=DEFAULTS.metrics_bind_address, metavar="HOST:PORT",
+                     help="API mode: serve /metrics here (default %(default)s; empty to disable)")
+    run.add_argument("--watch-idle-timeout", type=float, default=DEFAULTS.watch_idle_timeout, metavar="SECONDS",
                      help="API mode: restart a watch that received nothing (not even the bookmark "
                      "the API server sends every minute) for this long: a dead connection or a "
-                     "stuck proxy (default 90; pyproxy's own flag)")
+                     "stuck proxy (default %(default)g; pyproxy's own flag)")
     run.add_argument("--retries", type=int, default=3, metavar="N",
                      help="with --once: attempts before giving up on a refused ruleset (default 3)")
 
@@ -427,7 +428,8 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
     import asyncio
     import os
 
-    from pyproxy.daemon import Settings, serve
+    from pyproxy.daemon import serve
+    from pyproxy.settings import Settings
 
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UsageError("give --kubeconfig FILE or --source-file FILE (or run in a pod, where "
@@ -439,7 +441,7 @@ def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
     settings = Settings(
         kubeconfig=args.kubeconfig,
         iptables_backend=backend,
-        min_sync_period=0.1 if args.min_sync_period is None else args.min_sync_period,
+        min_sync_period=DEFAULTS.min_sync_period if args.min_sync_period is None else args.min_sync_period,
         sync_period=args.sync_period,
         full_sync_period=args.full_sync_period,
         healthz_bind_address=args.healthz_bind_address,

@@ -7,7 +7,6 @@ import functools
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pyproxy.config import ProxyConfig
@@ -17,33 +16,10 @@ from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier
 from pyproxy.runner import Periods, SyncRunner
 from pyproxy.service_health import HealthCheckServer, health_checks
+from pyproxy.settings import Settings
 from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
 
 log = logging.getLogger("pyproxy.daemon")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the daemon connects and paces itself."""
-
-    kubeconfig: str | None = None
-    """Kubeconfig file; None means the in-cluster service account."""
-    iptables_backend: str = "auto"
-    """iptables mode only: nft, legacy or auto."""
-    min_sync_period: float = 0.1
-    """Least seconds between two syncs (changes meanwhile are batched)."""
-    sync_period: float = 30.0
-    """Sync at least this often (seconds), even without changes."""
-    full_sync_period: float = 3600.0
-    """Rewrite the whole ruleset this often (seconds)."""
-    healthz_bind_address: str = "0.0.0.0:10256"
-    """/healthz and /livez; empty disables."""
-    metrics_bind_address: str = "127.0.0.1:10249"
-    """/metrics; empty disables."""
-    clean_other_modes: bool = True
-    """At start, remove what another proxy mode left in this network namespace."""
-    watch_idle_timeout: float = 90.0
-    """Restart a watch silent this long (seconds): a dead connection or a stuck proxy."""
 
 
 def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int]:

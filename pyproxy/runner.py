@@ -27,6 +27,7 @@ from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier, SyncFailed, record
+from pyproxy.settings import DEFAULTS
 
 log = logging.getLogger("pyproxy.runner")
 
@@ -62,11 +63,11 @@ SERVICE_CHANGES = Gauge("kubeproxy_sync_proxy_rules_service_changes_pending", "P
 class Periods:
     """Timing of the sync loop (seconds)."""
 
-    min_sync: float = 0.1
+    min_sync: float = DEFAULTS.min_sync_period
     """At least this long between two syncs; changes arriving meanwhile are batched."""
-    sync: float = 30.0
+    sync: float = DEFAULTS.sync_period
     """Sync at least this often, changed or not (kube-proxy's --sync-period)."""
-    full_sync: float = 3600.0
+    full_sync: float = DEFAULTS.full_sync_period
     """Rewrite everything this often, healing any drift in the kernel."""
 
 
