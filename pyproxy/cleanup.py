@@ -10,10 +10,12 @@ from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import BACKENDS, IptablesCli, IptablesError
 from pyproxy.nft.executor import NftCli, NftError
 from pyproxy.proxier.iptables import IptProxier
+from pyproxy.render.nftables import TABLE_NAME, table_family
 
 log = logging.getLogger("pyproxy.cleanup")
 
-NFT_TABLES = (("ip", "pyproxy"), ("ip6", "pyproxy"))
+NFT_TABLES = tuple((table_family(family), TABLE_NAME) for family in (4, 6))
+"""The tables the nftables renderer names, one per family (and the userspace mode's guards)."""
 
 
 def _clean_nft(netns: str | None) -> list[str]:

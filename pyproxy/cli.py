@@ -347,7 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyproxy.cleanup import cleanup_other_modes
 
     cleanup_other_modes(mode=config.mode,
-                        iptables_backend=getattr(families[0].proxier.executor, "backend", None))
+                        iptables_backend=families[0].proxier.iptables_backend)
     if args.once:
         # Every family is tried, whatever another one did: they are independent.
         ok = [sync_with_retries(f.proxier, f.state, attempts=max(1, args.retries), cleaner=f.cleaner)

@@ -57,7 +57,7 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     async def clean_other_modes() -> None:
         await asyncio.gather(*(e.wait() for e in first_synced))
         await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
-                                iptables_backend=getattr(proxiers[0].executor, "backend", None))
+                                iptables_backend=proxiers[0].iptables_backend)
     healths = [ProxyHealth(timeout=2 * settings.sync_period) for _ in configs]
     health = AllHealthy(healths)
     runners: list[SyncRunner] = []

@@ -163,7 +163,7 @@ class SyncRunner:
                 await asyncio.sleep(wait)
             self._wake.clear()
             if time.monotonic() - last_full >= self.periods.full_sync:
-                self.proxier.needs_full = True  # type: ignore[attr-defined]
+                self.proxier.needs_full = True
                 last_full = time.monotonic()
             triggers, self._pending_triggers = self._pending_triggers, []
             pending, self._pending = self._pending, {"Service": 0, "EndpointSlice": 0}
@@ -189,7 +189,7 @@ class SyncRunner:
                 SYNC_ERRORS.labels(reason="refused" if isinstance(err, SyncFailed) else type(err).__name__).inc()
                 if not isinstance(err, SyncFailed):
                     log.error("sync raised %s", type(err).__name__, exc_info=err)
-                    self.proxier.needs_full = True  # type: ignore[attr-defined]
+                    self.proxier.needs_full = True
                 # Still not applied: pending since the oldest change (or now, for a full resync).
                 earlier = [t for t in (queued_at, self.health.last_queued) if t]
                 self.health.last_queued = min(earlier) if earlier else time.time()

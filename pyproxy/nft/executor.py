@@ -59,18 +59,8 @@ class NftCli:
         if proc.returncode != 0:
             raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
 
-    def check(self, tx: Transaction) -> None:
-        """Ask nft whether the transaction would apply (``nft --check``), changing nothing."""
-        proc = self._nft("--check", "-f", "-", stdin=tx.render_bytes())
-        if proc.returncode != 0:
-            raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
-
     def table_exists(self, family: str, table: str) -> bool:
         return self._nft("list", "table", family, table).returncode == 0
-
-    def list_table(self, family: str, table: str) -> str:
-        proc = self._nft("list", "table", family, table)
-        return proc.stdout.decode() if proc.returncode == 0 else ""
 
     def delete_table(self, family: str, table: str) -> bool:
         if not self.table_exists(family, table):

@@ -33,6 +33,14 @@ class SyncFailed(RuntimeError):
 
 class Proxier(Protocol):
     mode: str
+    needs_full: bool
+    """The next sync rewrites everything (set by the proxier after a failure, and by the sync
+    loop for its periodic full sync)."""
+
+    @property
+    def iptables_backend(self) -> str | None:
+        """The iptables backend this proxier programs (nft or legacy); None in other modes.
+        Cleaning another mode's leftovers must spare it."""
 
     def sync(self, state: DesiredState) -> SyncResult:
         """Make the kernel match ``state``; raise SyncFailed and force a full next sync on error."""

@@ -42,6 +42,10 @@ class IptProxier:
         """Top-level and base chains as last applied."""
         self.needs_full = True
 
+    @property
+    def iptables_backend(self) -> str | None:
+        return self.executor.backend
+
     @staticmethod
     def _shared_chains(base: IptFragment,
                        tops: dict[ServicePortName, dict[tuple[str, str], tuple[str, ...]]]) -> Chains:

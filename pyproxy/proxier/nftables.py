@@ -26,6 +26,8 @@ class NftProxier:
     mode = "nftables"
     table = render.TABLE_NAME
 
+    iptables_backend: str | None = None
+
     def __init__(self, *, config: ProxyConfig, executor: NftExecutor, gc_period: float = 60.0) -> None:
         self.config = config
         self.family = render.table_family(config.family)

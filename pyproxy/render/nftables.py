@@ -26,7 +26,6 @@ from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import nft_comment, nft_endpoint_base, nft_service_base
 
-TABLE_FAMILY = "ip"
 TABLE_NAME = "pyproxy"
 
 # Base chains: the only chains attached to netfilter hooks. Priorities follow upstream:
@@ -252,8 +251,3 @@ def _cidrs(config: ProxyConfig) -> str:
     return ", ".join(config.cluster_cidrs)
 
 
-def render_full(config: ProxyConfig, state: DesiredState) -> list[NftFragment]:
-    """Base fragment first, then every service port in name order."""
-    frags = [render_base(config, state)]
-    frags.extend(render_service(config, state.services[k]) for k in sorted(state.services))
-    return frags

@@ -251,14 +251,6 @@ def test_masquerade_mark(bit, mark):
     assert frag.chains["mark-for-masquerade"] == (f"meta mark set meta mark or {mark}",)
 
 
-def test_render_full_orders_services_by_name():
-    svcs = {s.service.name: s for s in (sps(["10.244.1.1"], name=n) for n in ("c", "a", "b"))}
-    frags = r.render_full(CFG, DesiredState(services=svcs))
-    assert frags[0].chain_specs == r.BASE_CHAINS
-    names = [next(iter(k for k in f.elements if k[0] == "service-ips")) for f in frags[1:]]
-    chains = [next(c for c in f.chains if c.startswith("service-")) for f in frags[1:]]
-    assert [c.split("/")[1] for c in chains] == ["a", "b", "c"]
-    assert len(names) == 3
 
 
 # -- the random choice is uniform ------------------------------------------------------------
