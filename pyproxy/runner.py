@@ -71,6 +71,12 @@ class Periods:
     """Rewrite everything this often, healing any drift in the kernel."""
 
 
+def _deleting(node: dict[str, Any]) -> bool:
+    """Our Node is being deleted (kube-proxy's /healthz then fails, so load balancers drain it)."""
+    meta = node.get("metadata")
+    return isinstance(meta, dict) and bool(meta.get("deletionTimestamp"))
+
+
 def _parse_time(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -110,8 +116,8 @@ class SyncRunner:
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         self.builder.replace_kind(kind, objects)
         if kind == "Node":
-            ours = [o for o in objects if (o.get("metadata") or {}).get("name") == self.config.hostname]
-            self.health.node_deleting = bool(ours and (ours[0].get("metadata") or {}).get("deletionTimestamp"))
+            ours = [o for o in objects if self.builder.is_ours(o)]
+            self.health.node_deleting = bool(ours) and _deleting(ours[0])
         self._changed(kind)
 
     def on_event(self, event: str, kind: str, obj: dict[str, Any]) -> None:
@@ -119,8 +125,8 @@ class SyncRunner:
             self.builder.delete_object(obj)
         else:
             self.builder.upsert(obj)
-            if kind == "Node":
-                self.health.node_deleting = bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+            if kind == "Node" and self.builder.is_ours(obj):
+                self.health.node_deleting = _deleting(obj)
         if kind == "EndpointSlice":
             trig = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_ANNOTATION)
             ts = _parse_time(trig) if isinstance(trig, str) else None

@@ -105,6 +105,12 @@ class StateBuilder:
         self._node: NodeInfo | None = None
         self._view = NodeView(name=node_name)
 
+    def is_ours(self, obj: Any) -> bool:
+        """Whether a Node object is this node's (the one place that decides; without a node
+        name, as in a one-node file, any Node is)."""
+        meta = obj.get("metadata") if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict) else {}
+        return not self.node_name or meta.get("name") == self.node_name
+
     @property
     def node(self) -> NodeInfo | None:
         return self._node
@@ -152,7 +158,7 @@ class StateBuilder:
         was down reaches the dataplane.
         """
         if kind == "Node":
-            ours = [o for o in objects if (o.get("metadata") or {}).get("name") == self.node_name]
+            ours = [o for o in objects if self.is_ours(o)]
             if ours:
                 self.upsert(ours[0])
             else:
@@ -175,7 +181,7 @@ class StateBuilder:
         """A watch DELETED event."""
         kind = _kind(obj) or ""
         if kind == "Node":
-            if (obj.get("metadata") or {}).get("name") == self.node_name:
+            if self.is_ours(obj):
                 self.node = None
             return
         try:
@@ -192,10 +198,8 @@ class StateBuilder:
         objects = list(objects)
         node_seen = False
         for obj in objects:
-            if _kind(obj) == "Node":
-                name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
-                node_seen |= not self.node_name or name == self.node_name
             kind = _kind(obj)
+            node_seen |= kind == "Node" and self.is_ours(obj)
             if kind in seen:
                 try:
                     seen[kind].add(object_key(obj))
@@ -288,9 +292,8 @@ class StateBuilder:
                 del self._slices_of[svc_key]
 
     def _upsert_node(self, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        if self.node_name and meta.get("name") != self.node_name:
-            return  # another node's object: not ours
+        if not self.is_ours(obj):
+            return  # another node's object
         try:
             node = parse_node(obj, family=self.family)
         except (Invalid, TypeError, AttributeError, KeyError) as err:
