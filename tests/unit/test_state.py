@@ -581,3 +581,21 @@ def test_created_and_deleted_services_leave_nothing_behind():
         b.delete("Service", (svc["metadata"]["namespace"], svc["metadata"]["name"]))
         b.build()
     assert not b._slices_of and not b._slices and not b._services and not b._merged and not b._claims
+
+
+def test_every_path_agrees_on_which_node_is_ours():
+    """Relist, watch event, delete and file replace use the same test (StateBuilder.is_ours)."""
+    mine, other = sc.node("a", ["192.168.1.1"]), sc.node("b", ["192.168.1.2"])
+    for feed in (lambda b, objs: b.replace_kind("Node", objs), lambda b, objs: b.replace_all(objs),
+                 lambda b, objs: [b.upsert(o) for o in objs]):
+        b = StateBuilder(node_name="a")
+        feed(b, [other])
+        assert b.node is None
+        feed(b, [other, mine])
+        assert b.node is not None and b.node.addresses == ("192.168.1.1",)
+        b.delete_object(other)
+        assert b.node is not None
+        b.delete_object(mine)
+        assert b.node is None
+    broken = {"kind": "Node", "metadata": ["not", "a", "mapping"]}
+    assert not StateBuilder(node_name="a").is_ours(broken) and StateBuilder().is_ours(broken)
