@@ -75,11 +75,30 @@ def _why(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+KINDS = ("Service", "EndpointSlice", "Node")
+"""What a node's proxy reads; other kinds (in a source file) are left alone, as API mode never
+lists them."""
+NAMELESS: Key = ("", "<no name>")
+"""The key a problem of an object without a usable name is kept under."""
+NODE_KEY: Key = ("", "node")
+"""The key of our Node's problem (there is one Node of ours)."""
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The objects of each kind pyproxy reads: what one relist per kind would return."""
+    grouped: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    for obj in objects:
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if isinstance(kind, str) and kind in grouped:
+            grouped[kind].append(obj)
+    return grouped
+
+
 def _malformed(kind: str, obj: Any, err: Exception) -> Problem:
     try:
         namespace, name = object_key(obj)
     except Invalid:
-        namespace, name = "", "<no name>"
+        namespace, name = NAMELESS
     if kind == "Node":
         namespace = ""
     return Problem(kind, namespace, name, str(err))
@@ -152,29 +171,35 @@ class StateBuilder:
                 self._dirty.add(svc_key)
 
     def replace_kind(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        """Make the store hold exactly ``objects`` of one kind (a reflector's relist).
+        """Make the store hold exactly ``objects`` of one kind (a reflector's relist, or one
+        kind of a source file that changed); unchanged objects are not parsed again.
 
         Objects missing from the list are deleted: this is how a delete missed while the watch
-        was down reaches the dataplane.
+        was down reaches the dataplane, and how an object taken out of a file does.
         """
         if kind == "Node":
             ours = [o for o in objects if self.is_ours(o)]
             if ours:
                 self.upsert(ours[0])
-            else:
+            else:  # our Node is gone: NodePorts fall back to interface addresses
                 self.node = None
+                self._problems.pop(("Node", NODE_KEY), None)
             return
         store = self._services if kind == "Service" else self._slices
+        # Problems of nameless objects cannot be matched to a key: start them afresh.
+        for pkey in [p for p in self._problems if p[0] == kind and p[1] == NAMELESS]:
+            del self._problems[pkey]
         seen: set[Key] = set()
         for obj in objects:
             try:
                 seen.add(object_key(obj))
             except Invalid:
-                pass
+                pass  # recorded as a problem by upsert below
             self.upsert(obj)
         for key in set(store) - seen:
             self.delete(kind, key)
-        for pkey in [p for p in self._problems if p[0] == kind and p[1] not in seen]:
+        # Problems of objects that are gone must not linger.
+        for pkey in [p for p in self._problems if p[0] == kind and p[1] not in seen and p[1] != NAMELESS]:
             del self._problems[pkey]
 
     def delete_object(self, obj: dict[str, Any]) -> None:
@@ -190,34 +215,10 @@ class StateBuilder:
             pass
 
     def replace_all(self, objects: Iterable[dict[str, Any]]) -> None:
-        """Make the store hold exactly ``objects``: unchanged ones are not re-parsed."""
-        seen: dict[str, set[Key]] = {"Service": set(), "EndpointSlice": set()}
-        # Problems of nameless objects cannot be matched to a key: start them afresh.
-        for pkey in [p for p in self._problems if p[1] == ("", "<no name>")]:
-            del self._problems[pkey]
-        objects = list(objects)
-        node_seen = False
-        for obj in objects:
-            kind = _kind(obj)
-            node_seen |= kind == "Node" and self.is_ours(obj)
-            if kind in seen:
-                try:
-                    seen[kind].add(object_key(obj))
-                except Invalid:
-                    pass  # recorded as a problem by upsert below
-            self.upsert(obj)
-        for key in set(self._services) - seen["Service"]:
-            self.delete("Service", key)
-        for key in set(self._slices) - seen["EndpointSlice"]:
-            self.delete("EndpointSlice", key)
-        # Problems of objects that are gone must not linger.
-        for pkey in [p for p in self._problems
-                     if p[0] in seen and p[1] not in seen[p[0]] and p[1] != ("", "<no name>")]:
-            del self._problems[pkey]
-        if not node_seen:
-            # Our Node left the file: fall back to interface addresses, forget its problem.
-            self.node = None
-            self._problems.pop(("Node", ("", "node")), None)
+        """Make the store hold exactly ``objects`` (a whole source file): each kind replaced as
+        :meth:`replace_kind` does, so a file and the API take the same road."""
+        for kind, of_kind in by_kind(list(objects)).items():
+            self.replace_kind(kind, of_kind)
 
     def _record(self, kind: str, key: Key, err: Exception, obj: Any) -> None:
         if isinstance(err, Skipped):
@@ -238,7 +239,7 @@ class StateBuilder:
         try:
             key = object_key(obj)
         except Invalid as err:
-            self._problems[(kind, ("", "<no name>"))] = _malformed(kind, obj, err)
+            self._problems[(kind, NAMELESS)] = _malformed(kind, obj, err)
             return None
         old = store.get(key)
         try:
@@ -297,9 +298,9 @@ class StateBuilder:
         try:
             node = parse_node(obj, family=self.family)
         except (Invalid, TypeError, AttributeError, KeyError) as err:
-            self._problems[("Node", ("", "node"))] = _malformed("Node", obj, err)
+            self._problems[("Node", NODE_KEY)] = _malformed("Node", obj, err)
             return
-        self._problems.pop(("Node", ("", "node")), None)
+        self._problems.pop(("Node", NODE_KEY), None)
         self.node = node
 
     # -- output ----------------------------------------------------------------------------

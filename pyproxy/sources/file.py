@@ -25,15 +25,21 @@ The file may come from anyone, so reading it must never crash, hang or exhaust t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
+
+from pyproxy.model.state import by_kind
+
+log = logging.getLogger("pyproxy.file")
 
 try:  # libyaml's C loader: PyYAML's wheels ship it; fall back where it was built without.
     from yaml import CSafeLoader as Loader
@@ -149,3 +155,31 @@ def file_stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def follow_file(path: str, *, period: float,
+                      on_replace: Callable[[str, list[dict[str, Any]]], None],
+                      loaded: asyncio.Event) -> None:
+    """Forever: whenever the file changes (checked every ``period`` seconds), hand each kind's
+    objects to ``on_replace`` as a relist would, then set ``loaded``. The file is the source's
+    whole truth, so what left it is deleted. A file that cannot be read later (a half-written
+    save) is logged and the last good version keeps serving; one that cannot be read at start
+    ends the task with its SourceError (nothing to serve yet: the command says why)."""
+    stamp: tuple[int, int, int] | None = None
+    first = True
+    while True:
+        current = file_stamp(path)
+        if first or current != stamp:
+            stamp = current
+            try:
+                objects = await asyncio.to_thread(load_objects, path)
+            except SourceError as err:
+                if first:
+                    raise
+                log.error("%s (keeping the rules of the last good version)", err)
+            else:
+                for kind, of_kind in by_kind(objects).items():
+                    on_replace(kind, of_kind)
+                loaded.set()
+            first = False
+        await asyncio.sleep(period)
