@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 import sys
 import time
@@ -334,114 +333,58 @@ def require_capabilities(*, raw: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     require_capabilities()
-    if not args.source_file:
-        return _run_api(args, config)
-    if args.min_sync_period is None:
-        args.min_sync_period = 1.0
-    if args.once and config.mode == "userspace":
+    if args.source_file and args.once:
+        return _run_once(args, config)
+    return _run_daemon(args, config)
+
+
+def _run_once(args: argparse.Namespace, config: ProxyConfig) -> int:
+    """``--once``: the file's rules applied (with retries), other modes' rules then removed."""
+    from pyproxy.cleanup import cleanup_other_modes
+
+    if config.mode == "userspace":
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
     backend = resolve_backend(config, args.iptables_backend)
     require_capabilities(raw=backend == "legacy")
-    families = [_FileFamily(source, backend) for source in file_sources(args.source_file, config)]
-    from pyproxy.cleanup import cleanup_other_modes
-
-    cleanup_other_modes(mode=config.mode,
-                        iptables_backend=families[0].proxier.iptables_backend)
-    if args.once:
-        # Every family is tried, whatever another one did: they are independent.
-        ok = [sync_with_retries(f.proxier, f.state, attempts=max(1, args.retries), cleaner=f.cleaner)
-              for f in families]
-        if all(ok):
-            return 0
-        print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
-              "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
-              "nft/iptables work here (are you root?).", file=sys.stderr)
-        return 1
-    log.info("watching %s for changes every %.1fs", args.source_file, args.min_sync_period)
-    from pyproxy.service_health import HealthCheckThread
-
-    # The health check node ports say "unhealthy" while a changed file waits to be applied.
-    checks = {f.config.family: HealthCheckThread(proxy_healthy=lambda f=f: not f.pending, family=f.config.family)
-              for f in families}
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (a pod being stopped) ends the loop like SIGINT
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            now = time.monotonic()
-            for fam in families:
-                check = checks[fam.config.family]
-                if fam.step(now) or check.server.retry_pending:
-                    check.update(fam.state)
-            time.sleep(args.min_sync_period)
-    except KeyboardInterrupt:
-        # Never delete rules on exit: traffic keeps flowing while pyproxy restarts.
-        log.info("stopping; rules stay in place (use 'pyproxy cleanup' to remove them)")
+    sources = file_sources(args.source_file, config)
+    states = [source.load() for source in sources]
+    proxiers = [make_proxier(source.config, iptables_backend=backend) for source in sources]
+    # Every family is tried, whatever another one did: they are independent.
+    ok = [sync_with_retries(proxier, state, attempts=max(1, args.retries),
+                            cleaner=ConntrackCleaner(family=source.config.family))
+          for source, state, proxier in zip(sources, states, proxiers)]
+    if all(ok):
+        cleanup_other_modes(mode=config.mode, iptables_backend=proxiers[0].iptables_backend)
         return 0
-    finally:
-        for c in checks.values():
-            c.close()
+    print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
+          "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
+          "nft/iptables work here (are you root?).", file=sys.stderr)
+    return 1
 
 
-class _FileFamily:
-    """One family's source, proxier and retry state in the file loop."""
-
-    def __init__(self, source: FileSource, iptables_backend: str) -> None:
-        self.source = source
-        self.config = source.config
-        self.state = source.load()
-        self.proxier = make_proxier(source.config, iptables_backend=iptables_backend)
-        self.cleaner = ConntrackCleaner(family=source.config.family)
-        self.pending = True
-        self.backoff = Backoff(initial=1.0, maximum=30.0)
-        self.next_try = 0.0
-
-    def step(self, now: float) -> bool:
-        """Reload if the file changed and sync if needed; True after a successful sync."""
-        if self.source.changed():
-            try:
-                self.state = self.source.load()
-                self.pending = True
-            except SourceError as err:
-                # Keep serving the last good state: a half-written file must not drop rules.
-                log.error("%s (keeping the rules of the last good version)", err)
-        if not self.pending or now < self.next_try:
-            return False
-        try:
-            record(self.proxier.sync(self.state))
-            self.cleaner.after_sync(self.state)
-        except SyncFailed as err:
-            self.next_try = now + self.backoff.next()
-            log.error("IPv%d sync failed, full resync in %.1fs: %s", self.config.family,
-                      self.next_try - now, err)
-            return False
-        self.pending = False
-        self.backoff.reset()
-        return True
-
-
-def _run_api(args: argparse.Namespace, config: ProxyConfig) -> int:
-    """The production entry: watch the API and keep the kernel in sync until stopped."""
+def _run_daemon(args: argparse.Namespace, config: ProxyConfig) -> int:
+    """Keep the kernel in sync with the API (production) or with a file, until stopped: one
+    sync loop, the same health, metrics, conntrack cleanup and health check node ports."""
     import asyncio
     import os
 
     from pyproxy.daemon import serve
-    from pyproxy.settings import Settings
+    from pyproxy.settings import FILE_MIN_SYNC_PERIOD, Settings
 
-    if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if not args.source_file and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UsageError("give --kubeconfig FILE or --source-file FILE (or run in a pod, where "
                          "KUBERNETES_SERVICE_HOST and the service account token are set)")
     if args.once:
         raise UsageError("--once works with --source-file; with the API pyproxy keeps running")
     backend = resolve_backend(config, args.iptables_backend)
     require_capabilities(raw=backend == "legacy")
+    default_min_sync = FILE_MIN_SYNC_PERIOD if args.source_file else DEFAULTS.min_sync_period
     settings = Settings(
         kubeconfig=args.kubeconfig,
+        source_file=args.source_file,
         iptables_backend=backend,
-        min_sync_period=DEFAULTS.min_sync_period if args.min_sync_period is None else args.min_sync_period,
+        min_sync_period=default_min_sync if args.min_sync_period is None else args.min_sync_period,
         sync_period=args.sync_period,
         full_sync_period=args.full_sync_period,
         healthz_bind_address=args.healthz_bind_address,

@@ -17,6 +17,7 @@ from pyproxy.proxier.base import Proxier
 from pyproxy.runner import Periods, SyncRunner
 from pyproxy.service_health import HealthCheckServer, health_checks
 from pyproxy.settings import Settings
+from pyproxy.sources.file import SourceError, follow_file
 from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
 
 log = logging.getLogger("pyproxy.daemon")
@@ -91,12 +92,24 @@ async def serve(config: ProxyConfig, settings: Settings, *,
             if fam in families_of(kind, obj, families):
                 r.on_event(event, kind, obj)
 
-    client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
-    reflectors = [
-        Reflector(client, resource, on_replace=on_replace, on_event=on_event,
-                  idle_timeout=settings.watch_idle_timeout)
-        for resource in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname))
-    ]
+    # The source: the API's reflectors, or a file; either feeds the same runners.
+    client: KubeClient | None = None
+    if settings.source_file:
+        loaded = asyncio.Event()
+        feeders = {"file": follow_file(settings.source_file, period=settings.min_sync_period,
+                                       on_replace=on_replace, loaded=loaded)}
+        synced: asyncio.Future[Any] = asyncio.ensure_future(loaded.wait())
+        source = settings.source_file
+    else:
+        client = await KubeClient.from_config(kubeconfig=settings.kubeconfig)
+        reflectors = [
+            Reflector(client, resource, on_replace=on_replace, on_event=on_event,
+                      idle_timeout=settings.watch_idle_timeout)
+            for resource in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname))
+        ]
+        feeders = {f"reflector-{r.resource.kind}": r.run() for r in reflectors}
+        synced = asyncio.ensure_future(wait_synced(reflectors))
+        source = "the API"
     sites = []
     if settings.healthz_bind_address:
         sites.append(await start_site(health_app(health), settings.healthz_bind_address))
@@ -106,19 +119,22 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(r.run(), name=f"reflector-{r.resource.kind}") for r in reflectors]
-    synced = asyncio.ensure_future(wait_synced(reflectors))
+    tasks = [asyncio.create_task(feed, name=name) for name, feed in feeders.items()]
     for fam, runner in zip(configs, runners):
         tasks.append(asyncio.create_task(runner.run(synced), name=f"sync-loop-ipv{fam.family}"))
     cleaner = asyncio.create_task(clean_other_modes()) if settings.clean_other_modes else None
-    log.info("watching the API as node %s in %s mode", config.hostname, config.mode)
+    log.info("following %s as node %s in %s mode", source, config.hostname, config.mode)
     done_waiter = asyncio.ensure_future(stop.wait())
     finished, _ = await asyncio.wait([done_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     code = 0
+    unreadable: SourceError | None = None
     for task in finished:
         if task is not done_waiter:
             code = 1
             err = task.exception()
+            if isinstance(err, SourceError):  # the file could not be read at start
+                unreadable = err
+                continue
             log.error("%s stopped (a bug: it should run forever); exiting so that the pod restarts",
                       task.get_name(), exc_info=err)
     for task in tasks:
@@ -131,5 +147,9 @@ async def serve(config: ProxyConfig, settings: Settings, *,
         await site.cleanup()
     for server in checks:
         await server.close()
-    await client.close()
+    synced.cancel()
+    if client is not None:
+        await client.close()
+    if unreadable is not None:
+        raise unreadable  # the command says what to fix
     return code

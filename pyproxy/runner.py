@@ -212,8 +212,8 @@ class SyncRunner:
                 continue
             backoff.reset()
             self.syncs += 1
-            if result.operations or result.full:
-                record(result)
+            if result.operations or result.full or queued_at:
+                record(result)  # a sync with something to do (a quiet periodic one is not logged)
             done = time.time()
             self.health.last_updated = done
             # Only now is the change in the kernel: that is what the latency metric measures.

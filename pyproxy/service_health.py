@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,22 +130,3 @@ class HealthCheckServer:
     @property
     def ports(self) -> tuple[int, ...]:
         return tuple(sorted(p for p, (_, bound) in self._servers.items() if bound))
-
-
-class HealthCheckThread:
-    """:class:`HealthCheckServer` on an event loop of its own, for the synchronous file loop."""
-
-    def __init__(self, *, proxy_healthy: Callable[[], bool], family: int = 4) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="healthcheck", daemon=True)
-        self._thread.start()
-        self.server = HealthCheckServer(proxy_healthy=proxy_healthy, family=family)
-
-    def update(self, state: DesiredState) -> None:
-        asyncio.run_coroutine_threadsafe(
-            self.server.update(health_checks(state), state.nodeport_ips), self._loop).result(timeout=30)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)

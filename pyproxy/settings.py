@@ -12,6 +12,9 @@ class Settings:
 
     kubeconfig: str | None = None
     """Kubeconfig file; None means the in-cluster service account."""
+    source_file: str | None = None
+    """Follow this file of Services, EndpointSlices and Nodes instead of the API (checked
+    every ``min_sync_period``); everything else works as with the API."""
     iptables_backend: str = "auto"
     """iptables mode only: nft, legacy or auto."""
     min_sync_period: float = 0.1
@@ -32,4 +35,7 @@ class Settings:
 
 
 DEFAULTS = Settings()
+FILE_MIN_SYNC_PERIOD = 1.0
+"""With --source-file, ``min_sync_period`` is also how often the file is checked: once a
+second unless told otherwise."""
 """The defaults, for the command line's help and the sync loop's own."""
