@@ -119,15 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                      f"latency near {DEFAULTS.min_sync_period:g} s; with --source-file it is how often the file is checked, "
                      "default 1)")
     run.add_argument("--sync-period", type=float, default=DEFAULTS.sync_period, metavar="SECONDS",
-                     help="API mode: sync at least this often even without changes (default %(default)g)")
+                     help="sync at least this often even without changes (default %(default)g)")
     run.add_argument("--full-sync-period", type=float, default=DEFAULTS.full_sync_period, metavar="SECONDS",
-                     help="API mode: rewrite the whole ruleset this often, healing any drift "
+                     help="rewrite the whole ruleset this often, healing any drift "
                      "(default %(default)g)")
     run.add_argument("--healthz-bind-address", default=DEFAULTS.healthz_bind_address, metavar="HOST:PORT",
-                     help="API mode: serve /healthz and /livez here (default %(default)s; "
+                     help="serve /healthz and /livez here (default %(default)s; "
                      "empty to disable)")
     run.add_argument("--metrics-bind-address", default=DEFAULTS.metrics_bind_address, metavar="HOST:PORT",
-                     help="API mode: serve /metrics here (default %(default)s; empty to disable)")
+                     help="serve /metrics here (default %(default)s; empty to disable)")
     run.add_argument("--watch-idle-timeout", type=float, default=DEFAULTS.watch_idle_timeout, metavar="SECONDS",
                      help="API mode: restart a watch that received nothing (not even the bookmark "
                      "the API server sends every minute) for this long: a dead connection or a "
