@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pyproxy.config import ProxyConfig
 from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
-from pyproxy.render.naming import ipt_endpoint_hash, ipt_service_hash, nft_endpoint_base, nft_service_base
+from pyproxy.render.naming import ServiceChains
 
 
 @dataclass
@@ -150,20 +150,12 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
 def _chains(config: ProxyConfig, sps: ServicePortState, eps: tuple[Endpoint, ...], path: str, *,
             local: bool) -> list[str]:
     svc = sps.service
-    external = path != "clusterip"
-    if config.mode == "iptables":
-        h = ipt_service_hash(svc.name)
-        policy = f"PYPROXY-{'SVL' if local else 'SVC'}-{h}"
-        first = [f"PYPROXY-EXT-{h}", policy] if external else [policy]
-        if path == "loadbalancer" and svc.uses_firewall:
-            first.insert(0, f"PYPROXY-FW-{h}")
-        return [*first, *(f"PYPROXY-SEP-{ipt_endpoint_hash(svc.name, e)}" for e in eps)]
-    base = nft_service_base(svc.name)
-    policy = f"{'local' if local else 'service'}-{base}"
-    first = [f"external-{base}", policy] if external else [policy]
+    names = ServiceChains(svc.name, mode=config.mode)
+    policy = names.local if local else names.cluster
+    first = [names.external, policy] if path != "clusterip" else [policy]
     if path == "loadbalancer" and svc.uses_firewall:
-        first.insert(0, f"firewall-{base}")
-    return [*first, *(f"endpoint-{nft_endpoint_base(svc.name, e)}" for e in eps)]
+        first.insert(0, names.firewall)
+    return [*first, *(names.endpoint(e) for e in eps)]
 
 
 def render_text(e: Explanation, *, packet: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import IptFragment
-from pyproxy.render.naming import IPT_PREFIX, ipt_comment, ipt_endpoint_hash, ipt_service_hash
+from pyproxy.render.naming import IPT_PREFIX, ServiceChains, ipt_comment
 
 P = IPT_PREFIX
 SERVICES = P + "SERVICES"
@@ -135,11 +135,8 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     endpoints = sps.usable_endpoints
     top: dict[tuple[str, str], list[str]] = {}
     chains: dict[tuple[str, str], tuple[str, ...]] = {}
-    h = ipt_service_hash(spn)
-    svc_chain = f"{P}SVC-{h}"
-    svl_chain = f"{P}SVL-{h}"
-    ext_chain = f"{P}EXT-{h}"
-    fw_chain = f"{P}FW-{h}"
+    names = ServiceChains(spn, mode="iptables")
+    svc_chain, svl_chain, ext_chain, fw_chain = names.cluster, names.local, names.external, names.firewall
     vips = [(ip, "external IP") for ip in svc.external_ips] + [(ip, "loadbalancer IP") for ip in svc.lb_ips]
 
     if svc.uses_firewall:
@@ -173,7 +170,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
         masq.append(f"{cip_comment} -j {MASQ_NON_POD}")
 
     local = sps.local_endpoints(config.hostname) if svc.uses_local_endpoints else ()
-    sep_of = {ep: f"{P}SEP-{ipt_endpoint_hash(spn, ep)}" for ep in dict.fromkeys((*endpoints, *local))}
+    sep_of = {ep: names.endpoint(ep) for ep in dict.fromkeys((*endpoints, *local))}
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
         rules = list(masq)

@@ -73,3 +73,32 @@ def ipt_service_hash(spn: ServicePortName) -> str:
 
 def ipt_endpoint_hash(spn: ServicePortName, ep: Endpoint) -> str:
     return _hash(f"{spn}{spn.protocol}{ep.addr}", 16)
+
+
+class ServiceChains:
+    """The chain names of one service port in one mode: what the renderer writes and what
+    ``pyproxy explain`` names, from one place. nftables: ``service-``, ``local-``,
+    ``external-``, ``firewall-``, ``endpoint-`` + a readable base; iptables: ``PYPROXY-SVC-``,
+    ``SVL-``, ``EXT-``, ``FW-``, ``SEP-`` + a hash (the userspace mode renders nftables)."""
+
+    def __init__(self, spn: ServicePortName, *, mode: str) -> None:
+        self.spn = spn
+        self.iptables = mode == "iptables"
+        if self.iptables:
+            h = ipt_service_hash(spn)
+            self.cluster, self.local = f"{IPT_PREFIX}SVC-{h}", f"{IPT_PREFIX}SVL-{h}"
+            self.external, self.firewall = f"{IPT_PREFIX}EXT-{h}", f"{IPT_PREFIX}FW-{h}"
+        else:
+            base = nft_service_base(spn)
+            self.cluster, self.local = f"service-{base}", f"local-{base}"
+            self.external, self.firewall = f"external-{base}", f"firewall-{base}"
+
+    def endpoint(self, ep: Endpoint) -> str:
+        """The chain that DNATs to one endpoint."""
+        if self.iptables:
+            return f"{IPT_PREFIX}SEP-{ipt_endpoint_hash(self.spn, ep)}"
+        return f"endpoint-{nft_endpoint_base(self.spn, ep)}"
+
+    def affinity_set(self, ep: Endpoint) -> str:
+        """nftables: the set of clients that stick to one endpoint (ClientIP affinity)."""
+        return f"affinity-{nft_endpoint_base(self.spn, ep)}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render.fragments import NftFragment
-from pyproxy.render.naming import nft_comment, nft_endpoint_base, nft_service_base
+from pyproxy.render.naming import ServiceChains, nft_comment
 
 TABLE_NAME = "pyproxy"
 
@@ -132,7 +132,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     spn = svc.name
     proto = spn.protocol
     a = table_family(config.family)
-    base = nft_service_base(spn)
+    names = ServiceChains(spn, mode="nftables")
     comment = nft_comment(str(spn))
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
     vip_keys = [f"{ip} . {proto} . {svc.port}" for ip in svc.external_vips]
@@ -144,7 +144,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     if svc.uses_firewall:
         # loadBalancerSourceRanges: checked before DNAT (filter prerouting/output at -110),
         # on the LB IPs only; NodePorts and external IPs are not subject to them.
-        fw_chain = f"firewall-{base}"
+        fw_chain = names.firewall
         allowed = sps.firewall_sources
         chains[fw_chain] = (f"{a} saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
         for ip in svc.lb_ips:
@@ -160,8 +160,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
             elements[("no-endpoint-nodeports", np_key)] = "goto reject-chain"
         return NftFragment(chains=chains, sets=sets, elements=elements)
 
-    service_chain = f"service-{base}"
-    local_chain = f"local-{base}"
+    service_chain, local_chain = names.cluster, names.local
     masq: list[str] = []
     match = f"{a} daddr {svc.cluster_ip} {proto} dport {svc.port}"
     if config.masquerade_all:
@@ -175,12 +174,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     ep_chains: dict[Endpoint, str] = {}
     affinity: dict[Endpoint, str] = {}
     for ep in dict.fromkeys((*endpoints, *local)):
-        ep_base = nft_endpoint_base(spn, ep)
-        ep_chain = f"endpoint-{ep_base}"
+        ep_chain = names.endpoint(ep)
         ep_chains[ep] = ep_chain
         rules = [f"{a} saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
         if svc.affinity_timeout:
-            aff = f"affinity-{ep_base}"
+            aff = names.affinity_set(ep)
             affinity[ep] = aff
             sets[aff] = f"type {addr_type(config.family)} ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
             rules.append(f"update @{aff} {{ {a} saddr }}")
@@ -213,7 +211,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     if svc.externally_accessible:
         # NodePorts, external IPs and LB IPs are external traffic: internalTrafficPolicy does
         # not apply to them.
-        ext_chain = f"external-{base}"
+        ext_chain = names.external
         if not svc.external_local:
             chains[ext_chain] = (f"jump mark-for-masquerade {comment}", f"goto {service_chain}")
         else:

@@ -314,3 +314,25 @@ def test_explain_ipv6_firewall_admits_the_lb_ip_when_the_node_is_in_range():
     cfg = ProxyConfig(hostname="node-1", family=6)
     assert explain(state, cfg, dst="fd00:60::20", port=80, proto="tcp", src="fd00:60::20").verdict == "dnat"
     assert explain(state, cfg, dst="fd00:60::20", port=80, proto="tcp", src="fd00:99::1").verdict == "drop"
+
+
+@pytest.mark.parametrize("config", [CFG, IPT], ids=["nftables", "iptables"])
+def test_explain_names_chains_the_renderer_writes(config):
+    """One place names a service's chains (render/naming.ServiceChains): every chain explain
+    lists (firewall, external, local policy, endpoints) is in the rendered ruleset."""
+    from pyproxy.explain import explain
+    from pyproxy.ipt.executor import FakeIptables
+    from pyproxy.nft.executor import FakeNft
+    from pyproxy.proxier.iptables import IptProxier
+    from pyproxy.proxier.nftables import NftProxier
+
+    state = build([lb_service(etp="Local", ranges=["203.0.113.0/25"]),
+                   sc.endpoint_slice("lb", ["10.244.1.10", "10.244.1.11"], [sc.port(8080, name="http")]),
+                   sc.node("node-1", ["192.168.50.2"])], nodeport_ips=("192.168.50.2",))
+    proxier = (IptProxier(config=config, executor=FakeIptables()) if config.mode == "iptables"
+               else NftProxier(config=config, executor=FakeNft()))
+    text = proxier.render_text(state)
+    e = explain(state, config, dst="192.168.60.20", port=80, proto="tcp", src="203.0.113.9")
+    assert e.verdict == "dnat" and len(e.chains) == 5  # firewall, external, local, 2 endpoints
+    missing = [c for c in e.chains if c not in text]
+    assert not missing, missing

@@ -18,6 +18,7 @@ from pyproxy.model.state import StateBuilder
 from pyproxy.render import iptables as ipt
 from pyproxy.render import nftables as nft
 from pyproxy.render import userspace as us
+from pyproxy.render.naming import ipt_service_hash
 from pyproxy.render.naming import NFT_COMMENT_MAX, NFT_NAME_MAX, _truncate, nft_comment
 from pyproxy.sources import file as file_source
 from tests import scenario as sc
@@ -165,7 +166,7 @@ def test_names_and_comments_are_cut_only_beyond_the_limit():
 
 def test_iptables_affinity_keeps_the_masquerade_rule_first():
     st = sps(["10.244.1.1", "10.244.1.2"], affinity=60)
-    chain = ipt.render_service(CFG, st).chains[("nat", f"PYPROXY-SVC-{ipt.ipt_service_hash(st.service.name)}")]
+    chain = ipt.render_service(CFG, st).chains[("nat", f"PYPROXY-SVC-{ipt_service_hash(st.service.name)}")]
     assert chain[0].endswith("! -s 10.244.0.0/16 -j PYPROXY-MARK-MASQ")
     assert sum("--rcheck" in r for r in chain) == 2
 
