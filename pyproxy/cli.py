@@ -6,21 +6,19 @@ import argparse
 import logging
 import socket
 import sys
-import time
 from collections.abc import Sequence
 
 from pyproxy import __version__
-from pyproxy.backoff import Backoff
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
+from pyproxy.factory import make_proxier, resolve_backend
 from pyproxy.ipt.executor import IptablesError
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
-from pyproxy.model.objects import DesiredState
-from pyproxy.model.state import StateBuilder
-from pyproxy.problems import ProblemLog
-from pyproxy.proxier.base import Proxier, SyncFailed, record
-from pyproxy.settings import DEFAULTS
-from pyproxy.sources.file import SourceError, file_stamp, load_objects
+from pyproxy.proxier.base import SyncFailed
+from pyproxy.runner import sync_with_retries
+from pyproxy.settings import DEFAULTS, SetupError
+from pyproxy.snapshot import FileSource, api_snapshot, file_sources
+from pyproxy.sources.file import SourceError
 from pyproxy.sources.kube import KubeError
 
 log = logging.getLogger("pyproxy")
@@ -183,92 +181,6 @@ def _families(text: str) -> tuple[int, ...]:
 
 
 
-def resolve_backend(config: ProxyConfig, iptables_backend: str) -> str:
-    """``auto`` decided once (it reads both backends' rules), so each family's proxier and the
-    cleanup of other modes agree on it."""
-    if config.mode != "iptables" or iptables_backend != "auto":
-        return iptables_backend
-    from pyproxy.ipt.executor import detect_backend
-
-    return detect_backend()
-
-
-def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
-                 netns: str | None = None) -> Proxier:
-    """The proxier for ``config.mode`` and ``config.family`` with its real executor."""
-    if config.localhost_nodeports and not config.localhost_nodeports_active:
-        log.warning("--iptables-localhost-nodeports has no effect here: it needs --proxy-mode "
-                    "iptables and loopback among --nodeport-addresses (nftables mode has no "
-                    "localhost NodePorts, as upstream)")
-    if config.mode == "userspace":
-        from pyproxy.nft.executor import NftCli
-        from pyproxy.userspace.proxier import UserspaceProxier
-
-        return UserspaceProxier(config=config, executor=NftCli(netns=netns))
-    if config.mode == "iptables":
-        from pyproxy.ipt.executor import IptablesCli, detect_backend
-        from pyproxy.proxier.iptables import IptProxier
-
-        backend = detect_backend(netns=netns) if iptables_backend == "auto" else iptables_backend
-        log.info("iptables backend: %s", backend)
-        if config.localhost_nodeports_active and netns is None:
-            from pyproxy.hostnet import set_sysctl
-
-            # Without it the kernel drops packets to 127.0.0.0/8 once DNAT sends them out.
-            try:
-                set_sysctl("net.ipv4.conf.all.route_localnet", "1")
-            except OSError as err:
-                raise UsageError(
-                    f"--iptables-localhost-nodeports needs net.ipv4.conf.all.route_localnet=1 and it "
-                    f"cannot be set here ({err.strerror}: /proc/sys is read-only in an unprivileged "
-                    "container): set it before pyproxy starts (the Helm chart's init container does "
-                    "when config.localhostNodePorts is on), or turn the flag off") from None
-        return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
-                                                              family=config.family))
-    from pyproxy.nft.executor import NftCli
-    from pyproxy.proxier.nftables import NftProxier
-
-    return NftProxier(config=config, executor=NftCli(netns=netns))
-
-
-class FileSource:
-    """Builds desired states of one family from the source file, re-parsing only objects that
-    changed."""
-
-    def __init__(self, path: str, config: ProxyConfig, *, problems: ProblemLog | None = None) -> None:
-        self.path = path
-        self.config = config
-        self.builder = StateBuilder(node_name=config.hostname, family=config.family)
-        self.stamp: tuple[int, int, int] | None = None
-        self.problems = problems if problems is not None else ProblemLog()
-        """Shared by the families' sources: each invalid object is logged and counted once."""
-
-    def load(self) -> DesiredState:
-        self.stamp = file_stamp(self.path)
-        objects = load_objects(self.path)
-        self.builder.replace_all(objects)
-        from pyproxy.hostnet import interface_ips
-
-        state = self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
-                                            interfaces=lambda: interface_ips(self.config.family))
-        self._report(state)
-        return state
-
-    def changed(self) -> bool:
-        return file_stamp(self.path) != self.stamp
-
-    def _report(self, state: DesiredState) -> None:
-        self.problems.report(self.config.family, state.problems)
-        for skip in self.builder.skips:
-            log.debug("not proxying %s %s/%s: %s", skip.kind, *skip.key, skip.reason)
-
-
-def file_sources(path: str, config: ProxyConfig) -> list[FileSource]:
-    """One source per family, sharing which problems were logged."""
-    problems = ProblemLog()
-    return [FileSource(path, c, problems=problems) for c in config.family_configs()]
-
-
 def cmd_render(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.mode == "userspace":
@@ -293,25 +205,6 @@ def cmd_render(args: argparse.Namespace) -> int:
             text = NftProxier(config=fam, executor=FakeNft()).render_text(state)
         sys.stdout.write(text)
     return 0
-
-
-def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
-                      first_delay: float = 1.0, max_delay: float = 30.0,
-                      cleaner: ConntrackCleaner | None = None) -> bool:
-    """Sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
-    backoff = Backoff(initial=first_delay, maximum=max_delay)
-    for attempt in range(1, attempts + 1):
-        try:
-            record(proxier.sync(state))
-            if cleaner is not None:
-                cleaner.after_sync(state)
-            return True
-        except SyncFailed as err:
-            log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
-            if attempt == attempts:
-                return False
-            time.sleep(backoff.next())
-    return False
 
 
 def require_capabilities(*, raw: bool = False) -> None:
@@ -434,37 +327,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.source_file:
         state = FileSource(args.source_file, config).load()
     else:
-        state = _api_snapshot(args, config)
+        state = api_snapshot(args.kubeconfig, config)
     e = explain(state, config, dst=ip, port=port_n, proto=proto, src=args.source)
     print(json.dumps(e.as_dict(), indent=1) if args.json else render_text(e, packet=args.packet
           + (f" from {args.source}" if args.source else "")))
     return 0
-
-
-def _api_snapshot(args: argparse.Namespace, config: ProxyConfig) -> DesiredState:
-    """List (once) what the daemon would watch, and build the state from it."""
-    import asyncio
-    import os
-
-    from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource
-
-    builder = StateBuilder(node_name=config.hostname, family=config.family)
-
-    async def snap() -> None:
-        client = await KubeClient.from_config(kubeconfig=args.kubeconfig)
-        try:
-            for res in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname)):
-                await Reflector(client, res, on_replace=builder.replace_kind, on_event=lambda *a: None).list_all()
-        finally:
-            await client.close()
-
-    if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        raise UsageError("give --source-file FILE or --kubeconfig FILE")
-    asyncio.run(snap())
-    from pyproxy.hostnet import interface_ips
-
-    return builder.build_for_node(cidrs=config.nodeport_addresses,
-                                  interfaces=lambda: interface_ips(config.family))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -537,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"render": cmd_render, "run": cmd_run, "cleanup": cmd_cleanup,
                 "explain": cmd_explain}[args.command](args)
-    except (UsageError, SourceError, KubeError) as err:
+    except (UsageError, SetupError, SourceError, KubeError) as err:
         print(f"pyproxy: {err}", file=sys.stderr)
         return 2
     except PermissionError as err:

@@ -233,3 +233,21 @@ class SyncRunner:
             except asyncio.TimeoutError:
                 pass
 
+
+def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
+                      first_delay: float = 1.0, max_delay: float = 30.0,
+                      cleaner: ConntrackCleaner | None = None) -> bool:
+    """``run --once``: sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
+    backoff = Backoff(initial=first_delay, maximum=max_delay)
+    for attempt in range(1, attempts + 1):
+        try:
+            record(proxier.sync(state))
+            if cleaner is not None:
+                cleaner.after_sync(state)
+            return True
+        except SyncFailed as err:
+            log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
+            if attempt == attempts:
+                return False
+            time.sleep(backoff.next())
+    return False

@@ -34,6 +34,10 @@ class Settings:
     """Restart a watch silent this long (seconds): a dead connection or a stuck proxy."""
 
 
+class SetupError(Exception):
+    """A setting this host, container or command line cannot honour; the message says what to do."""
+
+
 DEFAULTS = Settings()
 FILE_MIN_SYNC_PERIOD = 1.0
 """With --source-file, ``min_sync_period`` is also how often the file is checked: once a
