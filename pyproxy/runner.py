@@ -114,11 +114,11 @@ class SyncRunner:
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        self.builder.replace_kind(kind, objects)
+        changed = self.builder.replace_kind(kind, objects)
         if kind == "Node":
             ours = [o for o in objects if self.builder.is_ours(o)]
             self.health.node_deleting = bool(ours) and _deleting(ours[0])
-        self._changed(kind)
+        self._changed(kind, count=changed)
 
     def on_event(self, event: str, kind: str, obj: dict[str, Any]) -> None:
         if event == "DELETED":
@@ -134,10 +134,12 @@ class SyncRunner:
                 self._pending_triggers.append(ts)
         self._changed(kind)
 
-    def _changed(self, kind: str) -> None:
+    def _changed(self, kind: str, *, count: int = 1) -> None:
+        """``count`` changes of ``kind`` arrived (a watch event is one; a relist or a changed
+        file counts the objects it added, changed or deleted, as upstream counts each)."""
         if kind in self._pending:
-            self._pending[kind] += 1
-            (ENDPOINT_CHANGES_TOTAL if kind == "EndpointSlice" else SERVICE_CHANGES_TOTAL).inc()
+            self._pending[kind] += count
+            (ENDPOINT_CHANGES_TOTAL if kind == "EndpointSlice" else SERVICE_CHANGES_TOTAL).inc(count)
             (ENDPOINT_CHANGES if kind == "EndpointSlice" else SERVICE_CHANGES).set(self._pending[kind])
         self.health.queued()
         LAST_QUEUED.set(time.time())

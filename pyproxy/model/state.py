@@ -123,6 +123,9 @@ class StateBuilder:
         self._conflicts: dict[Key, Problem] = {}
         self._node: NodeInfo | None = None
         self._view = NodeView(name=node_name)
+        self.changes = 0
+        """Services and EndpointSlices added, changed or deleted so far (unchanged ones that a
+        relist or a file brings again are not counted)."""
 
     def is_ours(self, obj: Any) -> bool:
         """Whether a Node object is this node's (the one place that decides; without a node
@@ -163,20 +166,24 @@ class StateBuilder:
         self._skips.pop((kind, key), None)
         if kind == "Service" and self._services.pop(key, None) is not None:
             self._dirty.add(key)
+            self.changes += 1
         elif kind == "EndpointSlice":
             old = self._slices.pop(key, None)
+            self.changes += old is not None
             if old is not None and old[1] is not None:
                 svc_key = (old[1].namespace, old[1].service)
                 self._unlink_slice(svc_key, key)
                 self._dirty.add(svc_key)
 
-    def replace_kind(self, kind: str, objects: list[dict[str, Any]]) -> None:
+    def replace_kind(self, kind: str, objects: list[dict[str, Any]]) -> int:
         """Make the store hold exactly ``objects`` of one kind (a reflector's relist, or one
         kind of a source file that changed); unchanged objects are not parsed again.
 
         Objects missing from the list are deleted: this is how a delete missed while the watch
-        was down reaches the dataplane, and how an object taken out of a file does.
+        was down reaches the dataplane, and how an object taken out of a file does. Returns
+        how many Services or EndpointSlices this added, changed or deleted.
         """
+        before = self.changes
         if kind == "Node":
             ours = [o for o in objects if self.is_ours(o)]
             if ours:
@@ -184,7 +191,7 @@ class StateBuilder:
             else:  # our Node is gone: NodePorts fall back to interface addresses
                 self.node = None
                 self._problems.pop(("Node", NODE_KEY), None)
-            return
+            return 0
         store = self._services if kind == "Service" else self._slices
         # Problems of nameless objects cannot be matched to a key: start them afresh.
         for pkey in [p for p in self._problems if p[0] == kind and p[1] == NAMELESS]:
@@ -201,6 +208,7 @@ class StateBuilder:
         # Problems of objects that are gone must not linger.
         for pkey in [p for p in self._problems if p[0] == kind and p[1] not in seen and p[1] != NAMELESS]:
             del self._problems[pkey]
+        return self.changes - before
 
     def delete_object(self, obj: dict[str, Any]) -> None:
         """A watch DELETED event."""
@@ -267,12 +275,14 @@ class StateBuilder:
             key, stamp, _, ports = got
             self._services[key] = (stamp, ports)
             self._dirty.add(key)
+            self.changes += 1
 
     def _upsert_slice(self, obj: dict[str, Any]) -> None:
         got = self._parse("EndpointSlice", obj, self._slices, parse_slice)
         if got is None:
             return
         key, stamp, old, parsed = got
+        self.changes += 1
         if old is not None and old[1] is not None:
             old_svc = (old[1].namespace, old[1].service)
             self._unlink_slice(old_svc, key)

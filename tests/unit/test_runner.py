@@ -692,3 +692,21 @@ def test_daemon_exits_non_zero_when_a_task_ends(tmp_path: Any, monkeypatch: pyte
             assert code == 1
 
     run(main)
+
+
+def test_a_relist_counts_the_objects_it_changed_not_one_per_relist() -> None:
+    """As upstream counts each changed object: a relist (or a changed file) that brings back
+    the same objects counts nothing; one changed and one gone count two."""
+    async def main() -> None:
+        rig = Rig()
+        total = "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+        before = sample(total)
+        slices = [web_slice(["10.244.1.5"]), web_slice(["10.244.1.6"], name="api"), web_slice(["10.244.1.7"], name="db")]
+        rig.runner.on_replace("EndpointSlice", slices)
+        assert sample(total) - before == 3
+        rig.runner.on_replace("EndpointSlice", slices)
+        assert sample(total) - before == 3
+        rig.runner.on_replace("EndpointSlice", [web_slice(["10.244.1.9"]), slices[1]])  # web changed, db gone
+        assert sample(total) - before == 5
+
+    run(main)
