@@ -72,6 +72,10 @@ def echo_deployment(name: str, replicas: int, *, node: str | None = None) -> dic
         }]}
     if node:
         spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    else:  # spread evenly over the nodes, so both local and remote backends exist everywhere
+        spec["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                              "whenUnsatisfiable": "DoNotSchedule",
+                                              "labelSelector": {"matchLabels": {"app": name}}}]
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                      "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
