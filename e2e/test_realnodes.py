@@ -243,7 +243,8 @@ def test_scaling_the_deployment_reaches_the_rules(rlab: ClusterLab, mode: str) -
 
 def test_deleting_and_killing_pyproxy_pods_drops_no_connection(rlab: ClusterLab, mode: str) -> None:
     """The rules stay in the kernel while pyproxy is away: a deleted pod comes back (a new pod
-    from the DaemonSet), a killed container comes back (the kubelet restarts it), and the
+    from the DaemonSet), a container killed through the runtime (``ctr tasks kill``) comes
+    back (the kubelet restarts it), and the
     client in a pod on that node sees no failure meanwhile."""
     client, pid = _clients(rlab)[0]
     node = client["spec"]["nodeName"]
@@ -256,8 +257,7 @@ def test_deleting_and_killing_pyproxy_pods_drops_no_connection(rlab: ClusterLab,
         wait_rolled_out(rlab)
         new = proxy_pods(rlab)[node]
         i = int(node.rsplit("-", 1)[1])
-        before = rlab.real_node(i).container_pid(new["metadata"]["name"], SA_NAMESPACE, "pyproxy")
-        os.kill(before, 9)
+        rlab.real_node(i).kill_container(new["metadata"]["name"], SA_NAMESPACE, "pyproxy")
         wait_for("the kubelet restarted the killed container", lambda: _restarts(rlab, node) >= 1, timeout=60)
         wait_rolled_out(rlab)
         time.sleep(1)

@@ -169,18 +169,28 @@ state = "{d}/containerd/state"
         if got.returncode != 0:
             raise RuntimeError(f"{self.name}: ctr images import {archive}: {got.stderr.strip()}")
 
-    def container_pid(self, pod: str, namespace: str, container: str) -> int:
-        """PID of a running container of a pod on this node (enter it with nsenter -t PID)."""
+    def running_container(self, pod: str, namespace: str, container: str) -> tuple[str, int]:
+        """Id and PID of a running container of a pod on this node (enter it with nsenter -t PID)."""
         got = self.ctr("containers", "ls", "-q", f'labels."io.kubernetes.pod.name"=={pod},'
                        f'labels."io.kubernetes.pod.namespace"=={namespace},'
                        f'labels."io.kubernetes.container.name"=={container}')
+        tasks = [line.split() for line in self.ctr("tasks", "ls").stdout.splitlines()[1:]]
         for cid in got.stdout.split():
-            task = self.ctr("tasks", "ls")
-            for line in task.stdout.splitlines()[1:]:
-                parts = line.split()
+            for parts in tasks:
                 if parts and parts[0] == cid and parts[2] == "RUNNING":
-                    return int(parts[1])
+                    return cid, int(parts[1])
         raise LookupError(f"no running container {container} of pod {namespace}/{pod} on {self.name}")
+
+    def container_pid(self, pod: str, namespace: str, container: str) -> int:
+        return self.running_container(pod, namespace, container)[1]
+
+    def kill_container(self, pod: str, namespace: str, container: str) -> None:
+        """SIGKILL a pod's container through the runtime (``ctr tasks kill``), as a crash would
+        end it; the kubelet then restarts it."""
+        cid, _ = self.running_container(pod, namespace, container)
+        got = self.ctr("tasks", "kill", "--signal", "SIGKILL", cid)
+        if got.returncode != 0:
+            raise RuntimeError(f"{self.name}: ctr tasks kill {cid}: {got.stderr.strip()}")
 
     # -- teardown -------------------------------------------------------------------------
     def container_ids(self) -> list[str]:
