@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, kubeconfig, ns_run
-from lab.workloads import answers, cluster_ip, curl, wait_for, wait_ready_endpoints
+from lab.workloads import SA_NAMESPACE, answers, cluster_ip, curl, wait_for, wait_ready_endpoints
 
 __all__ = ["FIGURES", "SA", "SA_NAMESPACE", "ProxyFleet", "answers", "cluster_ip", "curl", "install_chart", "pod",
            "sa_kubeconfig", "service", "wait_for", "wait_ready_endpoints"]
@@ -17,7 +17,6 @@ __all__ = ["FIGURES", "SA", "SA_NAMESPACE", "ProxyFleet", "answers", "cluster_ip
 FIGURES: dict[str, str] = {}
 """What e2e tests measured on the way (name: value with its unit), printed after the run."""
 SA = "pyproxy"
-SA_NAMESPACE = "kube-system"
 
 
 def install_chart(lab: ClusterLab) -> None:

@@ -256,8 +256,7 @@ def test_deleting_and_killing_pyproxy_pods_drops_no_connection(rlab: ClusterLab,
                  != old["metadata"]["uid"], timeout=60)
         wait_rolled_out(rlab)
         new = proxy_pods(rlab)[node]
-        i = int(node.rsplit("-", 1)[1])
-        rlab.real_node(i).kill_container(new["metadata"]["name"], SA_NAMESPACE, "pyproxy")
+        rlab.real_node(rlab.node_index(node)).kill_container(new["metadata"]["name"], SA_NAMESPACE, "pyproxy")
         wait_for("the kubelet restarted the killed container", lambda: _restarts(rlab, node) >= 1, timeout=60)
         wait_rolled_out(rlab)
         time.sleep(1)

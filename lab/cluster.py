@@ -130,6 +130,10 @@ class ClusterLab:
     def node_name(self, i: int) -> str:
         return f"node-{i}"
 
+    def node_index(self, name: str) -> int:
+        """The inverse of :meth:`node_name`."""
+        return int(name.rsplit("-", 1)[1])
+
     @property
     def path(self) -> Path:
         return Path(self.dir)

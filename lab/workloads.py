@@ -106,8 +106,7 @@ def wait_pods_running(lab: ClusterLab, selector: str, count: int, timeout: float
 
 def pod_netns_pid(lab: ClusterLab, pod: dict[str, Any]) -> int:
     """PID of the pod's first container, from the containerd of the node it runs on."""
-    node = int(pod["spec"]["nodeName"].rsplit("-", 1)[1])
-    return lab.real_node(node).container_pid(pod["metadata"]["name"], pod["metadata"]["namespace"],
+    return lab.real_node(lab.node_index(pod["spec"]["nodeName"])).container_pid(pod["metadata"]["name"], pod["metadata"]["namespace"],
                                              pod["spec"]["containers"][0]["name"])
 
 
