@@ -27,7 +27,8 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str) -> di
     from bench.synthetic import cluster
     from pyproxy.config import ProxyConfig
     from lab.netns import Topology
-    from pyproxy.model.state import StateBuilder, nodeport_ips
+    from pyproxy.model.nodeports import nodeport_ips
+    from pyproxy.model.state import StateBuilder
 
     out: dict[str, Any] = {"mode": mode, "size": size, "endpoints": endpoints}
     with Topology.create(pods=4, client_sources=0) as topo:

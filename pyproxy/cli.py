@@ -10,13 +10,11 @@ from collections.abc import Sequence
 
 from pyproxy import __version__
 from pyproxy.config import PROXY_MODES, ProxyConfig
-from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.factory import make_proxier, resolve_backend
 from pyproxy.ipt.executor import IptablesError
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.proxier.base import SyncFailed
-from pyproxy.runner import sync_with_retries
-from pyproxy.settings import DEFAULTS, SetupError
+from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, SetupError, Settings
 from pyproxy.snapshot import FileSource, api_snapshot, file_sources
 from pyproxy.sources.file import SourceError
 from pyproxy.sources.kube import KubeError
@@ -231,24 +229,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_daemon(args, config)
 
 
+def _settings(args: argparse.Namespace, backend: str | None) -> Settings:
+    """The daemon's settings from the command line (and config file, merged into ``args``)."""
+    default_min_sync = FILE_MIN_SYNC_PERIOD if args.source_file else DEFAULTS.min_sync_period
+    return Settings(
+        kubeconfig=args.kubeconfig,
+        source_file=args.source_file,
+        iptables_backend=backend,
+        min_sync_period=default_min_sync if args.min_sync_period is None else args.min_sync_period,
+        sync_period=args.sync_period,
+        full_sync_period=args.full_sync_period,
+        healthz_bind_address=args.healthz_bind_address,
+        metrics_bind_address=args.metrics_bind_address,
+        watch_idle_timeout=args.watch_idle_timeout,
+    )
+
+
 def _run_once(args: argparse.Namespace, config: ProxyConfig) -> int:
-    """``--once``: the file's rules applied (with retries), other modes' rules then removed."""
-    from pyproxy.cleanup import cleanup_other_modes
+    """``--once``: one pass of the daemon's sync loop over the file (with retries), other
+    modes' rules then removed."""
+    import asyncio
+
+    from pyproxy.daemon import apply_once
 
     if config.mode == "userspace":
         raise UsageError("--once cannot work in userspace mode: the relays live in the pyproxy "
                          "process; run without --once")
     backend = resolve_backend(config, args.iptables_backend)
     require_capabilities(raw=backend == "legacy")
-    sources = file_sources(args.source_file, config)
-    states = [source.load() for source in sources]
-    proxiers = [make_proxier(source.config, iptables_backend=backend) for source in sources]
-    # Every family is tried, whatever another one did: they are independent.
-    ok = [sync_with_retries(proxier, state, attempts=max(1, args.retries),
-                            cleaner=ConntrackCleaner(family=source.config.family))
-          for source, state, proxier in zip(sources, states, proxiers)]
-    if all(ok):
-        cleanup_other_modes(mode=config.mode, iptables_backend=proxiers[0].iptables_backend)
+    if asyncio.run(apply_once(config, _settings(args, backend), attempts=max(1, args.retries),
+                              make_proxier=make_proxier)):
         return 0
     print("pyproxy: the kernel refused the ruleset; the previous rules are still in place. "
           "Run 'pyproxy render' with the same flags to see the ruleset, and check that "
@@ -263,7 +273,6 @@ def _run_daemon(args: argparse.Namespace, config: ProxyConfig) -> int:
     import os
 
     from pyproxy.daemon import serve
-    from pyproxy.settings import FILE_MIN_SYNC_PERIOD, Settings
 
     if not args.source_file and not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UsageError("give --kubeconfig FILE or --source-file FILE (or run in a pod, where "
@@ -272,21 +281,9 @@ def _run_daemon(args: argparse.Namespace, config: ProxyConfig) -> int:
         raise UsageError("--once works with --source-file; with the API pyproxy keeps running")
     backend = resolve_backend(config, args.iptables_backend)
     require_capabilities(raw=backend == "legacy")
-    default_min_sync = FILE_MIN_SYNC_PERIOD if args.source_file else DEFAULTS.min_sync_period
-    settings = Settings(
-        kubeconfig=args.kubeconfig,
-        source_file=args.source_file,
-        iptables_backend=backend,
-        min_sync_period=default_min_sync if args.min_sync_period is None else args.min_sync_period,
-        sync_period=args.sync_period,
-        full_sync_period=args.full_sync_period,
-        healthz_bind_address=args.healthz_bind_address,
-        metrics_bind_address=args.metrics_bind_address,
-        watch_idle_timeout=args.watch_idle_timeout,
-    )
     code = 0
     try:
-        code = asyncio.run(serve(config, settings, make_proxier=make_proxier))
+        code = asyncio.run(serve(config, _settings(args, backend), make_proxier=make_proxier))
     except KeyboardInterrupt:
         pass
     log.info("stopped; rules stay in place (use 'pyproxy cleanup' to remove them)")

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyproxy.config import ProxyConfig
@@ -14,7 +14,7 @@ from pyproxy.health import AllHealthy, ProxyHealth, health_app, metrics_app, sta
 from pyproxy.model.objects import DesiredState
 from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier
-from pyproxy.runner import Periods, SyncRunner
+from pyproxy.runner import FamilyRunners, Periods, SyncRunner
 from pyproxy.service_health import HealthCheckServer, health_checks
 from pyproxy.settings import Settings
 from pyproxy.sources.file import SourceError, follow_file
@@ -23,18 +23,43 @@ from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflecto
 log = logging.getLogger("pyproxy.daemon")
 
 
-def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int]:
-    """The IP families whose runner gets ``obj``. An EndpointSlice holds one family's addresses
-    (its immutable ``addressType``): it goes to that family's runner alone, as upstream's
-    metaproxier routes it. The other runner would only skip it, and counting it there too made
-    one IPv4 slice change add 2 to kubeproxy_sync_proxy_rules_endpoint_changes_total on a
-    dual-stack node. Everything else, and slices without a valid addressType (each runner
-    reports those as invalid, once, through the shared problem log), goes to every family."""
-    if kind == "EndpointSlice":
-        fam = {"IPv4": 4, "IPv6": 6}.get(obj.get("addressType"))  # type: ignore[arg-type]
-        if fam in families:
-            return [fam]
-    return families
+def _runner(config: ProxyConfig, proxier: Proxier, settings: Settings, *, health: ProxyHealth,
+            problems: ProblemLog,
+            on_synced: Callable[[DesiredState], Awaitable[None]] | None = None) -> SyncRunner:
+    """One family's sync loop, as the daemon and ``run --once`` both run it."""
+    from pyproxy.hostnet import interface_ips
+
+    return SyncRunner(
+        proxier=proxier, config=config, health=health, clean_conntrack=True, on_synced=on_synced,
+        problems=problems, read_interface_ips=functools.partial(interface_ips, config.family),
+        periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
+                        full_sync=settings.full_sync_period))
+
+
+async def apply_once(config: ProxyConfig, settings: Settings, *, attempts: int,
+                     make_proxier: Callable[..., Proxier]) -> bool:
+    """``run --once``: the source file read once and each family's rules applied by one pass
+    of the same sync loop the daemon runs (retried when the kernel refuses); then, if every
+    family's rules are in, other modes' rules removed. Whether every family succeeded."""
+    from pyproxy.cleanup import cleanup_other_modes
+    from pyproxy.sources.file import load_objects
+    from pyproxy.model.store import by_kind
+
+    assert settings.source_file, "run --once reads a source file"
+    configs = config.family_configs()
+    proxiers = [make_proxier(c, iptables_backend=settings.iptables_backend) for c in configs]
+    problems = ProblemLog()
+    fan = FamilyRunners([_runner(c, p, settings, health=ProxyHealth(timeout=2 * settings.sync_period),
+                                 problems=problems) for c, p in zip(configs, proxiers)])
+    objects = await asyncio.to_thread(load_objects, settings.source_file)
+    for kind, of_kind in by_kind(objects).items():
+        fan.on_replace(kind, of_kind)
+    # Every family is tried, whatever another one did: they are independent.
+    ok = [await runner.sync_once(attempts=attempts) for runner in fan.runners]
+    if all(ok) and settings.clean_other_modes:
+        await asyncio.to_thread(cleanup_other_modes, mode=config.mode,
+                                iptables_backend=proxiers[0].iptables_backend)
+    return all(ok)
 
 
 async def serve(config: ProxyConfig, settings: Settings, *,
@@ -45,7 +70,6 @@ async def serve(config: ProxyConfig, settings: Settings, *,
     Dual-stack: one proxier, store and sync loop per family, fed by the same reflectors, so a
     family whose sync fails retries on its own while the other keeps syncing."""
     from pyproxy.cleanup import cleanup_other_modes
-    from pyproxy.hostnet import interface_ips
 
     configs = config.family_configs()
     proxiers = [make_proxier(c, iptables_backend=settings.iptables_backend) for c in configs]
@@ -73,24 +97,11 @@ async def serve(config: ProxyConfig, settings: Settings, *,
             synced_once.set()
             await server.update(health_checks(state), state.nodeport_ips)
 
-        runners.append(SyncRunner(
-            proxier=proxier, config=fam, health=fam_health, clean_conntrack=True, on_synced=follow_checks,
-            problems=problems,
-            read_interface_ips=functools.partial(interface_ips, fam.family),
-            periods=Periods(min_sync=settings.min_sync_period, sync=settings.sync_period,
-                            full_sync=settings.full_sync_period),
-        ))
+        runners.append(_runner(fam, proxier, settings, health=fam_health, problems=problems,
+                               on_synced=follow_checks))
 
-    families = [c.family for c in configs]
-
-    def on_replace(kind: str, objects: list[dict[str, Any]]) -> None:
-        for fam, r in zip(families, runners):
-            r.on_replace(kind, [o for o in objects if fam in families_of(kind, o, families)])
-
-    def on_event(event: str, kind: str, obj: dict[str, Any]) -> None:
-        for fam, r in zip(families, runners):
-            if fam in families_of(kind, obj, families):
-                r.on_event(event, kind, obj)
+    fan = FamilyRunners(runners)
+    on_replace, on_event = fan.on_replace, fan.on_event
 
     # The source: the API's reflectors, or a file; either feeds the same runners.
     client: KubeClient | None = None

@@ -26,7 +26,7 @@ from pyproxy.health import ProxyHealth
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.problems import ProblemLog
-from pyproxy.proxier.base import Proxier, SyncFailed, record
+from pyproxy.proxier.base import Proxier, SyncFailed, SyncResult, record
 from pyproxy.settings import DEFAULTS
 
 log = logging.getLogger("pyproxy.runner")
@@ -114,7 +114,7 @@ class SyncRunner:
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        changed = self.builder.replace_kind(kind, objects)
+        changed = self.builder.replace(kind, objects)
         if kind == "Node":
             ours = [o for o in objects if self.builder.is_ours(o)]
             self.health.node_deleting = bool(ours) and _deleting(ours[0])
@@ -146,16 +146,44 @@ class SyncRunner:
         self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------
-    def _state(self):  # type: ignore[no-untyped-def]
+    def _state(self) -> DesiredState:
         return self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
                                            interfaces=lambda: self.interface_ips)
 
-    def _sync_and_clean(self, state):  # type: ignore[no-untyped-def]
+    def _sync_and_clean(self, state: DesiredState) -> SyncResult:
         """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
         result = self.proxier.sync(state)
         if self.cleaner is not None:
             self.cleaner.after_sync(state)
         return result
+
+    async def _pass(self) -> tuple[DesiredState, SyncResult]:
+        """One pass of the loop: the node's addresses (when NodePorts depend on them), the
+        desired state, its problems reported, the sync and the conntrack cleanup."""
+        if self.read_interface_ips is not None and \
+                self.builder.needs_interfaces(self.config.nodeport_addresses):
+            # In a thread: pyroute2's synchronous API runs an event loop of its own.
+            # Only when the Node object does not settle the NodePort addresses.
+            self.interface_ips = await asyncio.to_thread(self.read_interface_ips)
+        state = self._state()
+        self.problems.report(self.config.family, state.problems)
+        return state, await asyncio.to_thread(self._sync_and_clean, state)
+
+    async def sync_once(self, *, attempts: int) -> bool:
+        """``run --once``: one pass of the loop; when the kernel refuses the ruleset, wait with
+        the loop's backoff and try again (a full sync), ``attempts`` times at most."""
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        for attempt in range(1, attempts + 1):
+            try:
+                _, result = await self._pass()
+            except SyncFailed as err:
+                log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
+                if attempt < attempts:  # the proxier makes its next sync a full one
+                    await asyncio.sleep(backoff.next())
+                continue
+            record(result)
+            return True
+        return False
 
     async def run(self, caches_synced: asyncio.Future[Any] | asyncio.Task[Any]) -> None:
         """Sync forever, starting once ``caches_synced`` is done."""
@@ -181,14 +209,7 @@ class SyncRunner:
             # Changes that arrive while the sync runs queue themselves anew.
             queued_at, self.health.last_queued = self.health.last_queued, 0.0
             try:
-                if self.read_interface_ips is not None and \
-                        self.builder.needs_interfaces(self.config.nodeport_addresses):
-                    # In a thread: pyroute2's synchronous API runs an event loop of its own.
-                    # Only when the Node object does not settle the NodePort addresses.
-                    self.interface_ips = await asyncio.to_thread(self.read_interface_ips)
-                state = self._state()
-                self.problems.report(self.config.family, state.problems)
-                result = await asyncio.to_thread(self._sync_and_clean, state)
+                state, result = await self._pass()
             except Exception as err:  # noqa: BLE001 - nothing may end the loop: see below
                 # SyncFailed is the kernel refusing the ruleset. Anything else (a command that
                 # could not start, a netlink error, a bug) must not end the daemon either: the
@@ -236,20 +257,34 @@ class SyncRunner:
                 pass
 
 
-def sync_with_retries(proxier: Proxier, state: DesiredState, *, attempts: int,
-                      first_delay: float = 1.0, max_delay: float = 30.0,
-                      cleaner: ConntrackCleaner | None = None) -> bool:
-    """``run --once``: sync; on failure wait with exponential backoff and jitter, then retry (a full sync)."""
-    backoff = Backoff(initial=first_delay, maximum=max_delay)
-    for attempt in range(1, attempts + 1):
-        try:
-            record(proxier.sync(state))
-            if cleaner is not None:
-                cleaner.after_sync(state)
-            return True
-        except SyncFailed as err:
-            log.error("sync failed (attempt %d of %d): %s", attempt, attempts, err)
-            if attempt == attempts:
-                return False
-            time.sleep(backoff.next())
-    return False
+
+def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int]:
+    """The IP families whose runner gets ``obj``. An EndpointSlice holds one family's addresses
+    (its immutable ``addressType``): it goes to that family's runner alone, as upstream's
+    metaproxier routes it. The other runner would only skip it, and counting it there too made
+    one IPv4 slice change add 2 to kubeproxy_sync_proxy_rules_endpoint_changes_total on a
+    dual-stack node. Everything else, and slices without a valid addressType (each runner
+    reports those as invalid, once, through the shared problem log), goes to every family."""
+    if kind == "EndpointSlice":
+        fam = {"IPv4": 4, "IPv6": 6}.get(obj.get("addressType"))  # type: ignore[arg-type]
+        if fam in families:
+            return [fam]
+    return families
+
+
+class FamilyRunners:
+    """The sync loops of a node's IP families, fed by one source (reflectors or a file): each
+    object goes to the families that take it."""
+
+    def __init__(self, runners: list[SyncRunner]) -> None:
+        self.runners = runners
+        self.families = [r.config.family for r in runners]
+
+    def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
+        for fam, r in zip(self.families, self.runners):
+            r.on_replace(kind, [o for o in objects if fam in families_of(kind, o, self.families)])
+
+    def on_event(self, event: str, kind: str, obj: dict[str, Any]) -> None:
+        for fam, r in zip(self.families, self.runners):
+            if fam in families_of(kind, obj, self.families):
+                r.on_event(event, kind, obj)

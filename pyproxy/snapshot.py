@@ -62,7 +62,7 @@ def api_snapshot(kubeconfig: str | None, config: ProxyConfig) -> DesiredState:
         client = await KubeClient.from_config(kubeconfig=kubeconfig)
         try:
             for res in (SERVICES, ENDPOINT_SLICES, node_resource(config.hostname)):
-                await Reflector(client, res, on_replace=builder.replace_kind, on_event=lambda *a: None).list_all()
+                await Reflector(client, res, on_replace=builder.replace, on_event=lambda *a: None).list_all()
         finally:
             await client.close()
 

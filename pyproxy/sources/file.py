@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from pyproxy.model.state import by_kind
+from pyproxy.model.store import by_kind
 
 log = logging.getLogger("pyproxy.file")
 

@@ -16,7 +16,8 @@ import pytest
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesCli
 from lab.netns import Topology, ns_exec
-from pyproxy.model.state import StateBuilder, nodeport_ips
+from pyproxy.model.nodeports import nodeport_ips
+from pyproxy.model.state import StateBuilder
 from pyproxy.nft.executor import NftCli
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.iptables import IptProxier

@@ -121,7 +121,7 @@ def test_an_owner_named_last_keeps_what_it_still_wants_and_frees_the_rest_when_d
 def test_an_unchanged_object_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch):
     calls = []
     real = parse_mod.parse_service
-    monkeypatch.setattr("pyproxy.model.state.parse_service", lambda obj, **kw: calls.append(1) or real(obj, **kw))
+    monkeypatch.setattr("pyproxy.model.store.parse_service", lambda obj, **kw: calls.append(1) or real(obj, **kw))
     b = StateBuilder(node_name="node-1")
     objs = _svc("a", "10.96.0.10", [80])
     b.replace_all(objs)

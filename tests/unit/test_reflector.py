@@ -478,7 +478,7 @@ def test_gone_relists_and_the_store_drops_what_vanished(gone: Reply, backoff: Ba
                 return {n.name for n in builder.build().services}
 
             client = api.client()
-            r = Reflector(client, SERVICES, on_replace=builder.replace_kind, on_event=on_event)
+            r = Reflector(client, SERVICES, on_replace=builder.replace, on_event=on_event)
             backoff.reflector = r
             task = asyncio.create_task(r.run())
             await asyncio.wait_for(r.synced.wait(), 2)

@@ -563,7 +563,7 @@ def test_the_addresses_are_not_read_when_the_node_object_settles_them() -> None:
 ])
 def test_a_slice_goes_to_the_family_of_its_address_type(kind: str, obj: dict[str, Any], families: list[int],
                                                          want: list[int]) -> None:
-    from pyproxy.daemon import families_of
+    from pyproxy.runner import families_of
 
     assert families_of(kind, obj, families) == want
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from pyproxy.model.objects import Endpoint, NodeInfo, ServicePortName, ServicePortState
-from pyproxy.model.state import StateBuilder, nodeport_ips
+from pyproxy.model.nodeports import nodeport_ips
+from pyproxy.model.state import StateBuilder
 from tests import scenario as sc
 from tests.unit.helpers import sps
 
@@ -540,7 +541,7 @@ def test_duplicate_nodeport_inside_one_service_is_a_problem():
 
 def test_nodeport_addresses_primary_keyword():
     from pyproxy.model.objects import NodeInfo
-    from pyproxy.model.state import nodeport_ips
+    from pyproxy.model.nodeports import nodeport_ips
 
     node = NodeInfo("n", addresses=("192.168.1.5", "10.0.0.5"))
     ifaces = ("127.0.0.1", "192.168.1.5", "172.17.0.1")
@@ -580,13 +581,13 @@ def test_created_and_deleted_services_leave_nothing_behind():
         b.delete("EndpointSlice", (sl["metadata"]["namespace"], sl["metadata"]["name"]))
         b.delete("Service", (svc["metadata"]["namespace"], svc["metadata"]["name"]))
         b.build()
-    assert not b._slices_of and not b._slices and not b._services and not b._merged and not b._claims
+    assert not b.slices_of and not b.slices and not b.services and not b._merged and not b._claims
 
 
 def test_every_path_agrees_on_which_node_is_ours():
     """Relist, watch event, delete and file replace use the same test (StateBuilder.is_ours)."""
     mine, other = sc.node("a", ["192.168.1.1"]), sc.node("b", ["192.168.1.2"])
-    for feed in (lambda b, objs: b.replace_kind("Node", objs), lambda b, objs: b.replace_all(objs),
+    for feed in (lambda b, objs: b.replace("Node", objs), lambda b, objs: b.replace_all(objs),
                  lambda b, objs: [b.upsert(o) for o in objs]):
         b = StateBuilder(node_name="a")
         feed(b, [other])
