@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import BACKENDS, IptablesCli, IptablesError
+from pyproxy.literals import Family, IptablesBackend, Mode
 from pyproxy.nft.executor import NftCli, NftError
 from pyproxy.proxier.iptables import IptProxier
 from pyproxy.render.nftables import TABLE_NAME, table_family
@@ -35,7 +36,8 @@ def _clean_nft(netns: str | None) -> list[str]:
 def _clean_iptables(backends: Iterable[str], netns: str | None) -> list[str]:
     removed: list[str] = []
     for backend in backends:
-        for family, tool in ((4, "iptables"), (6, "ip6tables")):
+        tools: tuple[tuple[Family, str], ...] = ((4, "iptables"), (6, "ip6tables"))
+        for family, tool in tools:
             if shutil.which(f"{tool}-{backend}-restore") is None:
                 continue
             proxier = IptProxier(config=ProxyConfig(mode="iptables", family=family),
@@ -48,7 +50,7 @@ def _clean_iptables(backends: Iterable[str], netns: str | None) -> list[str]:
     return removed
 
 
-def cleanup_other_modes(*, mode: str, iptables_backend: str | None = None,
+def cleanup_other_modes(*, mode: Mode, iptables_backend: IptablesBackend | None = None,
                         netns: str | None = None) -> list[str]:
     """At start-up, remove what another mode (or the other iptables backend) left behind.
 

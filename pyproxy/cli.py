@@ -12,9 +12,10 @@ from pyproxy import __version__
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.factory import make_proxier, resolve_backend
 from pyproxy.ipt.executor import IptablesError
+from pyproxy.literals import BackendChoice, Family
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.proxier.base import SyncFailed
-from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, SetupError, Settings
+from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, Settings, SetupError
 from pyproxy.snapshot import FileSource, api_snapshot, file_sources
 from pyproxy.sources.file import SourceError
 from pyproxy.sources.kube import KubeError
@@ -169,12 +170,12 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     )
 
 
-def _families(text: str) -> tuple[int, ...]:
-    out: list[int] = []
+def _families(text: str) -> tuple[Family, ...]:
+    out: list[Family] = []
     for part in (p.strip() for p in text.split(",")):
         if part not in ("4", "6") or int(part) in out:
             raise UsageError(f"--ip-families {text!r}: give 4, 6 or 4,6")
-        out.append(int(part))
+        out.append(4 if part == "4" else 6)
     return tuple(out)
 
 
@@ -229,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_daemon(args, config)
 
 
-def _settings(args: argparse.Namespace, backend: str | None) -> Settings:
+def _settings(args: argparse.Namespace, backend: BackendChoice) -> Settings:
     """The daemon's settings from the command line (and config file, merged into ``args``)."""
     default_min_sync = FILE_MIN_SYNC_PERIOD if args.source_file else DEFAULTS.min_sync_period
     return Settings(

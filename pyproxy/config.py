@@ -5,14 +5,16 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 
-PROXY_MODES = ("nftables", "iptables", "userspace")
+from pyproxy.literals import MODES, Family, Mode
+
+PROXY_MODES = MODES
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
     """What the renderers need to know besides the Services and endpoints."""
 
-    mode: str = "nftables"
+    mode: Mode = "nftables"
     """``nftables`` (default) or ``iptables``; ``userspace`` redirects to pyproxy's own relays."""
 
     hostname: str = ""
@@ -35,18 +37,18 @@ class ProxyConfig:
     which needs ``route_localnet=1`` and the martian-packet drop rule of CVE-2020-8558. Off by
     default, unlike upstream; nftables mode has no localhost NodePorts (as upstream)."""
 
-    family: int = 4
+    family: Family = 4
     """The IP family this proxier programs (4 or 6). Dual-stack runs one proxier per family,
     each with its own table or binaries, so one family's failure cannot break the other."""
 
-    ip_families: tuple[int, ...] = (4, 6)
+    ip_families: tuple[Family, ...] = (4, 6)
     """Which families to program (``--ip-families``): both by default; an empty family (no
     Services of it) costs one empty table."""
 
     masquerade_bit: int = 14
     """Which packet-mark bit flags a packet for masquerading (``--iptables-masquerade-bit``)."""
 
-    def for_family(self, family: int) -> ProxyConfig:
+    def for_family(self, family: Family) -> ProxyConfig:
         """This configuration for one family: CIDRs of the other family left out."""
         def mine(cidrs: tuple[str, ...]) -> tuple[str, ...]:
             return tuple(c for c in cidrs if c == "primary" or (":" in c) == (family == 6))

@@ -17,6 +17,7 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+from pyproxy.literals import Family
 from pyproxy.model.objects import DesiredState
 
 log = logging.getLogger("pyproxy.conntrack")
@@ -71,7 +72,7 @@ def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
     return doomed
 
 
-def clean(serving: Serving, *, family: int = 4, protocol: str = "udp") -> int:
+def clean(serving: Serving, *, family: Family = 4, protocol: str = "udp") -> int:
     """Delete stale entries of one family and protocol in this network namespace; return how many."""
     from pyroute2 import Conntrack
     from pyroute2.netlink.exceptions import NetlinkError
@@ -114,7 +115,7 @@ def _canonical(ip: str | None) -> str:
 class ConntrackCleaner:
     """Runs :func:`clean` after syncs that changed what UDP services may be answered by."""
 
-    def __init__(self, *, family: int = 4) -> None:
+    def __init__(self, *, family: Family = 4) -> None:
         self.family = family
         self._last: dict[str, Serving] = {}
 

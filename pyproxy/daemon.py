@@ -18,7 +18,14 @@ from pyproxy.runner import FamilyRunners, Periods, SyncRunner
 from pyproxy.service_health import HealthCheckServer, health_checks
 from pyproxy.settings import Settings
 from pyproxy.sources.file import SourceError, follow_file
-from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
+from pyproxy.sources.kube import (
+    ENDPOINT_SLICES,
+    SERVICES,
+    KubeClient,
+    Reflector,
+    node_resource,
+    wait_synced,
+)
 
 log = logging.getLogger("pyproxy.daemon")
 
@@ -42,8 +49,8 @@ async def apply_once(config: ProxyConfig, settings: Settings, *, attempts: int,
     of the same sync loop the daemon runs (retried when the kernel refuses); then, if every
     family's rules are in, other modes' rules removed. Whether every family succeeded."""
     from pyproxy.cleanup import cleanup_other_modes
-    from pyproxy.sources.file import load_objects
     from pyproxy.model.store import by_kind
+    from pyproxy.sources.file import load_objects
 
     assert settings.source_file, "run --once reads a source file"
     configs = config.family_configs()

@@ -7,10 +7,13 @@ into rules, written out. A netns test checks its answers against real traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pyproxy.config import ProxyConfig
+from pyproxy.literals import Path, Verdict
 from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
+from pyproxy.model.policy import traffic_policy
 from pyproxy.render.naming import ServiceChains
 
 
@@ -18,10 +21,10 @@ from pyproxy.render.naming import ServiceChains
 class Explanation:
     """The outcome for one packet; ``verdict`` is dnat, reject, drop or pass."""
 
-    verdict: str
+    verdict: Verdict
     why: str
     service: str = ""
-    path: str = ""
+    path: Path | Literal[""] = ""
     """clusterip, nodeport, externalip or loadbalancer."""
     chains: list[str] = field(default_factory=list)
     candidates: list[tuple[str, float]] = field(default_factory=list)
@@ -89,7 +92,7 @@ def _firewall(sps: ServicePortState, src: str | None) -> Explanation | None:
     return None
 
 
-def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path: str,
+def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path: Path,
             src_is_node: bool = False) -> Explanation:
     svc = sps.service
     name = str(svc.name)
@@ -99,36 +102,34 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
         blocked = _firewall(sps, src)
         if blocked is not None:
             return blocked
-    cluster = sps.usable_endpoints
-    if not cluster:
+    policy = traffic_policy(sps, node_name=config.hostname)
+    if not policy.cluster:
         return Explanation("reject", f"{name} has no usable endpoint: refused at once "
                            "(a TCP reset; ICMP port unreachable for UDP)", service=name, path=path)
     from_pod = bool(src and config.cluster_cidrs and ip_in_cidrs(src, config.cluster_cidrs))
-    local_policy = (svc.external_local if external else svc.internal_local)
-    short_circuit = external and svc.external_local and (from_pod or src_is_node)
-    if local_policy and not short_circuit:
-        eps = sps.local_endpoints(config.hostname)
-        policy = "externalTrafficPolicy" if external else "internalTrafficPolicy"
+    pool = policy.pool(external=external, from_pod=from_pod, from_node=src_is_node)
+    eps = pool.endpoints
+    if pool.local:
+        which = "externalTrafficPolicy" if external else "internalTrafficPolicy"
         if not eps:
-            return Explanation("drop", f"{name} has {policy}: Local and no usable endpoint on "
+            return Explanation("drop", f"{name} has {which}: Local and no usable endpoint on "
                                f"{config.hostname}: dropped", service=name, path=path)
-        pool = f"this node's endpoints ({policy}: Local, {len(eps)})"
+        words = f"this node's endpoints ({which}: Local, {len(eps)})"
     else:
-        eps = cluster
         ready = any(e.ready for e in sps.endpoints)
-        pool = "its ready endpoints" if ready else "its serving endpoints that are terminating (none is ready)"
-        if short_circuit:
+        words = "its ready endpoints" if ready else "its serving endpoints that are terminating (none is ready)"
+        if pool.short_circuit:
             who = "a pod" if from_pod else "the node itself"
-            pool += f" (externalTrafficPolicy: Local does not apply to {who})"
+            words += f" (externalTrafficPolicy: Local does not apply to {who})"
         if ready and sps.topology_mode:
             scope = f"node {sps.node.name}" if sps.topology_mode == "PreferSameNode" else f"zone {sps.node.zone}"
-            pool += f", narrowed by topology hints to those for {scope}"
-    chains = _chains(config, sps, eps, path, local=local_policy and not short_circuit)
+            words += f", narrowed by topology hints to those for {scope}"
+    chains = _chains(config, sps, eps, path, local=pool.local)
     share = 1.0 / len(eps)
-    out = Explanation("dnat", f"{where} of {name}: a new connection goes to one of {pool}, uniformly at random",
+    out = Explanation("dnat", f"{where} of {name}: a new connection goes to one of {words}, uniformly at random",
                       service=name, path=path, chains=chains,
                       candidates=[(e.addr, share) for e in eps], affinity_timeout=svc.affinity_timeout)
-    if external and not svc.external_local:
+    if external and not policy.external_local:
         out.masquerade, out.masquerade_why = True, (
             f"{where} traffic is masqueraded under externalTrafficPolicy: Cluster (replies must come back here)")
     elif external and src_is_node:

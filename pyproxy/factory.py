@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 
 from pyproxy.config import ProxyConfig
+from pyproxy.literals import BackendChoice
 from pyproxy.proxier.base import Proxier
 from pyproxy.settings import SetupError
 
 log = logging.getLogger("pyproxy")
 
 
-def resolve_backend(config: ProxyConfig, iptables_backend: str) -> str:
+def resolve_backend(config: ProxyConfig, iptables_backend: BackendChoice) -> BackendChoice:
     """``auto`` decided once (it reads both backends' rules), so each family's proxier and the
     cleanup of other modes agree on it."""
     if config.mode != "iptables" or iptables_backend != "auto":
@@ -22,7 +23,7 @@ def resolve_backend(config: ProxyConfig, iptables_backend: str) -> str:
     return detect_backend()
 
 
-def make_proxier(config: ProxyConfig, *, iptables_backend: str = "auto",
+def make_proxier(config: ProxyConfig, *, iptables_backend: BackendChoice = "auto",
                  netns: str | None = None) -> Proxier:
     """The proxier for ``config.mode`` and ``config.family`` with its real executor."""
     if config.localhost_nodeports and not config.localhost_nodeports_active:

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
+from pyproxy.literals import Mode
+
 HEALTHZ_TOTAL = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"])
 LIVEZ_TOTAL = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"])
 
@@ -90,7 +92,7 @@ def health_app(health: ProxyHealth | AllHealthy) -> web.Application:
     return app
 
 
-def metrics_app(mode: str) -> web.Application:
+def metrics_app(mode: Mode) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -6,11 +6,13 @@ import socket
 
 from pyroute2 import IPRoute
 
+from pyproxy.literals import Family
+
 CAPABILITY_BITS = {"NET_ADMIN": 12, "NET_RAW": 13}
 """Bit numbers in the capability masks of /proc/self/status (linux/capability.h)."""
 
 
-def interface_ips(family: int = 4) -> tuple[str, ...]:
+def interface_ips(family: Family = 4) -> tuple[str, ...]:
     """Every address of one family on the namespace's interfaces, loopback included (callers
     filter); IPv6 link-local addresses are left out (a NodePort there would need a zone)."""
     with IPRoute() as ipr:

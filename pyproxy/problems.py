@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from pyproxy.literals import Family
 from pyproxy.metrics import INVALID_OBJECTS
 from pyproxy.model.objects import Problem
 
@@ -24,7 +25,7 @@ class ProblemLog:
         self._current: dict[int, dict[str, str]] = {}
         """family → problem text → kind."""
 
-    def report(self, family: int, problems: Iterable[Problem]) -> None:
+    def report(self, family: Family, problems: Iterable[Problem]) -> None:
         """Log the problems no family had already, then set the gauge from all families."""
         now = {str(p): p.kind for p in problems}
         known = {text for texts in self._current.values() for text in texts}

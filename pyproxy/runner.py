@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -23,6 +23,7 @@ from pyproxy.backoff import Backoff
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.health import ProxyHealth
+from pyproxy.literals import Family
 from pyproxy.model.objects import DesiredState
 from pyproxy.model.state import StateBuilder
 from pyproxy.problems import ProblemLog
@@ -258,7 +259,7 @@ class SyncRunner:
 
 
 
-def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int]:
+def families_of(kind: str, obj: dict[str, Any], families: Sequence[Family]) -> list[Family]:
     """The IP families whose runner gets ``obj``. An EndpointSlice holds one family's addresses
     (its immutable ``addressType``): it goes to that family's runner alone, as upstream's
     metaproxier routes it. The other runner would only skip it, and counting it there too made
@@ -266,10 +267,11 @@ def families_of(kind: str, obj: dict[str, Any], families: list[int]) -> list[int
     dual-stack node. Everything else, and slices without a valid addressType (each runner
     reports those as invalid, once, through the shared problem log), goes to every family."""
     if kind == "EndpointSlice":
-        fam = {"IPv4": 4, "IPv6": 6}.get(obj.get("addressType"))  # type: ignore[arg-type]
-        if fam in families:
+        address_type = obj.get("addressType")
+        fam: Family | None = 4 if address_type == "IPv4" else 6 if address_type == "IPv6" else None
+        if fam is not None and fam in families:
             return [fam]
-    return families
+    return list(families)
 
 
 class FamilyRunners:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from pyproxy.literals import Family
 from pyproxy.model.objects import DesiredState
 
 log = logging.getLogger("pyproxy.healthcheck")
@@ -64,7 +65,7 @@ class HealthCheckServer:
     """Keeps one listener per health check node port, on each NodePort address (every address
     when there are none), following :meth:`update`. Runs on the caller's event loop."""
 
-    def __init__(self, *, proxy_healthy: Callable[[], bool], family: int = 4) -> None:
+    def __init__(self, *, proxy_healthy: Callable[[], bool], family: Family = 4) -> None:
         self.proxy_healthy = proxy_healthy
         self.family = family
         """One server per family (dual-stack); asyncio binds IPv6 sockets IPv6-only, so the two
@@ -74,7 +75,7 @@ class HealthCheckServer:
         """Port → (the addresses it should listen on, the listeners bound so far)."""
         self._failed: set[tuple[int, str]] = set()
 
-    def _handler(self, port: int) -> Callable[[web.BaseRequest], object]:
+    def _handler(self, port: int) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(_: web.BaseRequest) -> web.Response:
             check = self._checks.get(port)
             if check is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyproxy.literals import BackendChoice
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -15,7 +17,7 @@ class Settings:
     source_file: str | None = None
     """Follow this file of Services, EndpointSlices and Nodes instead of the API (checked
     every ``min_sync_period``); everything else works as with the API."""
-    iptables_backend: str = "auto"
+    iptables_backend: BackendChoice = "auto"
     """iptables mode only: nft, legacy or auto."""
     min_sync_period: float = 0.1
     """Least seconds between two syncs (changes meanwhile are batched)."""

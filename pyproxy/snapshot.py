@@ -54,7 +54,13 @@ def api_snapshot(kubeconfig: str | None, config: ProxyConfig) -> DesiredState:
     import asyncio
     import os
 
-    from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource
+    from pyproxy.sources.kube import (
+        ENDPOINT_SLICES,
+        SERVICES,
+        KubeClient,
+        Reflector,
+        node_resource,
+    )
 
     builder = StateBuilder(node_name=config.hostname, family=config.family)
 

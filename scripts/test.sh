@@ -9,12 +9,22 @@
 # instead of being skipped. `bash scripts/test.sh --unit` runs the unit tier alone, on purpose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The product's types, strictly (pyproject.toml [tool.mypy]); a type error fails the run, after
+# the tests have run, so one run shows both.
+typecheck() {
+  if python3 -m mypy; then return 0; fi
+  echo "test.sh: mypy found type errors in pyproxy/ (above); fix them" >&2
+  return 1
+}
 if [ "${1:-}" = "--unit" ]; then
   shift
   python3 -m pip install -q --disable-pip-version-check -e '.[test]' >/dev/null
-  exec python3 -m pytest -q tests/unit "$@"
+  types=0; typecheck || types=1
+  python3 -m pytest -q tests/unit "$@"
+  exit "$types"
 fi
 bash scripts/setup.sh
+types=0; typecheck || types=1
 export PYPROXY_ALL_TIERS=1
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort || true)
 # Real nodes' containers get cgroups under k8s.io (any containerd's default); compare, not forbid.
@@ -42,6 +52,9 @@ stray=$( (pgrep -af 'containerd.*pxctr-|/var/lib/pyproxy-lab/' || true;
         grep -v pgrep | grep . || true)
 if [ -n "$stray" ]; then
   echo "test.sh: left behind by the container tests: $stray" >&2
+  exit 1
+fi
+if [ "$rc" -eq 0 ] && [ "$types" -ne 0 ]; then
   exit 1
 fi
 exit "$rc"

@@ -9,6 +9,7 @@ import subprocess
 from typing import Protocol
 
 from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
+from pyproxy.literals import Family, IptablesBackend
 from pyproxy.runcmd import netns_prefix
 
 BACKENDS = ("nft", "legacy")
@@ -20,7 +21,7 @@ class IptablesError(RuntimeError):
 
 
 class IptExecutor(Protocol):
-    backend: str
+    backend: IptablesBackend
 
     def restore(self, payload: RestorePayload) -> None: ...
 
@@ -31,12 +32,12 @@ class IptExecutor(Protocol):
     def delete_jump(self, table: str, chain: str, args: tuple[str, ...]) -> bool: ...
 
 
-def _bin(backend: str, tool: str, family: int = 4) -> str:
+def _bin(backend: str, tool: str, family: Family = 4) -> str:
     base = "ip6tables" if family == 6 else "iptables"
     return f"{base}-{backend}{tool}" if tool else f"{base}-{backend}"
 
 
-def detect_backend(*, netns: str | None = None) -> str:
+def detect_backend(*, netns: str | None = None) -> IptablesBackend:
     """Which iptables backend the host uses, as the iptables-wrapper script decides: the one
     that already holds more rules (kubelet and CNIs write some at boot); nft on a tie."""
     counts = {}
@@ -63,10 +64,10 @@ class IptablesCli:
     """Runs the real binaries of one backend (``iptables-nft-*`` or ``iptables-legacy-*``) for one
     family (``ip6tables-*`` for IPv6)."""
 
-    def __init__(self, *, backend: str, netns: str | None = None, family: int = 4) -> None:
+    def __init__(self, *, backend: str, netns: str | None = None, family: Family = 4) -> None:
         if backend not in BACKENDS:
             raise IptablesError(f"unknown iptables backend {backend!r}; use nft or legacy")
-        self.backend = backend
+        self.backend: IptablesBackend = "nft" if backend == "nft" else "legacy"
         self.netns = netns
         self.family = family
 
@@ -128,7 +129,7 @@ class IptablesCli:
 class FakeIptables:
     """In-memory iptables for unit tests: applies payloads all-or-nothing per call."""
 
-    def __init__(self, backend: str = "nft", family: int = 4) -> None:
+    def __init__(self, backend: IptablesBackend = "nft", family: Family = 4) -> None:
         self.backend = backend
         self.family = family
         self.chains: dict[tuple[str, str], list[str]] = {}
@@ -144,14 +145,14 @@ class FakeIptables:
             payload.render_bytes()  # what the real executor would refuse, this one refuses too
         except PayloadError as err:
             raise IptablesError(f"payload not sent: {err}") from None
-        chains = {k: list(v) for k, v in self.chains.items()}
+        chains: dict[tuple[str, str], list[str]] = {k: list(v) for k, v in self.chains.items()}
         for key, rules in payload.rewrite.items():
             chains[key] = list(rules)
         for key in payload.delete:
             chains.pop(key, None)
         # The kernel refuses a jump to a chain that does not exist.
-        for (table, chain), rules in chains.items():
-            for rule in rules:
+        for (table, chain), chain_rules in chains.items():
+            for rule in chain_rules:
                 words = shlex.split(rule)
                 if "-j" in words:
                     target = words[words.index("-j") + 1]

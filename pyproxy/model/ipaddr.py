@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from pyproxy.literals import Family
+
 
 class BadAddress(ValueError):
     """An address or CIDR that cannot be parsed."""
@@ -30,7 +32,7 @@ def _sloppy_v4(text: str) -> str | None:
     return ".".join(octets)
 
 
-def canonical_ip(text: object) -> tuple[str, int]:
+def canonical_ip(text: object) -> tuple[str, Family]:
     """Return ``(canonical text, family)`` for an IP, family 4 or 6; raise BadAddress."""
     if not isinstance(text, str) or not text.strip():
         raise BadAddress(f"not an IP address: {text!r}")

@@ -10,9 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pyproxy.literals import Family
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr, canonical_ip
-from pyproxy.model.names import dns_label_problem, dns_subdomain_problem, label_value_problem
-from pyproxy.model.objects import PROTOCOLS, Endpoint, NodeInfo, ServicePort, ServicePortName
+from pyproxy.model.names import (
+    dns_label_problem,
+    dns_subdomain_problem,
+    label_value_problem,
+)
+from pyproxy.model.objects import (
+    PROTOCOLS,
+    Endpoint,
+    NodeInfo,
+    ServicePort,
+    ServicePortName,
+)
 
 # Labels kube-proxy's informers exclude: the first hands a Service to another proxy, the second
 # marks the headless Services' slices.
@@ -111,7 +122,7 @@ def _labels(obj: dict[str, Any]) -> dict[str, Any]:
     return _mapping(labels, "metadata.labels")
 
 
-def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort, ...]:
+def parse_service(obj: dict[str, Any], *, family: Family = 4) -> tuple[ServicePort, ...]:
     """The ports of one Service for one IP family.
 
     Raises Skipped for Services kube-proxy ignores and Invalid for malformed ones.
@@ -222,7 +233,7 @@ def parse_service(obj: dict[str, Any], *, family: int = 4) -> tuple[ServicePort,
     return tuple(result)
 
 
-def _addresses(raw: Any, what: str, family: int) -> tuple[str, ...]:
+def _addresses(raw: Any, what: str, family: Family) -> tuple[str, ...]:
     """Canonical IPs of ``family`` from a list; the other family's are skipped (a dual-stack
     Service lists both), a malformed one makes the Service invalid."""
     if raw is None:
@@ -240,7 +251,7 @@ def _addresses(raw: Any, what: str, family: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _cidrs(raw: Any, what: str, family: int) -> tuple[str, ...]:
+def _cidrs(raw: Any, what: str, family: Family) -> tuple[str, ...]:
     if not isinstance(raw, list):
         raise Invalid(f"{what} must be a list, got {raw!r}")
     out: list[str] = []
@@ -255,7 +266,7 @@ def _cidrs(raw: Any, what: str, family: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _lb_ingress(status: Any, family: int) -> tuple[str, ...]:
+def _lb_ingress(status: Any, family: Family) -> tuple[str, ...]:
     """LoadBalancer ingress IPs that carry traffic to this node (``ipMode: VIP`` or unset)."""
     lb = _mapping(status or {}, "status").get("loadBalancer") or {}
     ingress = _mapping(lb, "status.loadBalancer").get("ingress") or []
@@ -287,7 +298,7 @@ def _hints(item: dict[str, Any], i: int) -> tuple[tuple[str, ...], tuple[str, ..
     return names("forZones"), names("forNodes")
 
 
-def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
+def parse_slice(obj: dict[str, Any], *, family: Family = 4) -> ParsedSlice:
     """One EndpointSlice; raises Skipped (other family, FQDN, headless) or Invalid."""
     namespace, name = object_key(obj)
     labels = _labels(obj)
@@ -303,7 +314,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
     if address_type != f"IPv{family}":
         raise Skipped(f"addressType {address_type}")
 
-    ports = []
+    ports: list[tuple[str, str, int]] = []
     raw_ports = obj.get("ports") or []
     if not isinstance(raw_ports, list):
         raise Invalid("ports must be a list")
@@ -363,7 +374,7 @@ def parse_slice(obj: dict[str, Any], *, family: int = 4) -> ParsedSlice:
     return ParsedSlice(namespace, name, service, tuple(ports), tuple(endpoints))
 
 
-def parse_node(obj: dict[str, Any], *, family: int = 4) -> NodeInfo:
+def parse_node(obj: dict[str, Any], *, family: Family = 4) -> NodeInfo:
     """Our Node: its name, addresses of one family and labels."""
     meta = _mapping(obj.get("metadata"), "metadata")
     name = _named(_str(meta.get("name"), "metadata.name"), "metadata.name", dns_subdomain_problem)

@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pyproxy.literals import Family
 from pyproxy.model.claims import Claims, claims_of
 from pyproxy.model.keys import ObjectKey
 from pyproxy.model.merge import merge_ports
 from pyproxy.model.nodeports import needs_interfaces, nodeport_ips
-from pyproxy.model.objects import DesiredState, Problem, ServicePortName, ServicePortState
+from pyproxy.model.objects import (
+    DesiredState,
+    Problem,
+    ServicePortName,
+    ServicePortState,
+)
 from pyproxy.model.store import ObjectStore
 
 
 class StateBuilder(ObjectStore):
     """The objects a node sees, and the :class:`DesiredState` built from them."""
 
-    def __init__(self, *, node_name: str = "", family: int = 4) -> None:
+    def __init__(self, *, node_name: str = "", family: Family = 4) -> None:
         super().__init__(node_name=node_name, family=family)
         self._merged: dict[ObjectKey, tuple[ServicePortState, ...]] = {}
         self._claims = Claims()

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from pyproxy.literals import Family
 from pyproxy.model.keys import ObjectKey
 from pyproxy.model.objects import NodeInfo, NodeView, ServicePort
 from pyproxy.model.parse import (
@@ -82,7 +83,7 @@ def _key(obj: Any) -> ObjectKey:
 class ObjectStore:
     """The Services, EndpointSlices and Node one family's proxy has read."""
 
-    def __init__(self, *, node_name: str = "", family: int = 4) -> None:
+    def __init__(self, *, node_name: str = "", family: Family = 4) -> None:
         self.family = family
         self.node_name = node_name
         """Only the Node of this name is ours (its addresses take NodePorts)."""

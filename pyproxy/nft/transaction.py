@@ -148,7 +148,7 @@ class Transaction:
             if op.kind == "element":
                 # Gather a run of the same verb on the same set into one command.
                 j = i
-                items = []
+                items: list[str] = []
                 while (
                     j < len(ops)
                     and len(items) < ELEMENT_CHUNK

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pyproxy import metrics
+from pyproxy.literals import IptablesBackend, Mode
 from pyproxy.model.objects import DesiredState
 
 log = logging.getLogger("pyproxy.proxier")
@@ -32,13 +33,13 @@ class SyncFailed(RuntimeError):
 
 
 class Proxier(Protocol):
-    mode: str
+    mode: Mode
     needs_full: bool
     """The next sync rewrites everything (set by the proxier after a failure, and by the sync
     loop for its periodic full sync)."""
 
     @property
-    def iptables_backend(self) -> str | None:
+    def iptables_backend(self) -> IptablesBackend | None:
         """The iptables backend this proxier programs (nft or legacy); None in other modes.
         Cleaning another mode's leftovers must spare it."""
 

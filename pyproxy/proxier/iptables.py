@@ -14,6 +14,7 @@ from pyproxy import metrics
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesError, IptExecutor
 from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
+from pyproxy.literals import IptablesBackend, Mode
 from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
 from pyproxy.proxier.base import SyncFailed, SyncResult
 from pyproxy.render import iptables as render
@@ -28,7 +29,7 @@ Chains = dict[tuple[str, str], tuple[str, ...]]
 class IptProxier:
     """Programs our ``PYPROXY-*`` chains in the filter and nat tables of one backend."""
 
-    mode = "iptables"
+    mode: Mode = "iptables"
 
     def __init__(self, *, config: ProxyConfig, executor: IptExecutor) -> None:
         self.config = config
@@ -43,7 +44,7 @@ class IptProxier:
         self.needs_full = True
 
     @property
-    def iptables_backend(self) -> str | None:
+    def iptables_backend(self) -> IptablesBackend | None:
         return self.executor.backend
 
     @staticmethod

@@ -7,6 +7,7 @@ import time
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
+from pyproxy.literals import IptablesBackend, Mode
 from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
 from pyproxy.nft.executor import NftError, NftExecutor
 from pyproxy.nft.transaction import Transaction
@@ -23,10 +24,10 @@ TABLE_COMMENT = "rules for pyproxy"
 class NftProxier:
     """Programs table ``ip pyproxy``; keeps what it applied so later syncs send only diffs."""
 
-    mode = "nftables"
+    mode: Mode = "nftables"
     table = render.TABLE_NAME
 
-    iptables_backend: str | None = None
+    iptables_backend: IptablesBackend | None = None
 
     def __init__(self, *, config: ProxyConfig, executor: NftExecutor, gc_period: float = 60.0) -> None:
         self.config = config
@@ -82,12 +83,12 @@ class NftProxier:
                     if name not in state.services:
                         phases.diff(self._render_service(old), None)
                         changed += 1
-                for name, spec in phases.declare_sets.items():
-                    waiting = self._garbage.get(name)
+                for set_name, spec in phases.declare_sets.items():
+                    waiting = self._garbage.get(set_name)
                     if waiting is not None and waiting[0] != spec:
                         # "add set" keeps an existing set as it is: a set waiting for deletion
                         # cannot come back with another timeout in place.
-                        raise NeedsFullSync(f"set {name} returns with another type or timeout")
+                        raise NeedsFullSync(f"set {set_name} returns with another type or timeout")
             except NeedsFullSync as why:
                 log.info("full sync needed: %s", why)
                 full = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
+from pyproxy.model.policy import traffic_policy
 from pyproxy.render.fragments import IptFragment
 from pyproxy.render.naming import IPT_PREFIX, ServiceChains, ipt_comment
 
@@ -132,7 +133,8 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     proto = svc.name.protocol
     m = _host(config)
     dst = f"-d {svc.cluster_ip}/{m} --dport {svc.port}"
-    endpoints = sps.usable_endpoints
+    policy = traffic_policy(sps, node_name=config.hostname)
+    endpoints = policy.cluster
     top: dict[tuple[str, str], list[str]] = {}
     chains: dict[tuple[str, str], tuple[str, ...]] = {}
     names = ServiceChains(spn, mode="iptables")
@@ -169,7 +171,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     elif config.cluster_cidrs:
         masq.append(f"{cip_comment} -j {MASQ_NON_POD}")
 
-    local = sps.local_endpoints(config.hostname) if svc.uses_local_endpoints else ()
+    local = policy.local
     sep_of = {ep: names.endpoint(ep) for ep in dict.fromkeys((*endpoints, *local))}
 
     def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
@@ -182,11 +184,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
             rules.append(f"{ipt_comment(f'{spn} -> {ep.addr}')} {stat}-j {sep_of[ep]}")
         return tuple(rules)
 
-    if not svc.internal_local or svc.externally_accessible:
+    if policy.cluster_pool_used:
         chains[("nat", svc_chain)] = pick(endpoints)
     if local:
         chains[("nat", svl_chain)] = pick(local)
-    if not svc.internal_local:
+    if not policy.internal_local:
         top[("nat", SERVICES)] = [f"{cip_comment} -j {svc_chain}"]
     elif local:
         top[("nat", SERVICES)] = [f"{cip_comment} -j {svl_chain}"]
@@ -218,7 +220,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
             )
         if svc.node_port:
             top[("nat", NODEPORTS)] = [f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext_chain}"]
-        if not svc.external_local:
+        if not policy.external_local:
             chains[("nat", ext_chain)] = (
                 f"{ipt_comment(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
                 f"-j {svc_chain}",

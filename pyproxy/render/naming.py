@@ -12,6 +12,7 @@ import base64
 import hashlib
 import re
 
+from pyproxy.literals import Mode
 from pyproxy.model.objects import Endpoint, ServicePortName
 
 NFT_NAME_MAX = 240  # below the kernel's 256 with room for the longest prefix
@@ -81,7 +82,7 @@ class ServiceChains:
     ``external-``, ``firewall-``, ``endpoint-`` + a readable base; iptables: ``PYPROXY-SVC-``,
     ``SVL-``, ``EXT-``, ``FW-``, ``SEP-`` + a hash (the userspace mode renders nftables)."""
 
-    def __init__(self, spn: ServicePortName, *, mode: str) -> None:
+    def __init__(self, spn: ServicePortName, *, mode: Mode) -> None:
         self.spn = spn
         self.iptables = mode == "iptables"
         if self.iptables:
@@ -98,6 +99,11 @@ class ServiceChains:
         if self.iptables:
             return f"{IPT_PREFIX}SEP-{ipt_endpoint_hash(self.spn, ep)}"
         return f"endpoint-{nft_endpoint_base(self.spn, ep)}"
+
+    def endpoint_map(self, *, local: bool) -> str:
+        """nftables: the map from a random slot to an endpoint's address and port, of the
+        cluster-wide pool or of this node's (a Service without ClientIP affinity)."""
+        return f"{'local-' if local else ''}{self.cluster.replace('service-', 'endpoints-', 1)}"
 
     def affinity_set(self, ep: Endpoint) -> str:
         """nftables: the set of clients that stick to one endpoint (ClientIP affinity)."""

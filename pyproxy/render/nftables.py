@@ -22,7 +22,9 @@ same 10k services load in about 12 s.
 from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
+from pyproxy.literals import Family
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
+from pyproxy.model.policy import traffic_policy
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import ServiceChains, nft_comment
 
@@ -43,17 +45,17 @@ BASE_CHAINS = {
 }
 
 
-def table_family(family: int) -> str:
+def table_family(family: Family) -> str:
     """The nft table family (and address keyword): ``ip`` or ``ip6``."""
     return "ip6" if family == 6 else "ip"
 
 
-def addr_type(family: int) -> str:
+def addr_type(family: Family) -> str:
     """The nft type of one family's addresses."""
     return "ipv6_addr" if family == 6 else "ipv4_addr"
 
 
-def sets_for(family: int) -> dict[str, str]:
+def sets_for(family: Family) -> dict[str, str]:
     """Declarations of the fixed sets and maps of one family's table."""
     addr = addr_type(family)
     key = f"{addr} . inet_proto . inet_service"
@@ -150,7 +152,8 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         for ip in svc.lb_ips:
             elements[("firewall-ips", f"{ip} . {proto} . {svc.port}")] = f"goto {fw_chain}"
 
-    endpoints = sps.usable_endpoints
+    policy = traffic_policy(sps, node_name=config.hostname)
+    endpoints = policy.cluster
     if not endpoints:
         # No service chain at all: the filter hooks reject, so clients fail at once instead
         # of timing out.
@@ -170,7 +173,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
         masq.append(f"{match} {a} saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
 
-    local = sps.local_endpoints(config.hostname) if svc.uses_local_endpoints else ()
+    local = policy.local
     ep_chains: dict[Endpoint, str] = {}
     affinity: dict[Endpoint, str] = {}
     for ep in dict.fromkeys((*endpoints, *local)):
@@ -195,11 +198,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
 
     # The cluster chain serves ClusterIP traffic (internalTrafficPolicy: Cluster) and external
     # traffic that may cross nodes: eTP Cluster, or pod and node sources under eTP Local.
-    if not svc.internal_local or svc.externally_accessible:
+    if policy.cluster_pool_used:
         chains[service_chain] = pick(endpoints)
     if local:
         chains[local_chain] = pick(local)
-    if not svc.internal_local:
+    if not policy.internal_local:
         elements[("service-ips", cip_key)] = f"goto {service_chain}"
     elif local:
         elements[("service-ips", cip_key)] = f"goto {local_chain}"
@@ -212,7 +215,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # NodePorts, external IPs and LB IPs are external traffic: internalTrafficPolicy does
         # not apply to them.
         ext_chain = names.external
-        if not svc.external_local:
+        if not policy.external_local:
             chains[ext_chain] = (f"jump mark-for-masquerade {comment}", f"goto {service_chain}")
         else:
             rules = []
@@ -234,7 +237,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
             elements[("service-ips", key)] = f"goto {ext_chain}"
         if svc.node_port:
             elements[("service-nodeports", np_key)] = f"goto {ext_chain}"
-        if svc.external_local and not local:
+        if policy.external_local and not local:
             # eTP Local without a local endpoint: external clients are dropped (the load
             # balancer's health check sends them elsewhere); pod and node traffic was DNATed
             # above, before the filter hooks look here.

@@ -136,7 +136,11 @@ class KubeClient:
     @classmethod
     async def from_config(cls, *, kubeconfig: str | None) -> KubeClient:
         """From a kubeconfig file, or in-cluster (token + ``KUBERNETES_SERVICE_HOST``)."""
-        from pyproxy.sources.credentials import CredentialsError, from_kubeconfig, in_cluster
+        from pyproxy.sources.credentials import (
+            CredentialsError,
+            from_kubeconfig,
+            in_cluster,
+        )
 
         where = kubeconfig or "the in-cluster service account"
         try:
@@ -162,6 +166,11 @@ class KubeClient:
             raise KubeError(f"cannot load credentials from {kubeconfig}: {err}; pass --kubeconfig "
                             "or run in a pod with a service account") from None
 
+        if not cfg.host:
+            raise KubeError(f"{kubeconfig or 'the kubeconfig'} names no API server; set the "
+                            "cluster's server: field, or pass another --kubeconfig")
+        host: str = cfg.host
+
         async def auth() -> dict[str, str]:
             await loader.load_and_set(cfg)  # re-runs an exec plugin whose token has expired
             out = {}
@@ -171,7 +180,7 @@ class KubeClient:
             return out
 
         ctx: ssl.SSLContext | bool
-        if cfg.host.startswith("https"):
+        if host.startswith("https"):
             ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
             if not cfg.verify_ssl:
                 ctx.check_hostname = False
@@ -180,7 +189,7 @@ class KubeClient:
                 ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         else:
             ctx = False
-        return cls(host=cfg.host, ssl_context=ctx, headers={}, auth=auth)
+        return cls(host=host, ssl_context=ctx, headers={}, auth=auth)
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -270,7 +279,7 @@ def _snippet(body: bytes) -> str:
     return body[:300].decode(errors="replace")
 
 
-ReplaceFn = Callable[[str, list[dict[str, Any]]], None]
+ReplaceFn = Callable[[str, list[dict[str, Any]]], object]
 EventFn = Callable[[str, str, dict[str, Any]], None]
 
 

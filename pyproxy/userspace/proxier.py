@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.literals import Mode
 from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
 from pyproxy.nft.executor import NftExecutor
 from pyproxy.proxier.base import SyncResult
@@ -29,7 +30,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     log.info("userspace relays run on uvloop")
-    return uvloop.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 class UserspaceProxier(NftProxier):
@@ -37,7 +39,7 @@ class UserspaceProxier(NftProxier):
     that copies bytes to a backend chosen round-robin (with ClientIP affinity), trying the next
     backend when one refuses. Backends see the node's address, not the client's."""
 
-    mode = "userspace"
+    mode: Mode = "userspace"
 
     def __init__(self, *, config: ProxyConfig, executor: NftExecutor, udp_timeout: float = 30.0,
                  port_range: tuple[int, int] = PORT_RANGE) -> None:

@@ -336,3 +336,36 @@ def test_explain_names_chains_the_renderer_writes(config):
     assert e.verdict == "dnat" and len(e.chains) == 5  # firewall, external, local, 2 endpoints
     missing = [c for c in e.chains if c not in text]
     assert not missing, missing
+
+
+# -- the traffic-policy decision (model.policy), which explain and both renderers share ------
+
+def test_pool_under_etp_local_depends_on_the_source():
+    from pyproxy.model.policy import traffic_policy
+
+    pol = traffic_policy(lb_state(etp="Local"), node_name="node-1")
+    assert [e.ip for e in pol.cluster] == ["10.244.1.10", "10.244.1.11"]
+    assert [e.ip for e in pol.local] == ["10.244.1.10"]  # node-2's endpoint is not ours
+    outside = pol.pool(external=True)
+    assert outside.local and not outside.short_circuit and [e.ip for e in outside.endpoints] == ["10.244.1.10"]
+    for src in ({"from_pod": True}, {"from_node": True}):
+        short = pol.pool(external=True, **src)
+        assert short.short_circuit and not short.local and short.endpoints == pol.cluster
+    # The ClusterIP is internal traffic: externalTrafficPolicy does not narrow it.
+    inside = pol.pool(external=False)
+    assert not inside.local and inside.endpoints == pol.cluster and pol.cluster_pool_used
+
+
+def test_pool_under_itp_local_and_etp_cluster():
+    from pyproxy.model.policy import traffic_policy
+
+    svc = lb_service()
+    svc["spec"]["internalTrafficPolicy"] = "Local"
+    sl = sc.endpoint_slice("lb", ["10.244.1.10", "10.244.2.10"], [sc.port(8080, name="http")])
+    sl["endpoints"][0]["nodeName"], sl["endpoints"][1]["nodeName"] = "node-2", "node-2"
+    sps = next(iter(build([svc, sl]).services.values()))
+    pol = traffic_policy(sps, node_name="node-1")
+    assert pol.internal_local and not pol.external_local and pol.local == ()
+    assert pol.pool(external=False).local and pol.pool(external=False).endpoints == ()  # dropped
+    assert pol.pool(external=True).endpoints == pol.cluster  # NodePort/LB: every endpoint
+    assert pol.cluster_pool_used  # external traffic still uses the cluster chain
