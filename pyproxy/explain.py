@@ -12,9 +12,10 @@ from typing import Literal
 from pyproxy.config import ProxyConfig
 from pyproxy.literals import Path, Verdict
 from pyproxy.model.ipaddr import ip_in_cidrs
-from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
+from pyproxy.model.objects import DesiredState, ServicePortState
 from pyproxy.model.policy import traffic_policy
 from pyproxy.render.naming import ServiceChains
+from pyproxy.render.nftables import SLOTS, slot_ranges
 
 
 @dataclass
@@ -27,6 +28,9 @@ class Explanation:
     path: Path | Literal[""] = ""
     """clusterip, nodeport, externalip or loadbalancer."""
     chains: list[str] = field(default_factory=list)
+    endpoint_map: str = ""
+    """nftables, without ClientIP affinity: the map from a random slot to the endpoint (the
+    endpoints are data, not chains)."""
     candidates: list[tuple[str, float]] = field(default_factory=list)
     """(ip:port, probability of a new connection going there)."""
     masquerade: bool = False
@@ -35,7 +39,7 @@ class Explanation:
 
     def as_dict(self) -> dict[str, object]:
         return {"verdict": self.verdict, "why": self.why, "service": self.service, "path": self.path,
-                "chains": self.chains, "candidates": [{"endpoint": e, "probability": p} for e, p in self.candidates],
+                "chains": self.chains, "endpoint_map": self.endpoint_map, "candidates": [{"endpoint": e, "probability": p} for e, p in self.candidates],
                 "masquerade": self.masquerade, "masquerade_why": self.masquerade_why,
                 "affinity_timeout": self.affinity_timeout}
 
@@ -124,11 +128,19 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
         if ready and sps.topology_mode:
             scope = f"node {sps.node.name}" if sps.topology_mode == "PreferSameNode" else f"zone {sps.node.zone}"
             words += f", narrowed by topology hints to those for {scope}"
-    chains = _chains(config, sps, eps, path, local=pool.local)
-    share = 1.0 / len(eps)
+    names = ServiceChains(svc.name, mode=config.mode)
+    chains = _chains(names, sps, path, local=pool.local)
+    endpoint_map = ""
+    if config.mode == "nftables" and not svc.affinity_timeout:
+        endpoint_map = names.endpoint_map(local=pool.local)
+        shares = [(hi - lo + 1) / SLOTS for lo, hi in slot_ranges(len(eps))]
+    else:
+        chains += [names.endpoint(e) for e in eps]
+        shares = [1.0 / len(eps)] * len(eps)
     out = Explanation("dnat", f"{where} of {name}: a new connection goes to one of {words}, uniformly at random",
                       service=name, path=path, chains=chains,
-                      candidates=[(e.addr, share) for e in eps], affinity_timeout=svc.affinity_timeout)
+                      endpoint_map=endpoint_map, candidates=[(e.addr, p) for e, p in zip(eps, shares)],
+                      affinity_timeout=svc.affinity_timeout)
     if external and not policy.external_local:
         out.masquerade, out.masquerade_why = True, (
             f"{where} traffic is masqueraded under externalTrafficPolicy: Cluster (replies must come back here)")
@@ -148,15 +160,14 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     return out
 
 
-def _chains(config: ProxyConfig, sps: ServicePortState, eps: tuple[Endpoint, ...], path: str, *,
-            local: bool) -> list[str]:
+def _chains(names: ServiceChains, sps: ServicePortState, path: str, *, local: bool) -> list[str]:
+    """The service's own chains a packet on ``path`` goes through, before the endpoint."""
     svc = sps.service
-    names = ServiceChains(svc.name, mode=config.mode)
     policy = names.local if local else names.cluster
     first = [names.external, policy] if path != "clusterip" else [policy]
     if path == "loadbalancer" and svc.uses_firewall:
         first.insert(0, names.firewall)
-    return [*first, *(names.endpoint(e) for e in eps)]
+    return first
 
 
 def render_text(e: Explanation, *, packet: str) -> str:
@@ -164,8 +175,13 @@ def render_text(e: Explanation, *, packet: str) -> str:
     if e.chains:
         head = [c for c in e.chains if not c.startswith(("endpoint-", "PYPROXY-SEP-"))]
         tail = [c for c in e.chains if c not in head]
-        lines.append("path through the rules: " + " → ".join(head) + f" → one of {len(tail)} endpoint chains:")
-        lines.extend(f"    {c}" for c in tail)
+        if e.endpoint_map:
+            lines.append("path through the rules: " + " → ".join(head) +
+                         f" → a random slot looked up in map @{e.endpoint_map} picks the endpoint:")
+        else:
+            lines.append("path through the rules: " + " → ".join(head) +
+                         f" → one of {len(tail)} endpoint chains:")
+            lines.extend(f"    {c}" for c in tail)
     for endpoint, p in e.candidates:
         lines.append(f"  → {endpoint}  probability {p:.1%}")
     if e.affinity_timeout:

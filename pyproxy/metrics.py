@@ -29,6 +29,12 @@ NFT_SYNC_FAILURES = Counter(
     "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
     "Cumulative proxy nftables sync failures",
 )
+NFT_TRANSACTIONS = Counter(
+    "pyproxy_nft_transactions_total",
+    "nftables transactions applied, by path: nft (a script to nft -f) or netlink (element "
+    "changes sent straight to the kernel as one batch)",
+    ["path"],
+)
 IPT_RESTORE_FAILURES = Counter(
     "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
     "Cumulative proxy iptables restore failures",

@@ -31,9 +31,19 @@ class NeedsFullSync(Exception):
 
 
 class Phases:
-    """Collects the operations of every fragment pair, then writes them phase by phase."""
+    """Collects the operations of every fragment pair, then writes them phase by phase.
 
-    def __init__(self) -> None:
+    Elements of ``shared_sets`` may be rendered by several fragments (two Services with the same
+    pod in the hairpin set): ``refs`` counts the fragments that hold each one in the kernel, so
+    an element is added when its first holder appears and deleted when its last one goes.
+    ``ref_deltas`` is how this transaction changes the counts (applied by the caller once the
+    transaction succeeded)."""
+
+    def __init__(self, *, shared_sets: frozenset[str] = frozenset(),
+                 refs: dict[tuple[str, str], int] | None = None) -> None:
+        self.shared_sets = shared_sets
+        self.refs = refs if refs is not None else {}
+        self.ref_deltas: dict[tuple[str, str], int] = {}
         self.declare_sets: dict[str, str] = {}
         self.declare_chains: list[tuple[str, str]] = []
         self.del_elements: list[tuple[str, str]] = []
@@ -41,12 +51,16 @@ class Phases:
         self.add_elements: list[tuple[str, str, str]] = []
         self.gone_chains: list[str] = []
         self.gone_sets: dict[str, str] = {}
+        self.specs: dict[str, str] = {}
+        """The declaration of every set the new fragments hold: element additions to them are
+        written as set declarations (which nft runs without reading the table first)."""
 
     def diff(self, old: NftFragment | None, new: NftFragment | None) -> bool:
         """Queue what turns ``old`` into ``new``; True if anything differs."""
         old = old or EMPTY
         new = new or EMPTY
         before = self.size()
+        self.specs.update(new.sets)
         for name, spec in new.sets.items():
             prev = old.sets.get(name)
             if prev is None:
@@ -76,15 +90,35 @@ class Phases:
                 self.gone_chains.append(name)
         for key, value in new.elements.items():
             prev = old.elements.get(key)
-            if prev is None:
+            if key[0] in self.shared_sets:
+                if prev is None and self._count(key, +1) == 1:
+                    self.add_elements.append((key[0], key[1], value))
+            elif prev is None:
                 self.add_elements.append((key[0], key[1], value))
             elif prev != value:
                 self.del_elements.append(key)
                 self.add_elements.append((key[0], key[1], value))
         for key in old.elements:
             if key not in new.elements:
-                self.del_elements.append(key)
+                if key[0] not in self.shared_sets or self._count(key, -1) == 0:
+                    self.del_elements.append(key)
         return self.size() != before
+
+    def _count(self, key: tuple[str, str], step: int) -> int:
+        """Change the number of holders of a shared element; the new number."""
+        delta = self.ref_deltas.get(key, 0) + step
+        self.ref_deltas[key] = delta
+        return self.refs.get(key, 0) + delta
+
+    def counted(self) -> dict[tuple[str, str], int]:
+        """``refs`` with this transaction's changes applied (in place: call once it succeeded)."""
+        for key, delta in self.ref_deltas.items():
+            count = self.refs.get(key, 0) + delta
+            if count > 0:
+                self.refs[key] = count
+            else:
+                self.refs.pop(key, None)
+        return self.refs
 
     def size(self) -> int:
         return (
@@ -93,6 +127,7 @@ class Phases:
         )
 
     def write(self, tx: Transaction) -> None:
+        tx.set_specs = {**self.specs, **tx.set_specs}
         for name, spec in self.declare_sets.items():
             tx.add_set(name, spec)
         for name, spec in self.declare_chains:
@@ -114,7 +149,7 @@ class Phases:
 
 
 def full_transaction(fragments: Iterable[NftFragment], *, family: str, table: str,
-                     comment: str, set_specs: dict[str, str]) -> Transaction:
+                     comment: str, set_specs: dict[str, str], phases: Phases | None = None) -> Transaction:
     """Replace the whole table in one transaction.
 
     ``add table`` then ``delete table`` then rebuild: the add makes the delete safe when the
@@ -125,7 +160,7 @@ def full_transaction(fragments: Iterable[NftFragment], *, family: str, table: st
     tx.add_table()
     tx.delete_table()
     tx.add_table(comment)
-    phases = Phases()
+    phases = phases if phases is not None else Phases()
     for frag in fragments:
         phases.diff(None, frag)
     phases.write(tx)

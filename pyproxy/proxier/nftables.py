@@ -41,6 +41,8 @@ class NftProxier:
         self._garbage: dict[str, tuple[str, float]] = {}
         """Name → ("chain" or a set spec, when it became garbage): in the kernel, unused."""
         self._base: NftFragment | None = None
+        self._refs: dict[tuple[str, str], int] = {}
+        """How many service ports hold each element of a shared set (render.SHARED_SETS)."""
         self._applied: dict[ServicePortName, ServicePortState] = {}
         """What the kernel holds, as the inputs that rendered it. Fragments are not kept: the
         old fragment of a changed service is rendered again (cheap) to diff against, which keeps
@@ -48,17 +50,22 @@ class NftProxier:
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
-        tx = self._full_transaction(self._render_base(state), state)
+        tx = self._full_transaction(self._render_base(state), state, self._phases(full=True))
         if tx.error:
             # The script would stop where the bad operation was left out: never print half.
             raise SyncFailed(f"cannot render the ruleset: {tx.error}")
         return tx.render()
 
-    def _full_transaction(self, base: NftFragment, state: DesiredState) -> Transaction:
+    def _phases(self, *, full: bool) -> Phases:
+        """A diff that counts shared elements from nothing (a full sync) or from the kernel's."""
+        return Phases(shared_sets=render.SHARED_SETS, refs={} if full else self._refs)
+
+    def _full_transaction(self, base: NftFragment, state: DesiredState, phases: Phases) -> Transaction:
         """The whole table: the base fragment, then every service port in name order."""
         return full_transaction(
             [base, *(self._render_service(state.services[k]) for k in sorted(state.services))],
             family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=self.set_specs,
+            phases=phases,
         )
 
     def sync(self, state: DesiredState) -> SyncResult:
@@ -67,7 +74,7 @@ class NftProxier:
         base = self._render_base(state)
         new_applied: dict[ServicePortName, ServicePortState] = {}
         changed = 0
-        phases = Phases()
+        phases = self._phases(full=False)
         if not full:
             try:
                 phases.diff(self._base, base)
@@ -95,7 +102,8 @@ class NftProxier:
         if full:
             new_applied = dict(state.services)
             changed = len(new_applied)
-            tx = self._full_transaction(base, state)
+            phases = self._phases(full=True)
+            tx = self._full_transaction(base, state, phases)
             garbage: dict[str, tuple[str, float]] = {}
         else:
             tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
@@ -113,6 +121,7 @@ class NftProxier:
                 raise SyncFailed(f"nft refused the ruleset (previous rules kept): {err}") from err
         t2 = time.perf_counter()
         self._base = base
+        self._refs = phases.counted()
         self._applied = new_applied
         self._garbage = garbage
         self.needs_full = False

@@ -15,7 +15,9 @@ import re
 from pyproxy.literals import Mode
 from pyproxy.model.objects import Endpoint, ServicePortName
 
-NFT_NAME_MAX = 240  # below the kernel's 256 with room for the longest prefix
+NFT_NAME_MAX = 238
+"""Longest service or endpoint base in a name: with the longest prefix ("local-endpoints-", 16)
+a name stays below the kernel's limit of 255 characters."""
 
 
 def _hash(text: str, length: int) -> str:

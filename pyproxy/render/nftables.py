@@ -45,6 +45,26 @@ BASE_CHAINS = {
 }
 
 
+SLOTS = 232_792_560
+"""How many slots a new connection's random number (``numgen random mod SLOTS``) picks from;
+each endpoint of a pool owns a contiguous range of them, so adding or removing an endpoint
+changes map elements, never rules. SLOTS is lcm(1..22): the split is exact for every pool of up
+to 22 endpoints (and for any count dividing it); otherwise ranges differ by one slot in ~10^7,
+far below what a chi-square test of a million connections could see. The kernel scales its
+32-bit random number into the range (reciprocal_scale), so a range of k slots is taken with
+probability k/SLOTS to within 2^-32, exactly as ``numgen random mod n`` is for n endpoints."""
+
+
+def slot_ranges(count: int) -> list[tuple[int, int]]:
+    """The inclusive slot range of each of ``count`` endpoints (the first gets the first range)."""
+    return [(k * SLOTS // count, (k + 1) * SLOTS // count - 1) for k in range(count)]
+
+
+def endpoint_map_spec(family: Family) -> str:
+    """A pool's map: slot range → address . port (for the dnat statement)."""
+    return f"typeof numgen random mod 2 : {table_family(family)} daddr . th dport ; flags interval ;"
+
+
 def table_family(family: Family) -> str:
     """The nft table family (and address keyword): ``ip`` or ``ip6``."""
     return "ip6" if family == 6 else "ip"
@@ -67,7 +87,13 @@ def sets_for(family: Family) -> dict[str, str]:
         "no-endpoint-services": f"type {key} : verdict ; comment \"services with no endpoints\" ;",
         "no-endpoint-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePorts with no endpoints\" ;",
         "firewall-ips": f"type {key} : verdict ; comment \"LB IPs subject to loadBalancerSourceRanges\" ;",
+        "hairpin": f"type {addr} . {addr} ; comment \"endpoint . itself: a pod sent to itself is masqueraded\" ;",
     }
+
+
+SHARED_SETS = frozenset({"hairpin"})
+"""Sets whose elements several service ports may each render (two Services with the same pod):
+an element stays while any of them has it (the diff counts references)."""
 
 
 SETS = sets_for(4)
@@ -113,6 +139,9 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
         "reject-chain": ("meta l4proto tcp reject with tcp reset", "reject"),
         "mark-for-masquerade": (f"meta mark set meta mark or {mark}",),
         "masquerading": (
+            # Hairpin: a pod that reached a Service and was sent to itself must see the
+            # node's address as the source, or it would answer itself directly.
+            f"ct status dnat {a} saddr . {a} daddr @hairpin meta mark set meta mark or {mark}",
             f"meta mark & {mark} == 0 return",
             f"meta mark set meta mark xor {mark}",
             "masquerade fully-random",
@@ -174,34 +203,49 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         masq.append(f"{match} {a} saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
 
     local = policy.local
-    ep_chains: dict[Endpoint, str] = {}
-    affinity: dict[Endpoint, str] = {}
-    for ep in dict.fromkeys((*endpoints, *local)):
-        ep_chain = names.endpoint(ep)
-        ep_chains[ep] = ep_chain
-        rules = [f"{a} saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
-        if svc.affinity_timeout:
+    if not svc.affinity_timeout:
+        # Endpoints as data: the service chain DNATs through a map from a random slot to an
+        # endpoint, so a change of endpoints changes map elements only, never a chain or a
+        # rule (nft need not re-read the table; small changes can go straight over netlink).
+        def pick(eps: tuple[Endpoint, ...], *, pool_local: bool) -> tuple[str, ...]:
+            m = names.endpoint_map(local=pool_local)
+            sets[m] = endpoint_map_spec(config.family)
+            for (lo, hi), ep in zip(slot_ranges(len(eps)), eps):
+                elements[(m, f"{lo}-{hi}")] = f"{ep.ip} . {ep.port}"
+                elements[("hairpin", f"{ep.ip} . {ep.ip}")] = ""
+            return (*masq, f"meta l4proto {proto} dnat {a} to numgen random mod {SLOTS} map @{m}")
+    else:
+        # ClientIP affinity needs a set of clients per endpoint, updated as the endpoint is
+        # chosen: one chain per endpoint.
+        ep_chains: dict[Endpoint, str] = {}
+        affinity: dict[Endpoint, str] = {}
+        for ep in dict.fromkeys((*endpoints, *local)):
+            ep_chain = names.endpoint(ep)
+            ep_chains[ep] = ep_chain
             aff = names.affinity_set(ep)
             affinity[ep] = aff
             sets[aff] = f"type {addr_type(config.family)} ; flags dynamic,timeout ; timeout {svc.affinity_timeout}s ;"
-            rules.append(f"update @{aff} {{ {a} saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {ep.addr}")
-        chains[ep_chain] = tuple(rules)
+            chains[ep_chain] = (
+                f"{a} saddr {ep.ip} jump mark-for-masquerade",  # hairpin: a pod reaching itself
+                f"update @{aff} {{ {a} saddr }}",
+                f"meta l4proto {proto} dnat to {ep.addr}",
+            )
 
-    def pick(eps: tuple[Endpoint, ...]) -> tuple[str, ...]:
-        """Affinity first, then a uniform choice: rule i fires with probability 1/(n-i)."""
-        rules = [*masq, *(f"{a} saddr @{affinity[ep]} goto {ep_chains[ep]}" for ep in eps if ep in affinity)]
-        for i, ep in enumerate(eps):
-            last = i == len(eps) - 1
-            rules.append(f"goto {ep_chains[ep]}" if last else f"numgen random mod {len(eps) - i} 0 goto {ep_chains[ep]}")
-        return tuple(rules)
+        def pick(eps: tuple[Endpoint, ...], *, pool_local: bool) -> tuple[str, ...]:
+            """Affinity first, then a uniform choice: rule i fires with probability 1/(n-i)."""
+            rules = [*masq, *(f"{a} saddr @{affinity[ep]} goto {ep_chains[ep]}" for ep in eps)]
+            for i, ep in enumerate(eps):
+                last = i == len(eps) - 1
+                rules.append(f"goto {ep_chains[ep]}" if last
+                             else f"numgen random mod {len(eps) - i} 0 goto {ep_chains[ep]}")
+            return tuple(rules)
 
     # The cluster chain serves ClusterIP traffic (internalTrafficPolicy: Cluster) and external
     # traffic that may cross nodes: eTP Cluster, or pod and node sources under eTP Local.
     if policy.cluster_pool_used:
-        chains[service_chain] = pick(endpoints)
+        chains[service_chain] = pick(endpoints, pool_local=False)
     if local:
-        chains[local_chain] = pick(local)
+        chains[local_chain] = pick(local, pool_local=True)
     if not policy.internal_local:
         elements[("service-ips", cip_key)] = f"goto {service_chain}"
     elif local:

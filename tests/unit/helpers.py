@@ -69,3 +69,37 @@ def many_services(n: int, **kw: Any) -> list[dict[str, Any]]:
     for i in range(n):
         out.extend(service_objects(i, **kw))
     return out
+
+
+def _addr(value: str) -> str:
+    """``10.0.0.1 . 80`` (an endpoint map's data) as ``10.0.0.1:80`` (``[fd00::1]:80``)."""
+    ip, port = (p.strip() for p in value.split(" . "))
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def chain_targets(chains: dict[str, Any]) -> dict[str, set[str]]:
+    """Per chain, the endpoints its rules DNAT to (an endpoint chain's ``dnat to A``)."""
+    return {name: {rule.rsplit("dnat to ", 1)[1] for rule in rules if "dnat to " in rule}
+            for name, rules in chains.items()}
+
+
+def fake_dnat_targets(table: Any) -> set[str]:
+    """Every endpoint a FakeNft table can DNAT to: endpoint chains (ClientIP affinity) and the
+    slot maps' data (every other service)."""
+    out = set().union(*chain_targets(table.chains).values())
+    for name, elems in table.elements.items():
+        if name.startswith(("endpoints-", "local-endpoints-")):
+            out.update(_addr(v) for v in elems.values())
+    return out
+
+
+def fragment_pool(frag: Any, chain: str) -> list[str]:
+    """The endpoints a service fragment's ``chain`` (service-… or local-…) picks from."""
+    rules = frag.chains[chain]
+    last = rules[-1]
+    if " map @" in last:
+        name = last.rsplit("@", 1)[1]
+        slots = [(int(k.split("-")[0]), v) for (m, k), v in frag.elements.items() if m == name]
+        return [_addr(v) for _, v in sorted(slots)]
+    targets = [rule.split("goto ", 1)[1] for rule in rules if "goto endpoint-" in rule and "@affinity" not in rule]
+    return [t for c in targets for t in chain_targets({c: frag.chains[c]})[c]]

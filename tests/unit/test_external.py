@@ -12,7 +12,7 @@ from pyproxy.render import iptables as ipt
 from pyproxy.render import nftables as nft
 from pyproxy.service_health import health_checks, response
 from tests import scenario as sc
-from tests.unit.helpers import build
+from tests.unit.helpers import build, fragment_pool
 
 CFG = ProxyConfig(hostname="node-1", cluster_cidrs=("10.244.0.0/16",))
 IPT = ProxyConfig(mode="iptables", hostname="node-1", cluster_cidrs=("10.244.0.0/16",))
@@ -166,8 +166,7 @@ def test_nft_etp_local():
     assert ext[0].startswith("ip saddr { 10.244.0.0/16 } goto service-")
     assert ext[1].startswith("fib saddr type local jump mark-for-masquerade")
     assert ext[-1].startswith("goto local-")
-    local = frag.chains[ext[-1][len("goto "):]]
-    assert sum("goto endpoint-" in r for r in local) == 1
+    assert fragment_pool(frag, ext[-1][len("goto "):]) == ["10.244.1.10:8080"]  # node-1's only
     none = nft.render_service(CFG, lb_state(etp="Local", nodes=("node-2", "node-3")))
     assert none.elements[("no-endpoint-nodeports", "tcp . 30090")] == "drop"
     assert none.elements[("no-endpoint-services", "192.168.60.20 . tcp . 80")] == "drop"
@@ -333,7 +332,12 @@ def test_explain_names_chains_the_renderer_writes(config):
                else NftProxier(config=config, executor=FakeNft()))
     text = proxier.render_text(state)
     e = explain(state, config, dst="192.168.60.20", port=80, proto="tcp", src="203.0.113.9")
-    assert e.verdict == "dnat" and len(e.chains) == 5  # firewall, external, local, 2 endpoints
+    assert e.verdict == "dnat"
+    if config.mode == "nftables":  # firewall, external, local; the endpoints are a map's data
+        assert len(e.chains) == 3 and e.endpoint_map.startswith("local-endpoints-")
+        assert f"map ip pyproxy {e.endpoint_map} " in text
+    else:
+        assert len(e.chains) == 5  # firewall, external, local, 2 endpoint chains
     missing = [c for c in e.chains if c not in text]
     assert not missing, missing
 

@@ -18,7 +18,7 @@ from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.nftables import NftProxier
 from pyproxy.render.nftables import SETS
 from tests import scenario as sc
-from tests.unit.helpers import build, many_services, service_objects
+from tests.unit.helpers import build, fake_dnat_targets, many_services, service_objects
 
 CFG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
 NODE = sc.node("node-1", ["192.168.1.1"])
@@ -94,7 +94,7 @@ def test_first_sync_is_full_and_programs_everything():
     assert "10.96.0.11 . udp . 53" in table.elements["service-ips"]
     assert table.elements["nodeport-ips"] == {"192.168.1.1": ""}
     assert table.chain_specs["nat-prerouting"].startswith("type nat hook prerouting")
-    assert sum(c.startswith("endpoint-") for c in table.chains) == 3
+    assert fake_dnat_targets(table) == {"10.244.1.1:8080", "10.244.1.2:8080", "10.244.2.1:5353"}
     # The first op replaces the table as a whole.
     first = fake.transactions[0].render().splitlines()[:3]
     assert first == ["add table ip pyproxy", "delete table ip pyproxy",
@@ -142,39 +142,22 @@ def _one_endpoint_change_among_1000_services(gc_period: float):
     return proxier, fake, state
 
 
-def test_one_endpoint_change_among_1000_services_is_small():
+def test_one_endpoint_change_among_1000_services_changes_elements_only():
+    """Endpoints are data: replacing one endpoint swaps its slot map element and its hairpin
+    element, and touches no chain, rule or set declaration (which is what lets such a change
+    go straight to the kernel over netlink)."""
     proxier, fake, state = _one_endpoint_change_among_1000_services(0)
     assert fake.dump() == _fresh_table(state)
     assert proxier.garbage == []
-    # gc_period=0: the old endpoint's chain is flushed and deleted in this very sync.
     tx = fake.transactions[-1]
-    assert tx.has_deletes
-    deletes = [line for line in tx.render().splitlines() if line.startswith("delete ")]
-    assert len(deletes) == 1 and deletes[0].startswith("delete chain ip pyproxy endpoint-")
-    assert "/svc-500/" in deletes[0] and "10.101.2.1" in deletes[0]
+    assert {op.kind for op in tx.ops} == {"element"}
+    lines = tx.render().splitlines()
+    deletes = sorted(line for line in lines if line.startswith("delete "))
+    assert len(deletes) == 2 and "/svc-500/" in deletes[0] and deletes[1].startswith("delete element ip pyproxy hairpin")
+    assert "10.101.2.1 . 10.101.2.1" in deletes[1]
+    assert any("10.200.0.1 . 8080" in line for line in lines if line.startswith("add map ip pyproxy endpoints-"))
+    assert any("10.200.0.1 . 10.200.0.1" in line for line in lines if line.startswith("add set ip pyproxy hairpin"))
 
-
-def test_one_endpoint_change_among_1000_services_makes_nft_skip_the_table_fetch():
-    # With deletion deferred, the script holds only declarations and flushes: nft (1.0.x)
-    # fetches the whole table before "add rule", "add element" and any "delete", not before these.
-    proxier, fake, state = _one_endpoint_change_among_1000_services(LATER)
-    tx = fake.transactions[-1]
-    text = tx.render()
-    assert not tx.has_deletes
-    lines = text.splitlines()
-    assert lines and not any(line.startswith(("delete ", "add rule ", "add element ")) for line in lines)
-    assert all(line.startswith(("add chain ip pyproxy ", "flush chain ip pyproxy ")) for line in lines)
-    # The new endpoint's chain is declared with its rules, the service chain rewritten in place.
-    assert any(line.startswith("add chain ip pyproxy endpoint-") and "dnat to 10.200.0.1:8080" in line
-               for line in lines)
-    (svc_chain,) = [line.split()[4] for line in lines
-                    if line.startswith("flush chain ip pyproxy service-") and "/svc-500/" in line]
-    assert f"add chain ip pyproxy {svc_chain} {{ " in text
-    # The old endpoint's chain is flushed, left for later, and harmless until then.
-    (gone,) = proxier.garbage
-    assert "/svc-500/" in gone and "10.101.2.1" in gone
-    assert f"flush chain ip pyproxy {gone}" in lines
-    assert _minus_garbage(proxier, fake.dump()) == _fresh_table(state)
 
 
 def _sync_both(before: list, after: list, config: ProxyConfig = CFG, nodeport_before=(), nodeport_after=()):
@@ -334,7 +317,7 @@ def test_affinity_sets_come_and_go():
 def test_adding_and_removing_an_affinity_service():
     proxier, fake = _proxier()
     proxier.sync(build(_other()))
-    assert fake.dump().sets.keys() == set(SETS)
+    assert fake.dump().sets.keys() - set(SETS) == {next(s for s in fake.dump().sets if s.startswith("endpoints-"))}
     state = build([*_other(), *_web(("10.244.1.1", "10.244.1.2", "10.244.1.3"), affinity=30)])
     result = proxier.sync(state)
     assert not result.full and result.changed_services == 1
@@ -347,7 +330,7 @@ def test_adding_and_removing_an_affinity_service():
     assert fake.dump() == _fresh_table(state)
     result = proxier.sync(build(_other()))
     assert not result.full
-    assert fake.dump().sets.keys() == set(SETS)
+    assert fake.dump().sets.keys() - set(SETS) == {next(s for s in fake.dump().sets if s.startswith("endpoints-"))}
 
 
 def test_affinity_timeout_change_forces_a_full_sync():
@@ -429,6 +412,24 @@ def test_full_sync_counts_every_service(n):
 
 
 # -- deferred deletion (garbage) -------------------------------------------------------------
+# Only ClientIP affinity keeps chains per endpoint (every other service's endpoints are map
+# elements), so these tests use sticky services.
+
+
+def _sticky(ips=("10.244.1.1", "10.244.1.2"), **kw):
+    return _web(ips, **{"affinity": 30, **kw})
+
+
+def _garbage_chains(proxier: NftProxier) -> list[str]:
+    """The garbage that is endpoint chains (each comes with its affinity set)."""
+    return [g for g in proxier.garbage if g.startswith("endpoint-")]
+
+
+def _other_sticky():
+    svc, sl = _other()
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 30}}
+    return [svc, sl]
 
 
 def _endpoint_chain(table: FakeTable, ip: str) -> str:
@@ -442,15 +443,15 @@ def test_gc_period_defaults_to_a_minute():
 
 def test_removed_endpoint_chain_is_flushed_and_left_for_later():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build([*_web(), *_other()]))
+    proxier.sync(build([*_sticky(), *_other_sticky()]))
     gone = _endpoint_chain(fake.dump(), "10.244.1.2")
-    state = build([*_web(("10.244.1.1",)), *_other()])
+    state = build([*_sticky(("10.244.1.1",)), *_other_sticky()])
     result = proxier.sync(state)
     assert not result.full and result.changed_services == 1
     tx = fake.transactions[-1]
     assert not tx.has_deletes and "delete" not in tx.render()
     assert f"flush chain ip pyproxy {gone}" in tx.render().splitlines()
-    assert proxier.garbage == [gone]
+    assert _garbage_chains(proxier) == [gone]
     table = fake.dump()
     assert table.chains[gone] == []  # still there, empty
     assert gone not in _referenced(table)  # and nothing leads to it
@@ -459,29 +460,29 @@ def test_removed_endpoint_chain_is_flushed_and_left_for_later():
 
 def test_a_later_sync_that_deletes_anything_deletes_the_garbage_too():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build([*_web(), *_other()]))
+    proxier.sync(build([*_sticky(), *_other_sticky()]))
     gone = [_endpoint_chain(fake.dump(), "10.244.1.2")]
-    proxier.sync(build([*_web(("10.244.1.1",)), *_other()]))
+    proxier.sync(build([*_sticky(("10.244.1.1",)), *_other_sticky()]))
     # A sync that deletes nothing (an endpoint added elsewhere) leaves the garbage alone...
-    proxier.sync(build([*_web(("10.244.1.1",)), *_other(),
+    proxier.sync(build([*_sticky(("10.244.1.1",)), *_other_sticky(),
                         sc.service("third", "10.96.0.12", [sc.port(80, name="http")]),
                         sc.endpoint_slice("third", ["10.244.4.1"], TCP)]))
     assert not fake.transactions[-1].has_deletes
-    assert proxier.garbage == gone
+    assert _garbage_chains(proxier) == gone
     # ...and one that shrinks the service chain of "web" to nothing adds more garbage.
-    proxier.sync(build([*_web(()), *_other(), sc.service("third", "10.96.0.12", [sc.port(80, name="http")]),
+    proxier.sync(build([*_sticky(()), *_other_sticky(), sc.service("third", "10.96.0.12", [sc.port(80, name="http")]),
                         sc.endpoint_slice("third", ["10.244.4.1"], TCP)]))
     assert fake.transactions[-1].has_deletes  # the service-ips element of web went
     assert proxier.garbage == []
     # A service removed: its elements are deleted, and so are the garbage chains.
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build([*_web(), *_other()]))
+    proxier.sync(build([*_sticky(), *_other_sticky()]))
     gone = _endpoint_chain(fake.dump(), "10.244.1.2")
-    proxier.sync(build([*_web(("10.244.1.1",)), *_other()]))
-    assert proxier.garbage == [gone]
+    proxier.sync(build([*_sticky(("10.244.1.1",)), *_other_sticky()]))
+    assert _garbage_chains(proxier) == [gone]
     other_chains = [c for c in fake.dump().chains if "/other/" in c]
     assert len(other_chains) == 2  # service and endpoint chain
-    state = build(_web(("10.244.1.1",)))
+    state = build(_sticky(("10.244.1.1",)))
     proxier.sync(state)
     tx = fake.transactions[-1]
     lines = tx.render().splitlines()
@@ -498,10 +499,10 @@ def test_a_later_sync_that_deletes_anything_deletes_the_garbage_too():
 
 def test_gc_period_zero_leaves_nothing_behind():
     proxier, fake = _proxier(gc_period=0)
-    proxier.sync(build(_web(affinity=30)))
+    proxier.sync(build(_sticky(affinity=30)))
     old = fake.dump()
     gone = _endpoint_chain(old, "10.244.1.2")
-    state = build(_web(("10.244.1.1",), affinity=30))
+    state = build(_sticky(("10.244.1.1",), affinity=30))
     proxier.sync(state)
     tx = fake.transactions[-1]
     lines = tx.render().splitlines()
@@ -514,16 +515,16 @@ def test_gc_period_zero_leaves_nothing_behind():
 
 def test_endpoint_back_before_collection_is_revived_not_deleted():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build([*_web(affinity=30), *_other()]))
+    proxier.sync(build([*_sticky(affinity=30), *_other_sticky()]))
     table = fake.dump()
     gone = _endpoint_chain(table, "10.244.1.2")
     rules = list(table.chains[gone])
     aff = f"affinity-{gone.removeprefix('endpoint-')}"
     assert aff in table.sets
-    proxier.sync(build([*_web(("10.244.1.1",), affinity=30), *_other()]))
+    proxier.sync(build([*_sticky(("10.244.1.1",), affinity=30), *_other_sticky()]))
     assert proxier.garbage == sorted([gone, aff])
     # The endpoint comes back: its chain is filled again, not deleted, and is garbage no more.
-    state = build([*_web(affinity=30), *_other()])
+    state = build([*_sticky(affinity=30), *_other_sticky()])
     proxier.sync(state)
     tx = fake.transactions[-1]
     assert "delete" not in tx.render()
@@ -533,7 +534,7 @@ def test_endpoint_back_before_collection_is_revived_not_deleted():
     assert gone in _referenced(table) and aff in _referenced(table)
     assert table == _fresh_table(state)
     # A later deleting sync does not take it away.
-    state = build(_web(affinity=30))
+    state = build(_sticky(affinity=30))
     proxier.sync(state)
     assert fake.transactions[-1].has_deletes
     assert fake.dump().chains[gone] == rules
@@ -544,32 +545,34 @@ def test_garbage_older_than_gc_period_is_deleted_by_the_next_sync(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(nft_proxier.time, "monotonic", lambda: now[0])
     proxier, fake = _proxier(gc_period=60)
-    proxier.sync(build(_web()))
+    proxier.sync(build(_sticky()))
     gone = _endpoint_chain(fake.dump(), "10.244.1.2")
-    state = build(_web(("10.244.1.1",)))
+    state = build(_sticky(("10.244.1.1",)))
     proxier.sync(state)
-    assert proxier.garbage == [gone]
+    assert _garbage_chains(proxier) == [gone]
     runs = len(fake.transactions)
     now[0] += 59
     assert proxier.sync(state).operations == 0  # not old enough: nothing to do
-    assert len(fake.transactions) == runs and proxier.garbage == [gone]
+    assert len(fake.transactions) == runs and _garbage_chains(proxier) == [gone]
     now[0] += 1
     result = proxier.sync(state)  # nothing changed, but the garbage is due
-    assert not result.full and result.changed_services == 0 and result.operations == 1
-    assert fake.transactions[-1].render() == f"delete chain ip pyproxy {gone}\n"
+    assert not result.full and result.changed_services == 0 and result.operations == 2
+    aff = f"affinity-{gone.removeprefix('endpoint-')}"
+    assert fake.transactions[-1].render().splitlines() == [
+        f"delete chain ip pyproxy {gone}", f"delete set ip pyproxy {aff}"]
     assert proxier.garbage == [] and fake.dump() == _fresh_table(state)
     assert proxier.sync(state).operations == 0
 
 
 def test_removed_affinity_sets_wait_as_garbage():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build([*_web(affinity=60), *_other()]))
+    proxier.sync(build([*_sticky(affinity=60), *_other()]))
     aff = sorted(s for s in fake.dump().sets if s.startswith("affinity-"))
     assert len(aff) == 2
-    state = build([*_web(), *_other()])
+    state = build([*_web(), *_other()])  # affinity off: web's endpoints become map elements
     proxier.sync(state)
     assert not fake.transactions[-1].has_deletes
-    assert proxier.garbage == aff
+    assert proxier.garbage == sorted([*aff, *(a.replace("affinity-", "endpoint-", 1) for a in aff)])
     assert _minus_garbage(proxier, fake.dump()) == _fresh_table(state)
     state = build(_web())
     proxier.sync(state)  # deletes the other service's elements, and the sets
@@ -578,24 +581,24 @@ def test_removed_affinity_sets_wait_as_garbage():
 
 def test_a_full_sync_starts_without_garbage():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build(_web()))
-    proxier.sync(build(_web(("10.244.1.1",))))
-    assert len(proxier.garbage) == 1
+    proxier.sync(build(_sticky()))
+    proxier.sync(build(_sticky(("10.244.1.1",))))
+    assert len(proxier.garbage) == 2  # an endpoint chain and its affinity set
     fake.fail_next = "boom"
-    state = build(_web(("10.244.1.1", "10.244.1.3")))
+    state = build(_sticky(("10.244.1.1", "10.244.1.3")))
     with pytest.raises(SyncFailed):
         proxier.sync(state)
-    assert len(proxier.garbage) == 1  # the kernel kept the old ruleset, garbage included
+    assert len(proxier.garbage) == 2  # the kernel kept the old ruleset, garbage included
     assert proxier.sync(state).full
     assert proxier.garbage == [] and fake.dump() == _fresh_table(state)
 
 
 def test_affinity_set_back_from_the_garbage_with_another_timeout():
     proxier, fake = _proxier(gc_period=LATER)
-    proxier.sync(build(_web(affinity=60)))
+    proxier.sync(build(_sticky(affinity=60)))
     proxier.sync(build(_web()))
-    assert len(proxier.garbage) == 2
-    state = build(_web(affinity=120))
+    assert len(proxier.garbage) == 4  # two affinity sets, two endpoint chains
+    state = build(_sticky(affinity=120))
     # "add set" would keep the waiting set's 60s timeout: the proxier rebuilds instead.
     assert proxier.sync(state).full
     specs = [spec for name, spec in fake.dump().sets.items() if name.startswith("affinity-")]
@@ -611,5 +614,5 @@ def test_render_text_refuses_to_print_half_a_ruleset():
     state = DesiredState(services={s.service.name: s for s in (
         sps(["10.244.0.5"], name="a-fine-one"), sps(["10.244.0.6"], name="bad name", cluster_ip="10.96.0.11"))})
     proxier, _ = _proxier()
-    with pytest.raises(SyncFailed, match="invalid chain name"):
+    with pytest.raises(SyncFailed, match="invalid (chain|map) name"):
         proxier.render_text(state)

@@ -26,20 +26,48 @@ def _endpoint_chains(frag):
     return {c: rules for c, rules in frag.chains.items() if c.startswith("endpoint-")}
 
 
-def test_three_endpoints_cascade():
+def _map_elements(frag, name):
+    return {k: v for (m, k), v in frag.elements.items() if m == name}
+
+
+def test_three_endpoints_are_data_in_a_slot_map():
+    """Without ClientIP affinity a service chain DNATs through a map from a random slot to an
+    endpoint: endpoints are map elements, not chains."""
     st = sps(THREE)
     frag = r.render_service(CFG, st)
     name, rules = _service_chain(frag)
-    ep_chains = [f"endpoint-{nft_endpoint_base(st.service.name, ep)}" for ep in st.endpoints]
-    assert rules == (
-        f"numgen random mod 3 0 goto {ep_chains[0]}",
-        f"numgen random mod 2 0 goto {ep_chains[1]}",
-        f"goto {ep_chains[2]}",
-    )
-    assert set(_endpoint_chains(frag)) == set(ep_chains)
+    emap = f"endpoints-{nft_service_base(st.service.name)}"
+    assert rules == (f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} map @{emap}",)
+    assert frag.sets == {emap: "typeof numgen random mod 2 : ip daddr . th dport ; flags interval ;"}
+    third = r.SLOTS // 3
+    assert _map_elements(frag, emap) == {
+        f"0-{third - 1}": "10.244.1.1 . 8080",
+        f"{third}-{2 * third - 1}": "10.244.1.2 . 8080",
+        f"{2 * third}-{r.SLOTS - 1}": "10.244.1.3 . 8080",
+    }
+    assert not _endpoint_chains(frag)
     assert name == f"service-{nft_service_base(st.service.name)}"
     # Readable names: the namespace, service, protocol and port name are in the chain name.
     assert name.endswith("-test/web/tcp/http")
+
+
+@pytest.mark.parametrize("n", range(1, 40))
+def test_slot_ranges_tile_the_slots_evenly(n):
+    ranges = r.slot_ranges(n)
+    assert ranges[0][0] == 0 and ranges[-1][1] == r.SLOTS - 1
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+    sizes = {hi - lo + 1 for lo, hi in ranges}
+    if r.SLOTS % n == 0:  # every count up to 22, and many more
+        assert sizes == {r.SLOTS // n}
+    else:
+        assert max(sizes) - min(sizes) == 1
+
+
+def test_changing_one_endpoint_changes_elements_only():
+    before = r.render_service(CFG, sps(THREE))
+    after = r.render_service(CFG, sps([THREE[0], THREE[1], "10.244.1.9"]))
+    assert before.chains == after.chains and before.sets == after.sets
+    assert before.elements != after.elements
 
 
 def test_service_ips_element_and_cluster_ips():
@@ -54,29 +82,41 @@ def test_service_ips_element_and_cluster_ips():
     assert base.elements[("cluster-ips", "10.96.0.10")] == ""
 
 
-def test_endpoint_chain_has_hairpin_then_dnat():
+def test_hairpin_is_data_too():
+    """Each endpoint of a data-path service is an ``ep . ep`` element of the shared hairpin
+    set, which the base chain masquerading looks up after DNAT."""
     st = sps(THREE, target_port=8080)
+    frag = r.render_service(CFG, st)
+    assert {k for (m, k) in frag.elements if m == "hairpin"} == {f"{ip} . {ip}" for ip in THREE}
+    base = r.render_base(CFG, DesiredState())
+    assert base.chains["masquerading"][0] == (
+        "ct status dnat ip saddr . ip daddr @hairpin meta mark set meta mark or 0x4000")
+    assert "hairpin" in r.SHARED_SETS
+
+
+def test_affinity_endpoint_chain_has_hairpin_then_dnat():
+    st = sps(THREE, target_port=8080, affinity=30)
     frag = r.render_service(CFG, st)
     for ep in st.endpoints:
         rules = frag.chains[f"endpoint-{nft_endpoint_base(st.service.name, ep)}"]
-        assert rules == (
-            f"ip saddr {ep.ip} jump mark-for-masquerade",
-            f"meta l4proto tcp dnat to {ep.ip}:8080",
-        )
+        assert rules[0] == f"ip saddr {ep.ip} jump mark-for-masquerade"
+        assert rules[-1] == f"meta l4proto tcp dnat to {ep.ip}:8080"
+    assert not any(m == "hairpin" for (m, _) in frag.elements)  # the chains do it
 
 
-def test_single_endpoint_is_a_plain_goto():
+def test_single_endpoint_owns_every_slot():
     st = sps(["10.244.1.1"])
-    _, rules = _service_chain(r.render_service(CFG, st))
-    assert len(rules) == 1 and rules[0].startswith("goto endpoint-")
+    frag = r.render_service(CFG, st)
+    emap = f"endpoints-{nft_service_base(st.service.name)}"
+    assert _map_elements(frag, emap) == {f"0-{r.SLOTS - 1}": "10.244.1.1 . 8080"}
 
 
-def test_only_usable_endpoints_get_chains():
+def test_only_usable_endpoints_are_in_the_map():
     svc = sps([]).service
     eps = (Endpoint("10.244.1.1", 8080, ready=True), Endpoint("10.244.1.2", 8080, ready=False, serving=False))
     frag = r.render_service(CFG, ServicePortState(svc, eps))
-    chains = _endpoint_chains(frag)
-    assert len(chains) == 1 and "10.244.1.1" in next(iter(chains))
+    emap = f"endpoints-{nft_service_base(svc.name)}"
+    assert list(_map_elements(frag, emap).values()) == ["10.244.1.1 . 8080"]
 
 
 def test_affinity_sets_and_rules():
@@ -100,8 +140,8 @@ def test_affinity_sets_and_rules():
     assert first_numgen == 3
 
 
-def test_no_affinity_no_sets():
-    assert r.render_service(CFG, sps(THREE)).sets == {}
+def test_no_affinity_no_affinity_sets():
+    assert not any(name.startswith("affinity-") for name in r.render_service(CFG, sps(THREE)).sets)
 
 
 @pytest.mark.parametrize(
@@ -173,8 +213,9 @@ def test_other_protocols(proto):
     frag = r.render_service(CFG, st)
     assert ("service-ips", f"10.96.0.10 . {proto} . 53") in frag.elements
     assert ("service-nodeports", f"{proto} . 30053") in frag.elements
-    (ep_rules,) = _endpoint_chains(frag).values()
-    assert ep_rules[-1] == f"meta l4proto {proto} dnat to 10.244.1.1:5353"
+    _, rules = _service_chain(frag)
+    assert rules[-1].startswith(f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} map @endpoints-")
+    assert list(_map_elements(frag, rules[-1].rsplit("@", 1)[1]).values()) == ["10.244.1.1 . 5353"]
     assert f"/{proto}/" in _service_chain(frag)[0]
     empty = r.render_service(CFG, sps([], protocol=proto, port=53, node_port=30053))
     assert ("no-endpoint-services", f"10.96.0.10 . {proto} . 53") in empty.elements
@@ -199,10 +240,11 @@ def test_names_are_distinct_per_service_and_endpoint():
 
 def test_long_names_are_truncated():
     long = "x" * 253
-    st = sps(["10.244.1.1"], name=long, namespace="n" * 63, port_name="p" * 15)
-    frag = r.render_service(CFG, st)
-    assert all(len(c) <= NFT_NAME_MAX + len("endpoint-") for c in frag.chains)
-    assert all(c.endswith("...") for c in frag.chains)
+    for affinity in (0, 30):
+        st = sps(["10.244.1.1"], name=long, namespace="n" * 63, port_name="p" * 15, affinity=affinity)
+        frag = r.render_service(CFG, st)
+        assert all(len(c) <= NFT_NAME_MAX + len("local-endpoints-") <= 255 for c in [*frag.chains, *frag.sets])
+        assert all(c.endswith("...") for c in [*frag.chains, *frag.sets])
 
 
 def test_endpoint_names_replace_ipv6_colons():
@@ -221,7 +263,7 @@ def test_base_fragment():
     assert frag.sets == r.SETS
     assert frag.elements == {("nodeport-ips", "192.168.1.1"): "", ("nodeport-ips", "192.168.1.2"): ""}
     assert frag.chains["mark-for-masquerade"] == ("meta mark set meta mark or 0x4000",)
-    assert frag.chains["masquerading"][0] == "meta mark & 0x4000 == 0 return"
+    assert frag.chains["masquerading"][1] == "meta mark & 0x4000 == 0 return"
     assert frag.chains["reject-chain"] == ("meta l4proto tcp reject with tcp reset", "reject")
     # Every jump or goto in the base fragment lands on a chain it defines.
     targets = {m for rules in frag.chains.values() for rule in rules
@@ -279,10 +321,11 @@ def _choice_probabilities(rules: tuple[str, ...]) -> dict[str, Fraction]:
 
 @pytest.mark.parametrize("n", range(1, 11))
 def test_cascade_is_exactly_uniform(n):
-    st = sps([f"10.244.1.{i + 1}" for i in range(n)])
+    """ClientIP affinity keeps a chain per endpoint, chosen by a cascade of numgen rules."""
+    st = sps([f"10.244.1.{i + 1}" for i in range(n)], affinity=10)
     frag = r.render_service(CFG, st)
     _, rules = _service_chain(frag)
-    probs = _choice_probabilities(rules)
+    probs = _choice_probabilities(tuple(x for x in rules if not x.startswith("ip saddr @affinity-")))
     assert set(probs) == set(_endpoint_chains(frag))
     assert len(probs) == n
     assert all(p == Fraction(1, n) for p in probs.values()), probs

@@ -29,6 +29,7 @@ from pyproxy.proxier.nftables import NftProxier
 from pyproxy.runner import TRIGGER_ANNOTATION, Periods, SyncRunner
 from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, Reflector, node_resource, wait_synced
 from tests import scenario as sc
+from tests.unit.helpers import fake_dnat_targets
 from tests.unit.test_reflector import (
     GONE_EVENT,
     NODE_PATH,
@@ -112,8 +113,7 @@ class Rig:
         t = self.table()
         if t is None:
             return set()
-        return {rule.rsplit("dnat to ", 1)[1] for rules in t.chains.values() for rule in rules
-                if "dnat to " in rule}
+        return fake_dnat_targets(t)
 
 
 async def stop(task: asyncio.Task[Any]) -> None:

@@ -1,0 +1,141 @@
+"""pyproxy.nft.netlink: element changes encoded as the kernel's nf_tables messages (pure parts;
+tests/netns/test_netlink.py applies them to a real kernel and compares with nft -f)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pyproxy.nft import netlink as nl
+from pyproxy.nft.transaction import Transaction
+from pyproxy.render import nftables as r
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_set_pyproxy_declares_has_a_codec(family):
+    for name, spec in r.sets_for(family).items():
+        c = nl.codec(spec)
+        assert c.key and (c.data is None or c.data), name
+    emap = nl.codec(r.endpoint_map_spec(family))
+    assert emap.interval and emap.data == ("ipv6_addr" if family == 6 else "ipv4_addr", "inet_service")
+
+
+def test_affinity_sets_and_unknown_types_are_left_to_nft():
+    with pytest.raises(nl.Unsupported):
+        nl.codec("type ipv4_addr ; flags interval ;")
+    with pytest.raises(nl.Unsupported):
+        nl.codec("type ether_addr ;")
+    with pytest.raises(nl.Unsupported):
+        nl.codec("typeof ip saddr : verdict ;")
+
+
+def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
+    """Top-level netlink attributes of ``buf`` as (type without flags, payload)."""
+    out, off = [], 0
+    while off + 4 <= len(buf):
+        size, kind = struct.unpack_from("=HH", buf, off)
+        out.append((kind & 0x3FFF, buf[off + 4:off + size]))
+        off += size + (-size % 4)
+    return out
+
+
+def _key(element: bytes) -> bytes:
+    (_, body), = _attrs(element)  # NFTA_LIST_ELEM
+    fields = dict(_attrs(body))
+    (_, value), = _attrs(fields[nl.NFTA_SET_ELEM_KEY])
+    return value
+
+
+def test_concatenated_keys_pad_every_field_to_a_register():
+    c = nl.codec(r.sets_for(4)["service-ips"])
+    tx = Transaction(set_specs=r.sets_for(4))
+    tx.add_element("service-ips", "10.9.9.9 . tcp . 443", "goto service-x")
+    (msg,) = nl.messages(tx)
+    assert c.key == ("ipv4_addr", "inet_proto", "inet_service")
+    assert _key(msg.elements[0]).hex() == "0a090909" "06000000" "01bb0000"
+    fields = dict(_attrs(_attrs(msg.elements[0])[0][1]))
+    (verdict_kind, verdict), = _attrs(fields[nl.NFTA_SET_ELEM_DATA])
+    assert verdict_kind == nl.NFTA_DATA_VERDICT
+    parts = dict(_attrs(verdict))
+    assert struct.unpack("!i", parts[nl.NFTA_VERDICT_CODE])[0] == -4  # NFT_GOTO
+    assert parts[nl.NFTA_VERDICT_CHAIN] == b"service-x\0"
+
+
+def test_an_interval_is_a_start_with_data_and_a_flagged_end():
+    spec = r.endpoint_map_spec(4)
+    tx = Transaction(set_specs={"endpoints-x": spec})
+    tx.add_element("endpoints-x", "0-116396279", "10.1.0.7 . 8087")
+    (msg,) = nl.messages(tx)
+    start, end = msg.elements
+    assert _key(start) == struct.pack("!I", 0) and _key(end) == struct.pack("!I", 116396280)
+    start_fields = dict(_attrs(_attrs(start)[0][1]))
+    (_, data), = _attrs(start_fields[nl.NFTA_SET_ELEM_DATA])
+    assert data.hex() == "0a010007" "1f970000"
+    end_fields = dict(_attrs(_attrs(end)[0][1]))
+    assert struct.unpack("!I", end_fields[nl.NFTA_SET_ELEM_FLAGS])[0] == nl.NFT_SET_ELEM_INTERVAL_END
+    assert nl.NFTA_SET_ELEM_DATA not in end_fields
+    # A delete carries no data.
+    tx = Transaction(set_specs={"endpoints-x": spec})
+    tx.delete_element("endpoints-x", "0-116396279")
+    (msg,) = nl.messages(tx)
+    assert all(nl.NFTA_SET_ELEM_DATA not in dict(_attrs(_attrs(e)[0][1])) for e in msg.elements)
+
+
+def test_ipv6_and_plain_sets():
+    specs = r.sets_for(6)
+    tx = Transaction(family="ip6", set_specs=specs)
+    tx.add_element("hairpin", "fd00::1 . fd00::1")
+    tx.add_element("nodeport-ips", "fd00::a")
+    tx.add_element("no-endpoint-services", "fd00::10 . udp . 53", "drop")
+    hairpin, nodeport, noep = nl.messages(tx)
+    assert _key(hairpin.elements[0]) == bytes.fromhex("fd00" + "0" * 27 + "1") * 2
+    assert len(_key(nodeport.elements[0])) == 16
+    data = dict(_attrs(_attrs(noep.elements[0])[0][1]))[nl.NFTA_SET_ELEM_DATA]
+    (_, verdict), = _attrs(data)
+    assert dict(_attrs(verdict)) == {nl.NFTA_VERDICT_CODE: struct.pack("!i", 0)}  # NF_DROP
+
+
+def test_consecutive_operations_on_one_set_share_a_message_in_order():
+    tx = Transaction(set_specs=r.sets_for(4))
+    tx.delete_element("hairpin", "10.0.0.1 . 10.0.0.1")
+    tx.add_element("hairpin", "10.0.0.2 . 10.0.0.2")
+    tx.add_element("hairpin", "10.0.0.3 . 10.0.0.3")
+    tx.add_element("nodeport-ips", "10.0.0.9")
+    msgs = nl.messages(tx)
+    assert [(m.verb, m.set_name, len(m.elements)) for m in msgs] == [
+        ("delete", "hairpin", 1), ("add", "hairpin", 2), ("add", "nodeport-ips", 1)]
+
+
+def test_a_big_change_is_split_below_the_attribute_limit():
+    tx = Transaction(set_specs=r.sets_for(4))
+    for i in range(5000):
+        tx.add_element("hairpin", f"10.{i // 250}.{i % 250}.1 . 10.{i // 250}.{i % 250}.1")
+    msgs = nl.messages(tx)
+    assert len(msgs) > 1 and sum(len(m.elements) for m in msgs) == 5000
+    assert all(sum(map(len, m.elements)) <= nl.MAX_ELEMENTS_BYTES for m in msgs)
+
+
+@pytest.mark.parametrize("build", [
+    lambda tx: tx.add_chain("service-x", rules=("goto x",)),
+    lambda tx: tx.flush_chain("service-x"),
+    lambda tx: tx.add_element("unknown-set", "10.0.0.1"),
+    lambda tx: tx.add_element("service-ips", "10.0.0.1 . tcp", "goto x"),  # a field missing
+    lambda tx: tx.add_element("service-ips", "10.0.0.1 . tcp . 80", "queue"),
+    lambda tx: tx.add_element("nodeport-ips", "not-an-address"),
+])
+def test_what_it_cannot_encode_goes_to_nft(build):
+    tx = Transaction(set_specs=r.sets_for(4))
+    build(tx)
+    with pytest.raises(nl.Unsupported):
+        nl.messages(tx)
+
+
+def test_the_nft_cli_uses_nft_for_anything_but_elements():
+    """NftCli sends only element-only transactions over netlink; others never open a socket."""
+    from pyproxy.nft.executor import NftCli
+
+    cli = NftCli(binary="/nonexistent/nft-never-run")
+    tx = Transaction(set_specs=r.sets_for(4))
+    tx.add_chain("service-x")
+    assert cli._run_netlink(tx) is False and cli._sock is None
