@@ -132,7 +132,8 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     chains = _chains(names, sps, path, local=pool.local)
     endpoint_map = ""
     if config.mode == "nftables" and not svc.affinity_timeout:
-        endpoint_map = names.endpoint_map(local=pool.local)
+        if len(eps) > 1:  # one endpoint: the service chain DNATs to it itself
+            endpoint_map = names.endpoint_map(local=pool.local)
         shares = [(hi - lo + 1) / SLOTS for lo, hi in slot_ranges(len(eps))]
     else:
         chains += [names.endpoint(e) for e in eps]
@@ -178,10 +179,12 @@ def render_text(e: Explanation, *, packet: str) -> str:
         if e.endpoint_map:
             lines.append("path through the rules: " + " → ".join(head) +
                          f" → a random slot looked up in map @{e.endpoint_map} picks the endpoint:")
-        else:
+        elif tail:
             lines.append("path through the rules: " + " → ".join(head) +
                          f" → one of {len(tail)} endpoint chains:")
             lines.extend(f"    {c}" for c in tail)
+        else:
+            lines.append("path through the rules: " + " → ".join(head) + ", which DNATs to the one endpoint")
     for endpoint, p in e.candidates:
         lines.append(f"  → {endpoint}  probability {p:.1%}")
     if e.affinity_timeout:

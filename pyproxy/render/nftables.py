@@ -60,9 +60,11 @@ def slot_ranges(count: int) -> list[tuple[int, int]]:
     return [(k * SLOTS // count, (k + 1) * SLOTS // count - 1) for k in range(count)]
 
 
-def endpoint_map_spec(family: Family) -> str:
-    """A pool's map: slot range → address . port (for the dnat statement)."""
-    return f"typeof numgen random mod 2 : {table_family(family)} daddr . th dport ; flags interval ;"
+def endpoint_map_spec(family: Family, *, comment: str = "") -> str:
+    """A pool's map: slot range → address . port (for the dnat statement); ``comment`` names
+    the service port (the map's name is a hash)."""
+    note = f" {nft_comment(comment)} ;" if comment else ""
+    return f"typeof numgen random mod 2 : {table_family(family)} daddr . th dport ; flags interval ;{note}"
 
 
 def table_family(family: Family) -> str:
@@ -208,8 +210,13 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # endpoint, so a change of endpoints changes map elements only, never a chain or a
         # rule (nft need not re-read the table; small changes can go straight over netlink).
         def pick(eps: tuple[Endpoint, ...], *, pool_local: bool) -> tuple[str, ...]:
+            if len(eps) == 1:
+                # Nothing to choose: DNAT in the rule, and no set (each set the table holds
+                # makes every later reference to a set slower, see naming.endpoint_map).
+                elements[("hairpin", f"{eps[0].ip} . {eps[0].ip}")] = ""
+                return (*masq, f"meta l4proto {proto} dnat to {eps[0].addr}")
             m = names.endpoint_map(local=pool_local)
-            sets[m] = endpoint_map_spec(config.family)
+            sets[m] = endpoint_map_spec(config.family, comment=f"{spn}{' local' if pool_local else ''}")
             for (lo, hi), ep in zip(slot_ranges(len(eps)), eps):
                 elements[(m, f"{lo}-{hi}")] = f"{ep.ip} . {ep.port}"
                 elements[("hairpin", f"{ep.ip} . {ep.ip}")] = ""

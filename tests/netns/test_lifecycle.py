@@ -18,6 +18,7 @@ from pyproxy.ipt.executor import IptablesCli
 from lab.netns import Topology, ns_exec
 from pyproxy.model.nodeports import nodeport_ips
 from pyproxy.model.state import StateBuilder
+from pyproxy.render.naming import ServiceChains
 from pyproxy.nft.executor import NftCli
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.iptables import IptProxier
@@ -129,8 +130,9 @@ def test_incremental_sync_sends_only_the_change(topo: Topology, mode: str):
             # batch (no nft process), and left no garbage; pod2 is gone from web's slot map.
             assert proxier.executor.paths["netlink"] >= 1
             assert proxier.garbage == []
-            web_map = next(line.split()[1] for line in rules.splitlines()
-                           if line.strip().startswith("map endpoints-") and "/web/tcp/http" in line)
+            web = next(s.service.name for s in _state(builder, changed, topo).services.values()
+                       if s.service.name.name == "web")
+            web_map = ServiceChains(web, mode="nftables").endpoint_map(local=False)
             listing = ns_exec(topo.node_ns, ["nft", "list", "map", "ip", "pyproxy", web_map]).stdout
             assert f"{pod2} . 8080" not in listing and f"{topo.pod('pod0').ip} . 8080" in listing
             # The sticky service (ClientIP affinity) keeps its chain per endpoint.

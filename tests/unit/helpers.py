@@ -88,7 +88,7 @@ def fake_dnat_targets(table: Any) -> set[str]:
     slot maps' data (every other service)."""
     out = set().union(*chain_targets(table.chains).values())
     for name, elems in table.elements.items():
-        if name.startswith(("endpoints-", "local-endpoints-")):
+        if table.sets[name].startswith("typeof numgen"):  # a slot map
             out.update(_addr(v) for v in elems.values())
     return out
 
@@ -97,6 +97,8 @@ def fragment_pool(frag: Any, chain: str) -> list[str]:
     """The endpoints a service fragment's ``chain`` (service-… or local-…) picks from."""
     rules = frag.chains[chain]
     last = rules[-1]
+    if " dnat to " in last:  # a pool of one: the rule DNATs itself
+        return [last.rsplit("dnat to ", 1)[1]]
     if " map @" in last:
         name = last.rsplit("@", 1)[1]
         slots = [(int(k.split("-")[0]), v) for (m, k), v in frag.elements.items() if m == name]

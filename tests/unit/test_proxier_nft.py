@@ -15,6 +15,7 @@ from pyproxy.model.state import StateBuilder
 from pyproxy.nft.executor import FakeNft, FakeTable
 from pyproxy.proxier import nftables as nft_proxier
 from pyproxy.proxier.base import SyncFailed
+from pyproxy.render.naming import ServiceChains
 from pyproxy.proxier.nftables import NftProxier
 from pyproxy.render.nftables import SETS
 from tests import scenario as sc
@@ -153,9 +154,11 @@ def test_one_endpoint_change_among_1000_services_changes_elements_only():
     assert {op.kind for op in tx.ops} == {"element"}
     lines = tx.render().splitlines()
     deletes = sorted(line for line in lines if line.startswith("delete "))
-    assert len(deletes) == 2 and "/svc-500/" in deletes[0] and deletes[1].startswith("delete element ip pyproxy hairpin")
+    svc500 = next(sps for sps in state.services.values() if sps.service.name.name == "svc-500")
+    emap = ServiceChains(svc500.service.name, mode="nftables").endpoint_map(local=False)
+    assert len(deletes) == 2 and f" {emap} " in deletes[0] and deletes[1].startswith("delete element ip pyproxy hairpin")
     assert "10.101.2.1 . 10.101.2.1" in deletes[1]
-    assert any("10.200.0.1 . 8080" in line for line in lines if line.startswith("add map ip pyproxy endpoints-"))
+    assert any("10.200.0.1 . 8080" in line for line in lines if line.startswith("add map ip pyproxy e"))
     assert any("10.200.0.1 . 10.200.0.1" in line for line in lines if line.startswith("add set ip pyproxy hairpin"))
 
 
@@ -317,7 +320,7 @@ def test_affinity_sets_come_and_go():
 def test_adding_and_removing_an_affinity_service():
     proxier, fake = _proxier()
     proxier.sync(build(_other()))
-    assert fake.dump().sets.keys() - set(SETS) == {next(s for s in fake.dump().sets if s.startswith("endpoints-"))}
+    assert fake.dump().sets.keys() == set(SETS)  # other has one endpoint: no slot map
     state = build([*_other(), *_web(("10.244.1.1", "10.244.1.2", "10.244.1.3"), affinity=30)])
     result = proxier.sync(state)
     assert not result.full and result.changed_services == 1
@@ -330,7 +333,7 @@ def test_adding_and_removing_an_affinity_service():
     assert fake.dump() == _fresh_table(state)
     result = proxier.sync(build(_other()))
     assert not result.full
-    assert fake.dump().sets.keys() - set(SETS) == {next(s for s in fake.dump().sets if s.startswith("endpoints-"))}
+    assert fake.dump().sets.keys() == set(SETS)  # other has one endpoint: no slot map
 
 
 def test_affinity_timeout_change_forces_a_full_sync():

@@ -10,7 +10,7 @@ import pytest
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render import nftables as r
-from pyproxy.render.naming import NFT_NAME_MAX, nft_endpoint_base, nft_service_base
+from pyproxy.render.naming import NFT_NAME_MAX, ServiceChains, nft_endpoint_base, nft_service_base
 from tests.unit.helpers import sps, spn
 
 CFG = ProxyConfig()
@@ -36,9 +36,11 @@ def test_three_endpoints_are_data_in_a_slot_map():
     st = sps(THREE)
     frag = r.render_service(CFG, st)
     name, rules = _service_chain(frag)
-    emap = f"endpoints-{nft_service_base(st.service.name)}"
+    emap = ServiceChains(st.service.name, mode="nftables").endpoint_map(local=False)
     assert rules == (f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} map @{emap}",)
-    assert frag.sets == {emap: "typeof numgen random mod 2 : ip daddr . th dport ; flags interval ;"}
+    assert frag.sets == {emap: 'typeof numgen random mod 2 : ip daddr . th dport ; flags interval ; '
+                               'comment "test/web:http" ;'}
+    assert len(emap) == 12 and emap.startswith("e")
     third = r.SLOTS // 3
     assert _map_elements(frag, emap) == {
         f"0-{third - 1}": "10.244.1.1 . 8080",
@@ -104,19 +106,22 @@ def test_affinity_endpoint_chain_has_hairpin_then_dnat():
     assert not any(m == "hairpin" for (m, _) in frag.elements)  # the chains do it
 
 
-def test_single_endpoint_owns_every_slot():
+def test_single_endpoint_is_dnat_in_the_service_chain():
+    """A pool of one needs no choice, so no map: each set in the table makes every later
+    reference to a set slower in the kernel (a walk over the table's sets by name)."""
     st = sps(["10.244.1.1"])
     frag = r.render_service(CFG, st)
-    emap = f"endpoints-{nft_service_base(st.service.name)}"
-    assert _map_elements(frag, emap) == {f"0-{r.SLOTS - 1}": "10.244.1.1 . 8080"}
+    _, rules = _service_chain(frag)
+    assert rules == ("meta l4proto tcp dnat to 10.244.1.1:8080",)
+    assert frag.sets == {} and ("hairpin", "10.244.1.1 . 10.244.1.1") in frag.elements
 
 
 def test_only_usable_endpoints_are_in_the_map():
     svc = sps([]).service
     eps = (Endpoint("10.244.1.1", 8080, ready=True), Endpoint("10.244.1.2", 8080, ready=False, serving=False))
-    frag = r.render_service(CFG, ServicePortState(svc, eps))
-    emap = f"endpoints-{nft_service_base(svc.name)}"
-    assert list(_map_elements(frag, emap).values()) == ["10.244.1.1 . 8080"]
+    frag = r.render_service(CFG, ServicePortState(svc, (*eps, Endpoint("10.244.1.3", 8080, ready=True))))
+    emap = ServiceChains(svc.name, mode="nftables").endpoint_map(local=False)
+    assert sorted(_map_elements(frag, emap).values()) == ["10.244.1.1 . 8080", "10.244.1.3 . 8080"]
 
 
 def test_affinity_sets_and_rules():
@@ -214,8 +219,12 @@ def test_other_protocols(proto):
     assert ("service-ips", f"10.96.0.10 . {proto} . 53") in frag.elements
     assert ("service-nodeports", f"{proto} . 30053") in frag.elements
     _, rules = _service_chain(frag)
-    assert rules[-1].startswith(f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} map @endpoints-")
-    assert list(_map_elements(frag, rules[-1].rsplit("@", 1)[1]).values()) == ["10.244.1.1 . 5353"]
+    assert rules[-1] == f"meta l4proto {proto} dnat to 10.244.1.1:5353"
+    two = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"], protocol=proto, port=53, target_port=5353))
+    _, rules = _service_chain(two)
+    assert rules[-1].startswith(f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} map @e")
+    assert sorted(_map_elements(two, rules[-1].rsplit("@", 1)[1]).values()) == [
+        "10.244.1.1 . 5353", "10.244.1.2 . 5353"]
     assert f"/{proto}/" in _service_chain(frag)[0]
     empty = r.render_service(CFG, sps([], protocol=proto, port=53, node_port=30053))
     assert ("no-endpoint-services", f"10.96.0.10 . {proto} . 53") in empty.elements
