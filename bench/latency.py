@@ -358,7 +358,6 @@ def echo(name: str, first_port: int, count: int) -> None:
     """Run inside a pod's network namespace: listen on ports first_port..first_port+count-1 and
     answer each connection ``<name>/<port - BASE_PORT> <client ip>``."""
     import resource
-    import signal
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = count + 256
@@ -378,16 +377,11 @@ def echo(name: str, first_port: int, count: int) -> None:
                     w.close()
             return handle
 
+        from lab.echo import serve_until_stopped
+
         servers = [await asyncio.start_server(handler(p), "0.0.0.0", p, reuse_address=True, backlog=512)
                    for p in range(first_port, first_port + count)]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print("ready", flush=True)
-        await stop.wait()
-        for s in servers:
-            s.close()
+        await serve_until_stopped(servers)
 
     asyncio.run(serve())
 

@@ -93,7 +93,13 @@ async def serve(name: str, host: str | list[str], ports: list[int], http_ports: 
         servers.append(await asyncio.start_server(handle_stream, hosts, port, reuse_address=True))
     for port in bulk_ports or []:
         servers.append(await asyncio.start_server(handle_bulk, hosts, port, reuse_address=True))
+    await serve_until_stopped(servers)
+
+
+async def serve_until_stopped(servers: list[asyncio.AbstractServer]) -> None:
+    """Say "ready" (the parent waits for it), serve until SIGTERM or SIGINT, then close."""
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print("ready", flush=True)
