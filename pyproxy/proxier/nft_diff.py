@@ -51,6 +51,9 @@ class Phases:
         self.add_elements: list[tuple[str, str, str]] = []
         self.gone_chains: list[str] = []
         self.gone_sets: dict[str, str] = {}
+        self.gone_shared: list[tuple[str, str]] = []
+        """Shared elements whose last holder went: left in the kernel for a later deletion (a
+        delete makes nft read the whole table; a stale hairpin pair changes no packet's fate)."""
         self.specs: dict[str, str] = {}
         """The declaration of every set the new fragments hold: element additions to them are
         written as set declarations (which nft runs without reading the table first)."""
@@ -100,8 +103,10 @@ class Phases:
                 self.add_elements.append((key[0], key[1], value))
         for key in old.elements:
             if key not in new.elements:
-                if key[0] not in self.shared_sets or self._count(key, -1) == 0:
+                if key[0] not in self.shared_sets:
                     self.del_elements.append(key)
+                elif self._count(key, -1) == 0:
+                    self.gone_shared.append(key)
         return self.size() != before
 
     def _count(self, key: tuple[str, str], step: int) -> int:
@@ -124,6 +129,7 @@ class Phases:
         return (
             len(self.declare_sets) + len(self.declare_chains) + len(self.del_elements)
             + len(self.rewrite) + len(self.add_elements) + len(self.gone_chains) + len(self.gone_sets)
+            + len(self.gone_shared)
         )
 
     def write(self, tx: Transaction) -> None:

@@ -19,6 +19,8 @@ from pyproxy.render.fragments import NftFragment
 log = logging.getLogger("pyproxy.nftables")
 
 TABLE_COMMENT = "rules for pyproxy"
+ELEMENT = "element"
+"""Garbage kind of a shared set's element (``"set { key }"``) no service port holds any more."""
 
 
 class NftProxier:
@@ -147,27 +149,37 @@ class NftProxier:
             garbage.setdefault(name, ("chain", now))
         for name, spec in phases.gone_sets.items():
             garbage.setdefault(name, (spec, now))
+        for set_name, key in phases.gone_shared:
+            garbage.setdefault(f"{set_name} {{ {key} }}", (ELEMENT, now))
         # Wanted again (an endpoint came back): it is live, not garbage.
         for name, _ in phases.declare_chains:
             garbage.pop(name, None)
         for name in phases.declare_sets:
             garbage.pop(name, None)
+        for set_name, key, _ in phases.add_elements:
+            if set_name in phases.shared_sets:
+                garbage.pop(f"{set_name} {{ {key} }}", None)
         if not garbage:
             return garbage
         oldest = min(t for _, t in garbage.values())
         if tx.has_deletes or now - oldest >= self.gc_period:
+            for name, (kind, _) in garbage.items():
+                if kind == ELEMENT:
+                    set_name, _, key = name.partition(" { ")
+                    tx.delete_element(set_name, key.removesuffix(" }"))
             chains = [n for n, (kind, _) in garbage.items() if kind == "chain"]
             for name in chains:
                 tx.delete_chain(name)
             for name, (spec, _) in garbage.items():
-                if spec != "chain":
+                if spec not in ("chain", ELEMENT):
                     tx.delete_set(name, spec)
             return {}
         return garbage
 
     @property
     def garbage(self) -> list[str]:
-        """Flushed chains and unused sets still in the kernel, awaiting deletion."""
+        """Flushed chains, unused sets and unheld shared elements still in the kernel, awaiting
+        deletion."""
         return sorted(self._garbage)
 
     def cleanup(self) -> bool:
