@@ -15,7 +15,7 @@ from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, ServicePortState
 from pyproxy.model.policy import traffic_policy
 from pyproxy.render.naming import ServiceChains
-from pyproxy.render.nftables import SLOTS, slot_ranges
+from pyproxy.render.slots import MAP_PREFIX, SLOTS, slot_ranges
 
 
 @dataclass
@@ -29,8 +29,9 @@ class Explanation:
     """clusterip, nodeport, externalip or loadbalancer."""
     chains: list[str] = field(default_factory=list)
     endpoint_map: str = ""
-    """nftables, without ClientIP affinity: the map from a random slot to the endpoint (the
-    endpoints are data, not chains)."""
+    """nftables, without ClientIP affinity: the shared maps from a random slot to the endpoint
+    (``endpoints-*``; which one, and the pool's offset in it, is in the service chain's rule:
+    the proxier places pools as they come, so only the kernel knows)."""
     candidates: list[tuple[str, float]] = field(default_factory=list)
     """(ip:port, probability of a new connection going there)."""
     masquerade: bool = False
@@ -132,8 +133,7 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     chains = _chains(names, sps, path, local=pool.local)
     endpoint_map = ""
     if config.mode == "nftables" and not svc.affinity_timeout:
-        if len(eps) > 1:  # one endpoint: the service chain DNATs to it itself
-            endpoint_map = names.endpoint_map(local=pool.local)
+        endpoint_map = f"{MAP_PREFIX}*"
         shares = [(hi - lo + 1) / SLOTS for lo, hi in slot_ranges(len(eps))]
     else:
         chains += [names.endpoint(e) for e in eps]
@@ -178,7 +178,8 @@ def render_text(e: Explanation, *, packet: str) -> str:
         tail = [c for c in e.chains if c not in head]
         if e.endpoint_map:
             lines.append("path through the rules: " + " → ".join(head) +
-                         f" → a random slot looked up in map @{e.endpoint_map} picks the endpoint:")
+                         " → a random slot of the pool's own region, looked up in a shared map "
+                         f"@{e.endpoint_map} (the chain's rule names it), picks the endpoint:")
         elif tail:
             lines.append("path through the rules: " + " → ".join(head) +
                          f" → one of {len(tail)} endpoint chains:")

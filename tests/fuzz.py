@@ -247,8 +247,9 @@ def check(objects: list[Any], canary_count: int) -> list[Rendered]:
         raise Broken(f"canaries lost: {lost[:5]} (problems: {[str(p) for p in v4.state.problems][:5]})")
     for k in range(canary_count):
         cip, ep = f"10.250.{k // 250}.{k % 250 + 1}", f"10.251.{k // 250}.{k % 250 + 1}:8080"
-        # nftables: the endpoint is the data of the one slot range of the service's map.
-        if f"{cip} . tcp . 80 : goto service-" not in v4.nft or f"dnat to {ep}" not in v4.nft:
+        # nftables: the endpoint is the data of the one slot range of the service's pool.
+        if f"{cip} . tcp . 80 : goto service-" not in v4.nft or \
+                f" : {ep.replace(':', ' . ')}" not in v4.nft:
             raise Broken(f"canary-{k} is not programmed in nft")
         if f"-d {cip}/32 --dport 80" not in v4.ipt or f"--to-destination {ep}" not in v4.ipt:
             raise Broken(f"canary-{k} is not programmed in iptables")

@@ -217,3 +217,19 @@ class DesiredState:
     nodeport_ips: tuple[str, ...] = ()
     """Node addresses that accept NodePort traffic."""
     problems: tuple[Problem, ...] = ()
+    changes: Changes | None = None
+    """What differs from the builder's previous state, when this state came from a builder:
+    a proxier that applied exactly that previous state may diff only these service ports
+    (the cost of a sync then follows the size of the change, not of the cluster). None: diff
+    everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """The service ports a state changed, added or removed since an earlier state."""
+
+    since: int
+    """The generation of the earlier state."""
+    generation: int
+    """This state's generation (unique across builders)."""
+    names: frozenset[ServicePortName]

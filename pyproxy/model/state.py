@@ -9,6 +9,7 @@ services cheap.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from pyproxy.literals import Family
@@ -17,12 +18,18 @@ from pyproxy.model.keys import ObjectKey
 from pyproxy.model.merge import merge_ports
 from pyproxy.model.nodeports import needs_interfaces, nodeport_ips
 from pyproxy.model.objects import (
+    Changes,
     DesiredState,
     Problem,
     ServicePortName,
     ServicePortState,
 )
 from pyproxy.model.store import ObjectStore
+
+
+_GENERATIONS = itertools.count(1)
+"""Generations of built states, unique across builders (a proxier fed by another builder
+never mistakes its states for the next of its own)."""
 
 
 class StateBuilder(ObjectStore):
@@ -32,6 +39,11 @@ class StateBuilder(ObjectStore):
         super().__init__(node_name=node_name, family=family)
         self._merged: dict[ObjectKey, tuple[ServicePortState, ...]] = {}
         self._claims = Claims()
+        self._services: dict[ServicePortName, ServicePortState] = {}
+        """The service ports the last build programs (Services in conflict left out)."""
+        self._by_key: dict[ObjectKey, dict[ServicePortName, ServicePortState]] = {}
+        """The same, by Service: what each Service put into ``_services``."""
+        self._generation = next(_GENERATIONS)
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -44,7 +56,8 @@ class StateBuilder(ObjectStore):
         return merge_ports(entry.parsed, self.slices_for(key), self.view)
 
     def build(self, *, nodeport_ips: tuple[str, ...] = ()) -> DesiredState:
-        """The desired state now. Re-merges only services touched since the last build."""
+        """The desired state now. Re-merges only services touched since the last build, and
+        says which service ports changed (:attr:`DesiredState.changes`)."""
         dirty = self.take_dirty()
         for key in dirty:
             merged = self._merge(key)
@@ -55,15 +68,35 @@ class StateBuilder(ObjectStore):
                 self._merged[key] = merged
             else:
                 self._merged.pop(key, None)
-        self._claims.settle(dirty, lambda key: claims_of(self._merged.get(key, ())))
-        services: dict[ServicePortName, ServicePortState] = {}
         conflicts = self._claims.conflicts
-        for key, states in self._merged.items():
-            if key in conflicts:
-                continue
-            for st in states:
-                services[st.service.name] = st
-        return DesiredState(services=services, nodeport_ips=nodeport_ips, problems=self.problems)
+        # A clash can start or end only for the Services settled now: the changed ones and
+        # those in conflict before or after.
+        touched = dirty | set(conflicts)
+        self._claims.settle(dirty, lambda key: claims_of(self._merged.get(key, ())))
+        touched |= set(conflicts)
+        changed: set[ServicePortName] = set()
+        for key in touched:
+            want = {} if key in conflicts else {st.service.name: st for st in self._merged.get(key, ())}
+            had = self._by_key.get(key, {})
+            for name, st in had.items():
+                if name not in want:
+                    del self._services[name]
+                    changed.add(name)
+            for name, st in want.items():
+                if had.get(name) is not st:
+                    self._services[name] = st
+                    changed.add(name)
+            if want:
+                self._by_key[key] = want
+            else:
+                self._by_key.pop(key, None)
+        generation = next(_GENERATIONS)
+        changes = Changes(since=self._generation, generation=generation, names=frozenset(changed))
+        self._generation = generation
+        # A copy (a C-level copy of a dict, ~0.1 ms at 10k): the state must not change under a
+        # proxier that keeps it as what it applied.
+        return DesiredState(services=dict(self._services), nodeport_ips=nodeport_ips,
+                            problems=self.problems, changes=changes)
 
     def needs_interfaces(self, cidrs: tuple[str, ...]) -> bool:
         """Whether this build's NodePort addresses depend on the interfaces' addresses."""

@@ -100,7 +100,8 @@ FIELD_TYPES: dict[str, Callable[[str], bytes]] = {
     "inet_proto": _protocol,
     "inet_service": _port,
 }
-TYPEOF_FIELDS = {"ip daddr": "ipv4_addr", "ip6 daddr": "ipv6_addr", "th dport": "inet_service"}
+TYPEOF_FIELDS = {"ip daddr": "ipv4_addr", "ip6 daddr": "ipv6_addr", "th dport": "inet_service",
+                 "tcp dport": "inet_service", "udp dport": "inet_service", "sctp dport": "inet_service"}
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Phases:
         self.gone_shared: list[tuple[str, str]] = []
         """Shared elements whose last holder went: left in the kernel for a later deletion (a
         delete makes nft read the whole table; a stale hairpin pair changes no packet's fate)."""
+        self.named: set[str] = set()
+        """Sets that rewritten rules name: re-declared in the script (their declarations may
+        come from another fragment, such as the base's shared maps)."""
         self.specs: dict[str, str] = {}
         """The declaration of every set the new fragments hold: element additions to them are
         written as set declarations (which nft runs without reading the table first)."""
@@ -85,9 +88,7 @@ class Phases:
                     self.rewrite.append((name, rules, True))
                 else:
                     continue
-            for ref in _SET_REF.findall(" ".join(rules)):
-                if ref in new.sets:
-                    self.declare_sets.setdefault(ref, new.sets[ref])
+            self.named.update(_SET_REF.findall(" ".join(rules)))
         for name in old.chains:
             if name not in new.chains:
                 self.gone_chains.append(name)
@@ -134,6 +135,9 @@ class Phases:
 
     def write(self, tx: Transaction) -> None:
         tx.set_specs = {**self.specs, **tx.set_specs}
+        for ref in sorted(self.named):
+            if ref in self.specs:
+                self.declare_sets.setdefault(ref, self.specs[ref])
         for name, spec in self.declare_sets.items():
             tx.add_set(name, spec)
         for name, spec in self.declare_chains:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
@@ -15,6 +16,7 @@ from pyproxy.proxier.base import SyncFailed, SyncResult
 from pyproxy.proxier.nft_diff import NeedsFullSync, Phases, full_transaction
 from pyproxy.render import nftables as render
 from pyproxy.render.fragments import NftFragment
+from pyproxy.render.slots import Place, Region, SlotAllocator
 
 log = logging.getLogger("pyproxy.nftables")
 
@@ -49,10 +51,19 @@ class NftProxier:
         """What the kernel holds, as the inputs that rendered it. Fragments are not kept: the
         old fragment of a changed service is rendered again (cheap) to diff against, which keeps
         ~65 MB less in memory at 10k services."""
+        self._generation: int | None = None
+        """The generation of the state applied last (see DesiredState.changes)."""
+        self._alloc = SlotAllocator()
+        self._pools: dict[ServicePortName, dict[bool, Region]] = {}
+        """Where the kernel holds each service port's pools (cluster: False, local: True)."""
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
-        tx = self._full_transaction(self._render_base(state), state, self._phases(full=True))
+        alloc = SlotAllocator()
+        frags = self._render_all(state, alloc, {})
+        tx = full_transaction([self._render_base(state, maps=alloc.maps()), *frags], family=self.family,
+                              table=self.table, comment=TABLE_COMMENT, set_specs=self.set_specs,
+                              phases=self._phases(full=True))
         if tx.error:
             # The script would stop where the bad operation was left out: never print half.
             raise SyncFailed(f"cannot render the ruleset: {tx.error}")
@@ -62,36 +73,24 @@ class NftProxier:
         """A diff that counts shared elements from nothing (a full sync) or from the kernel's."""
         return Phases(shared_sets=render.SHARED_SETS, refs={} if full else self._refs)
 
-    def _full_transaction(self, base: NftFragment, state: DesiredState, phases: Phases) -> Transaction:
-        """The whole table: the base fragment, then every service port in name order."""
-        return full_transaction(
-            [base, *(self._render_service(state.services[k]) for k in sorted(state.services))],
-            family=self.family, table=self.table, comment=TABLE_COMMENT, set_specs=self.set_specs,
-            phases=phases,
-        )
+    def _render_all(self, state: DesiredState, alloc: SlotAllocator,
+                    pools: dict[ServicePortName, dict[bool, Region]]) -> list[NftFragment]:
+        """Every service port's fragment in name order, its pools placed afresh by ``alloc``
+        (and recorded in ``pools``)."""
+        return [self._render_service(state.services[k], place=_placing(alloc, k, pools.setdefault(k, {})))
+                for k in sorted(state.services)]
 
     def sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
         full = self.needs_full
-        base = self._render_base(state)
-        new_applied: dict[ServicePortName, ServicePortState] = {}
         changed = 0
         phases = self._phases(full=False)
+        base: NftFragment | None = None
         if not full:
             try:
+                changed = self._diff_services(state, phases)
+                base = self._render_base(state, maps=self._alloc.maps())
                 phases.diff(self._base, base)
-                for name, sps in state.services.items():
-                    old = self._applied.get(name)
-                    new_applied[name] = sps
-                    if old is not None and (old is sps or old == sps):
-                        continue
-                    old_frag = self._render_service(old) if old is not None else None
-                    if phases.diff(old_frag, self._render_service(sps)):
-                        changed += 1
-                for name, old in self._applied.items():
-                    if name not in state.services:
-                        phases.diff(self._render_service(old), None)
-                        changed += 1
                 for set_name, spec in phases.declare_sets.items():
                     waiting = self._garbage.get(set_name)
                     if waiting is not None and waiting[0] != spec:
@@ -102,10 +101,15 @@ class NftProxier:
                 log.info("full sync needed: %s", why)
                 full = True
         if full:
-            new_applied = dict(state.services)
-            changed = len(new_applied)
+            changed = len(state.services)
             phases = self._phases(full=True)
-            tx = self._full_transaction(base, state, phases)
+            # A fresh layout: the whole table is replaced, so every pool may move.
+            self._alloc, self._pools = SlotAllocator(), {}
+            frags = self._render_all(state, self._alloc, self._pools)
+            self._pools = {k: v for k, v in self._pools.items() if v}
+            base = self._render_base(state, maps=self._alloc.maps())
+            tx = full_transaction([base, *frags], family=self.family, table=self.table,
+                                  comment=TABLE_COMMENT, set_specs=self.set_specs, phases=phases)
             garbage: dict[str, tuple[str, float]] = {}
         else:
             tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
@@ -124,7 +128,8 @@ class NftProxier:
         t2 = time.perf_counter()
         self._base = base
         self._refs = phases.counted()
-        self._applied = new_applied
+        self._applied = state.services
+        self._generation = state.changes.generation if state.changes is not None else None
         self._garbage = garbage
         self.needs_full = False
         return SyncResult(
@@ -132,13 +137,47 @@ class NftProxier:
             render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
 
-    def _render_base(self, state: DesiredState) -> NftFragment:
-        """The fixed chains and maps (the userspace mode adds its relay guard)."""
-        return render.render_base(self.config, state)
+    def _diff_services(self, state: DesiredState, phases: Phases) -> int:
+        """Queue the changes of every service port that differs from what the kernel holds;
+        how many differ. Only the ports the builder says changed, when ``state`` follows the
+        state applied last; otherwise a walk over all of them."""
+        changes = state.changes
+        if changes is not None and self._generation is not None and changes.since == self._generation:
+            names: Iterable[ServicePortName] = changes.names
+        else:
+            names = {*state.services, *self._applied}
+        changed = 0
+        for name in names:
+            old = self._applied.get(name)
+            new = state.services.get(name)
+            if old is new or (old is not None and old == new):
+                continue
+            held = self._pools.get(name, {})
+            old_frag = None
+            if old is not None:
+                old_frag = self._render_service(old, place=_held(held))
+            used: dict[bool, Region] = {}
+            new_frag = None
+            if new is not None:
+                new_frag = self._render_service(new, place=_placing(self._alloc, name, used))
+            for local in held.keys() - used.keys():
+                self._alloc.release((name, local))
+            if used:
+                self._pools[name] = used
+            else:
+                self._pools.pop(name, None)
+            if phases.diff(old_frag, new_frag):
+                changed += 1
+        return changed
 
-    def _render_service(self, sps: ServicePortState) -> NftFragment:
+    def _render_base(self, state: DesiredState, *, maps: Mapping[str, int]) -> NftFragment:
+        """The fixed chains and maps, ``maps`` endpoint maps among them (the userspace mode adds
+        its relay guard)."""
+        return render.render_base(self.config, state, endpoint_maps=maps)
+
+    def _render_service(self, sps: ServicePortState, *, place: Place) -> NftFragment:
         """One service port's fragment (the userspace mode renders redirects instead)."""
-        return render.render_service(self.config, sps)
+        return render.render_service(self.config, sps, place=place)
 
     def _collect(self, phases: Phases, tx: Transaction) -> dict[str, tuple[str, float]]:
         """Update the garbage list and, when due, append its deletion to ``tx``; return the
@@ -186,3 +225,18 @@ class NftProxier:
         """Delete our table; True if it existed."""
         self.needs_full = True
         return self.executor.delete_table(self.family, self.table)
+
+
+def _placing(alloc: SlotAllocator, name: ServicePortName, used: dict[bool, Region]) -> Place:
+    """A ``place`` for the renderer that takes regions from ``alloc`` and notes them in ``used``."""
+    def place(local: bool, size: int) -> Region:
+        region = used[local] = alloc.place((name, local), size)
+        return region
+    return place
+
+
+def _held(pools: dict[bool, Region]) -> Place:
+    """A ``place`` that gives the regions a fragment had (to render it again, for a diff)."""
+    def place(local: bool, size: int) -> Region:
+        return pools[local]
+    return place

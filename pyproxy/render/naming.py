@@ -102,18 +102,6 @@ class ServiceChains:
             return f"{IPT_PREFIX}SEP-{ipt_endpoint_hash(self.spn, ep)}"
         return f"endpoint-{nft_endpoint_base(self.spn, ep)}"
 
-    def endpoint_map(self, *, local: bool) -> str:
-        """nftables: the map from a random slot to an endpoint's address and port, of the
-        cluster-wide pool (``e`` + hash) or of this node's (``l`` + hash), for a Service without
-        ClientIP affinity; the map's comment names the service port.
-
-        Short on purpose: the kernel finds a set by name with a walk over every set of the table
-        comparing names (``nft_set_lookup``), once per message that names it, so loading 10k
-        services took 26.5 s with names of ~45 characters and 14.4 s with 9 (chains, which the
-        kernel hashes, 11.4 s). 11 base32 characters (55 bits) keep 100k pools free of
-        collisions (p ~ 1e-7)."""
-        return f"{'l' if local else 'e'}{_hash(f'{self.spn}{self.spn.protocol}', 11)}"
-
     def affinity_set(self, ep: Endpoint) -> str:
         """nftables: the set of clients that stick to one endpoint (ClientIP affinity)."""
         return f"affinity-{nft_endpoint_base(self.spn, ep)}"

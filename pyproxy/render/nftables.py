@@ -5,21 +5,26 @@ Layout (see the README for a line-by-line reading):
 * ``services`` (jumped from the nat prerouting and output hooks) does one lookup in the verdict
   map ``service-ips`` keyed on ``daddr . protocol . dport``, then one in ``service-nodeports``
   for NodePorts. Dispatch is O(1) whatever the number of services.
-* ``service-HASH-ns/svc/proto/port`` picks an endpoint: ClientIP affinity first, then uniform
-  random choice, then ``endpoint-HASH-…`` does the hairpin masquerade mark and the DNAT.
+* ``service-HASH-ns/svc/proto/port`` picks an endpoint: one ``dnat`` whose address and port come
+  from a shared map ``endpoints-N``, looked up with a random slot of the pool's own region
+  (``numgen random mod SLOTS offset O``; see :mod:`pyproxy.render.slots`). Adding, removing or
+  replacing an endpoint changes map elements only. ClientIP affinity needs per-client state per
+  endpoint: there, affinity sets first, then a uniform cascade to ``endpoint-HASH-…`` chains.
 * Services without endpoints have no service chain; the filter hooks look them up in
   ``no-endpoint-services`` / ``no-endpoint-nodeports`` and reject at once.
 
 Random choice: upstream writes ``numgen random mod N vmap { 0 : goto …, 1 : goto … }``. Each such
 rule makes the kernel allocate an anonymous set, and the kernel finds a free anonymous-set name by
 scanning every set of the table, so a full sync is quadratic in the number of services: measured
-here with nft 1.0.6 on kernel 6.18, 10k services × 10 endpoints took 177 s to load. We write the
-same uniform choice as a cascade, ``numgen random mod (N-i) 0 goto endpoint-i`` (the last rule
-always matches), which is iptables' ``--probability 1/(N-i)`` in nft and needs no set: the
-same 10k services load in about 12 s.
+here with nft 1.0.6 on kernel 6.18, 10k services × 10 endpoints took 177 s to load. Shared maps
+keep the number of sets small (400 at 10k services × 10 endpoints) and every rule's text fixed.
+The affinity cascade, ``numgen random mod (N-i) 0 goto endpoint-i`` (the last rule always
+matches), is iptables' ``--probability 1/(N-i)`` in nft and needs no set.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from pyproxy.config import ProxyConfig
 from pyproxy.literals import Family
@@ -27,6 +32,7 @@ from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.model.policy import traffic_policy
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import ServiceChains, nft_comment
+from pyproxy.render.slots import SLOTS, Place, SlotAllocator, map_name, slot_ranges
 
 TABLE_NAME = "pyproxy"
 
@@ -45,26 +51,11 @@ BASE_CHAINS = {
 }
 
 
-SLOTS = 232_792_560
-"""How many slots a new connection's random number (``numgen random mod SLOTS``) picks from;
-each endpoint of a pool owns a contiguous range of them, so adding or removing an endpoint
-changes map elements, never rules. SLOTS is lcm(1..22): the split is exact for every pool of up
-to 22 endpoints (and for any count dividing it); otherwise ranges differ by one slot in ~10^7,
-far below what a chi-square test of a million connections could see. The kernel scales its
-32-bit random number into the range (reciprocal_scale), so a range of k slots is taken with
-probability k/SLOTS to within 2^-32, exactly as ``numgen random mod n`` is for n endpoints."""
-
-
-def slot_ranges(count: int) -> list[tuple[int, int]]:
-    """The inclusive slot range of each of ``count`` endpoints (the first gets the first range)."""
-    return [(k * SLOTS // count, (k + 1) * SLOTS // count - 1) for k in range(count)]
-
-
-def endpoint_map_spec(family: Family, *, comment: str = "") -> str:
-    """A pool's map: slot range → address . port (for the dnat statement); ``comment`` names
-    the service port (the map's name is a hash)."""
-    note = f" {nft_comment(comment)} ;" if comment else ""
-    return f"typeof numgen random mod 2 : {table_family(family)} daddr . th dport ; flags interval ;{note}"
+def endpoint_map_spec(family: Family, protocol: str) -> str:
+    """A shared endpoint map of one protocol: slot range → address . port (for the dnat
+    statement); see :mod:`pyproxy.render.slots`."""
+    return f"typeof numgen random mod 2 : {table_family(family)} daddr . {protocol} dport ; flags interval ; " \
+        f'comment "random slot to endpoint: {SLOTS} slots a pool" ;'
 
 
 def table_family(family: Family) -> str:
@@ -93,16 +84,20 @@ def sets_for(family: Family) -> dict[str, str]:
     }
 
 
-SHARED_SETS = frozenset({"hairpin"})
-"""Sets whose elements several service ports may each render (two Services with the same pod):
-an element stays while any of them has it (the diff counts references)."""
+SHARED_SETS = frozenset({"hairpin", "cluster-ips"})
+"""Sets whose elements several service ports may each render (two Services with the same pod,
+the ports of one Service that share its ClusterIP): an element stays while any of them has it
+(the diff counts references)."""
 
 
 SETS = sets_for(4)
 
 
-def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
-    """The fixed chains and maps, and the node addresses that accept NodePorts."""
+def render_base(config: ProxyConfig, state: DesiredState, *,
+                endpoint_maps: Mapping[str, int] | None = None) -> NftFragment:
+    """The fixed chains and maps, the shared endpoint maps (how many of each protocol), and the node
+    addresses that accept NodePorts. Independent of the Services: a sync of one change does
+    not re-render anything per Service here."""
     mark = config.masquerade_mark
     a = table_family(config.family)
     chains: dict[str, tuple[str, ...]] = {
@@ -150,18 +145,21 @@ def render_base(config: ProxyConfig, state: DesiredState) -> NftFragment:
         ),
     }
     elements = {("nodeport-ips", ip): "" for ip in state.nodeport_ips}
-    # Several ports (and, in a bad file, several Services) share one ClusterIP: the set is
-    # rendered here from all of them, not per service port, so an element exists exactly
-    # while some port uses it.
-    for sps in state.services.values():
-        elements[("cluster-ips", sps.service.cluster_ip)] = ""
-    return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=sets_for(config.family),
-                       elements=elements)
+    sets = sets_for(config.family)
+    for protocol, count in (endpoint_maps or {}).items():
+        for i in range(count):
+            sets[map_name(protocol, i)] = endpoint_map_spec(config.family, protocol)
+    return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=sets, elements=elements)
 
 
-def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
-    """Every chain, set and map element of one service port."""
+def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place | None = None) -> NftFragment:
+    """Every chain, set and map element of one service port; ``place`` says where the slots of
+    each of its endpoint pools are (the proxier's :class:`~pyproxy.render.slots.SlotAllocator`;
+    None: the port alone in a fresh layout, its pools in map 0)."""
     svc = sps.service
+    if place is None:
+        alone = SlotAllocator()
+        place = lambda local, size: alone.place((svc.name, local), size)  # noqa: E731
     spn = svc.name
     proto = spn.protocol
     a = table_family(config.family)
@@ -170,7 +168,9 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
     vip_keys = [f"{ip} . {proto} . {svc.port}" for ip in svc.external_vips]
     np_key = f"{proto} . {svc.node_port}"
-    elements: dict[tuple[str, str], str] = {}
+    # Several ports (and, in a bad file, several Services) share one ClusterIP: a shared set
+    # (SHARED_SETS), so an element exists exactly while some port holds it.
+    elements: dict[tuple[str, str], str] = {("cluster-ips", svc.cluster_ip): ""}
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
 
@@ -210,17 +210,12 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> NftFragment:
         # endpoint, so a change of endpoints changes map elements only, never a chain or a
         # rule (nft need not re-read the table; small changes can go straight over netlink).
         def pick(eps: tuple[Endpoint, ...], *, pool_local: bool) -> tuple[str, ...]:
-            if len(eps) == 1:
-                # Nothing to choose: DNAT in the rule, and no set (each set the table holds
-                # makes every later reference to a set slower, see naming.endpoint_map).
-                elements[("hairpin", f"{eps[0].ip} . {eps[0].ip}")] = ""
-                return (*masq, f"meta l4proto {proto} dnat to {eps[0].addr}")
-            m = names.endpoint_map(local=pool_local)
-            sets[m] = endpoint_map_spec(config.family, comment=f"{spn}{' local' if pool_local else ''}")
+            region = place(pool_local, len(eps))
+            m, offset = region.map_name, region.offset
             for (lo, hi), ep in zip(slot_ranges(len(eps)), eps):
-                elements[(m, f"{lo}-{hi}")] = f"{ep.ip} . {ep.port}"
+                elements[(m, f"{offset + lo}-{offset + hi}")] = f"{ep.ip} . {ep.port}"
                 elements[("hairpin", f"{ep.ip} . {ep.ip}")] = ""
-            lookup = f"meta l4proto {proto} dnat {a} to numgen random mod {SLOTS} map @{m}"
+            lookup = f"meta l4proto {proto} dnat {a} to numgen random mod {SLOTS} offset {offset} map @{m}"
             # Twice: a lookup that misses falls through to the next rule, and one did miss in a
             # restart under load (a table replaced while a SYN went through: 1 connection in
             # ~6,000 refused in CI and in 1 of 5 loaded runs; 0 of 8 with the retry). The second

@@ -35,13 +35,15 @@ def render_service(sps: ServicePortState, listen_port: int | None) -> NftFragmen
     svc = sps.service
     proto = svc.name.protocol
     cip_key = f"{svc.cluster_ip} . {proto} . {svc.port}"
+    # The ClusterIP is in the shared set of active ClusterIPs (see the nftables renderer).
+    cip = ("cluster-ips", svc.cluster_ip)
     if listen_port is None or not sps.usable_endpoints:
-        elements = {("no-endpoint-services", cip_key): "goto reject-chain"}
+        elements = {cip: "", ("no-endpoint-services", cip_key): "goto reject-chain"}
         if svc.node_port:
             elements[("no-endpoint-nodeports", f"{proto} . {svc.node_port}")] = "goto reject-chain"
         return NftFragment(elements=elements)
     chain = f"redirect-{nft_service_base(svc.name)}"
-    elements = {("service-ips", cip_key): f"goto {chain}"}
+    elements = {cip: "", ("service-ips", cip_key): f"goto {chain}"}
     if svc.node_port:
         elements[("service-nodeports", f"{proto} . {svc.node_port}")] = f"goto {chain}"
     return NftFragment(

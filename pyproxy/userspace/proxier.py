@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from pyproxy.config import ProxyConfig
@@ -13,6 +14,7 @@ from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortStat
 from pyproxy.nft.executor import NftExecutor
 from pyproxy.proxier.base import SyncResult
 from pyproxy.proxier.nftables import NftProxier
+from pyproxy.render.slots import Place
 from pyproxy.render import userspace as render
 from pyproxy.render.fragments import NftFragment
 from pyproxy.userspace.balancer import Balancer
@@ -56,13 +58,13 @@ class UserspaceProxier(NftProxier):
         used = set(self.ports.values()) | taken
         return next((p for p in range(*self.port_range) if p not in used), None)
 
-    def _render_service(self, sps: ServicePortState) -> NftFragment:
+    def _render_service(self, sps: ServicePortState, *, place: Place) -> NftFragment:
         return render.render_service(sps, self.ports.get(sps.service.name))
 
-    def _render_base(self, state: DesiredState) -> NftFragment:
+    def _render_base(self, state: DesiredState, *, maps: Mapping[str, int]) -> NftFragment:
         # The relays this ruleset redirects to (those about to be retired are not among them).
         ports = tuple(sorted(p for n, p in self.ports.items() if n in state.services))
-        return render.guard_relays(super()._render_base(state), ports)
+        return render.guard_relays(super()._render_base(state, maps=maps), ports)
 
     async def _prepare(self, state: DesiredState) -> None:
         """Before the kernel commit: start the relays new redirects will point at and give the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from pyproxy.model.objects import (
@@ -99,9 +101,11 @@ def fragment_pool(frag: Any, chain: str) -> list[str]:
     last = rules[-1]
     if " dnat to " in last:  # a pool of one: the rule DNATs itself
         return [last.rsplit("dnat to ", 1)[1]]
-    if " map @" in last:
-        name = last.rsplit("@", 1)[1]
-        slots = [(int(k.split("-")[0]), v) for (m, k), v in frag.elements.items() if m == name]
+    lookup = re.search(r"mod (\d+) offset (\d+) map @(\S+)", last)
+    if lookup:  # the pool's region of a shared map
+        mod, offset, name = int(lookup.group(1)), int(lookup.group(2)), lookup.group(3)
+        slots = [(lo, v) for (m, k), v in frag.elements.items()
+                 if m == name and offset <= (lo := int(k.split("-")[0])) < offset + mod]
         return [_addr(v) for _, v in sorted(slots)]
     targets = [rule.split("goto ", 1)[1] for rule in rules if "goto endpoint-" in rule and "@affinity" not in rule]
     return [t for c in targets for t in chain_targets({c: frag.chains[c]})[c]]

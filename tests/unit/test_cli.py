@@ -139,11 +139,12 @@ def test_render_shows_each_family(capsys, tmp_path, mode):
     code, out, _ = _render(capsys, "--source-file", str(path), "--hostname-override", "node-1",
                            "--proxy-mode", mode, "--cluster-cidr", "10.244.0.0/16,fd00:244::/32")
     assert code == 0
-    assert "10.244.1.10:8080" in out and "[fd00:244:1::10]:8080" in out  # pools of one: no map
-    if mode == "nftables":
+    if mode == "nftables":  # the endpoints are map data
+        assert "10.244.1.10 . 8080" in out and "fd00:244:1::10 . 8080" in out
         assert "add table ip pyproxy" in out and "add table ip6 pyproxy" in out
         assert "ip6 saddr != { fd00:244::/32 }" in out
     else:
+        assert "10.244.1.10:8080" in out and "[fd00:244:1::10]:8080" in out
         assert "# IPv6: ip6tables-restore input" in out and "-d fd00:96::40/128" in out
     code, out, _ = _render(capsys, "--source-file", str(path), "--hostname-override", "node-1",
                            "--proxy-mode", mode, "--ip-families", "6")

@@ -334,8 +334,9 @@ def test_explain_names_chains_the_renderer_writes(config):
     e = explain(state, config, dst="192.168.60.20", port=80, proto="tcp", src="203.0.113.9")
     assert e.verdict == "dnat"
     if config.mode == "nftables":  # firewall, external, local; the endpoints are a map's data
-        assert len(e.chains) == 3 and e.endpoint_map.startswith("l")
-        assert f"map ip pyproxy {e.endpoint_map} " in text
+        assert len(e.chains) == 3 and e.endpoint_map == "endpoints-*"
+        local_chain = next(line for line in text.splitlines() if line.startswith(f"add chain ip pyproxy {e.chains[-1]} {{"))
+        assert " map @endpoints-tcp-" in local_chain
     else:
         assert len(e.chains) == 5  # firewall, external, local, 2 endpoint chains
     missing = [c for c in e.chains if c not in text]

@@ -199,11 +199,13 @@ def test_userspace_render_redirects_only_with_a_relay_and_endpoints():
     (chain, rules), = frag.chains.items()
     assert chain.startswith("redirect-") and rules[0].startswith("meta l4proto tcp redirect to :36000")
     assert frag.elements == {("service-ips", "10.96.0.10 . tcp . 80"): f"goto {chain}",
-                             ("service-nodeports", "tcp . 30080"): f"goto {chain}"}
+                             ("service-nodeports", "tcp . 30080"): f"goto {chain}",
+                             ("cluster-ips", "10.96.0.10"): ""}
     for frag in (us.render_service(st, None), us.render_service(sps([], node_port=30080), 36000)):
         assert frag.chains == {}
         assert frag.elements == {("no-endpoint-services", "10.96.0.10 . tcp . 80"): "goto reject-chain",
-                                 ("no-endpoint-nodeports", "tcp . 30080"): "goto reject-chain"}
+                                 ("no-endpoint-nodeports", "tcp . 30080"): "goto reject-chain",
+                                 ("cluster-ips", "10.96.0.10"): ""}
     guarded = us.guard_relays(nft.render_base(CFG, DesiredState()), (36000, 36001))
     assert guarded.chains["filter-input"][0].endswith("ct status ! dnat drop")
     assert {k for k in guarded.elements if k[0] == us.RELAY_PORTS} == {(us.RELAY_PORTS, "36000"), (us.RELAY_PORTS, "36001")}

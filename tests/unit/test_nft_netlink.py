@@ -17,8 +17,9 @@ def test_every_set_pyproxy_declares_has_a_codec(family):
     for name, spec in r.sets_for(family).items():
         c = nl.codec(spec)
         assert c.key and (c.data is None or c.data), name
-    emap = nl.codec(r.endpoint_map_spec(family))
-    assert emap.interval and emap.data == ("ipv6_addr" if family == 6 else "ipv4_addr", "inet_service")
+    for protocol in ("tcp", "udp", "sctp"):
+        emap = nl.codec(r.endpoint_map_spec(family, protocol))
+        assert emap.interval and emap.data == ("ipv6_addr" if family == 6 else "ipv4_addr", "inet_service")
 
 
 def test_affinity_sets_and_unknown_types_are_left_to_nft():
@@ -63,7 +64,7 @@ def test_concatenated_keys_pad_every_field_to_a_register():
 
 
 def test_an_interval_is_a_start_with_data_and_a_flagged_end():
-    spec = r.endpoint_map_spec(4)
+    spec = r.endpoint_map_spec(4, "tcp")
     tx = Transaction(set_specs={"endpoints-x": spec})
     tx.add_element("endpoints-x", "0-116396279", "10.1.0.7 . 8087")
     (msg,) = nl.messages(tx)

@@ -11,6 +11,7 @@ from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.render import nftables as r
 from pyproxy.render.naming import NFT_NAME_MAX, ServiceChains, nft_endpoint_base, nft_service_base
+from pyproxy.render.slots import Region
 from tests.unit.helpers import sps, spn
 
 CFG = ProxyConfig()
@@ -31,39 +32,44 @@ def _map_elements(frag, name):
 
 
 def test_three_endpoints_are_data_in_a_slot_map():
-    """Without ClientIP affinity a service chain DNATs through a map from a random slot to an
-    endpoint: endpoints are map elements, not chains."""
+    """Without ClientIP affinity a service chain DNATs through a shared map from a random slot
+    of the pool's region to an endpoint: endpoints are map elements, not chains."""
     st = sps(THREE)
-    frag = r.render_service(CFG, st)
+    frag = r.render_service(CFG, st, place=lambda local, n: Region("tcp", 2, 5))
     name, rules = _service_chain(frag)
-    emap = ServiceChains(st.service.name, mode="nftables").endpoint_map(local=False)
-    lookup = f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} map @{emap}"
+    emap = "endpoints-tcp-2"
+    offset = 5 * r.SLOTS
+    lookup = f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset {offset} map @{emap}"
     assert rules == (lookup, lookup)  # the second only runs if the first lookup missed
-    assert frag.sets == {emap: 'typeof numgen random mod 2 : ip daddr . th dport ; flags interval ; '
-                               'comment "test/web:http" ;'}
-    assert len(emap) == 12 and emap.startswith("e")
+    assert frag.sets == {}  # the shared maps are the base fragment's
     third = r.SLOTS // 3
     assert _map_elements(frag, emap) == {
-        f"0-{third - 1}": "10.244.1.1 . 8080",
-        f"{third}-{2 * third - 1}": "10.244.1.2 . 8080",
-        f"{2 * third}-{r.SLOTS - 1}": "10.244.1.3 . 8080",
+        f"{offset}-{offset + third - 1}": "10.244.1.1 . 8080",
+        f"{offset + third}-{offset + 2 * third - 1}": "10.244.1.2 . 8080",
+        f"{offset + 2 * third}-{offset + r.SLOTS - 1}": "10.244.1.3 . 8080",
     }
     assert not _endpoint_chains(frag)
     assert name == f"service-{nft_service_base(st.service.name)}"
     # Readable names: the namespace, service, protocol and port name are in the chain name.
     assert name.endswith("-test/web/tcp/http")
+    base = r.render_base(CFG, DesiredState(), endpoint_maps={"tcp": 3, "udp": 1})
+    assert base.sets[emap] == ('typeof numgen random mod 2 : ip daddr . tcp dport ; flags interval ; '
+                               f'comment "random slot to endpoint: {r.SLOTS} slots a pool" ;')
+    assert {m for m in base.sets if m.startswith("endpoints-")} == {
+        "endpoints-tcp-0", "endpoints-tcp-1", "endpoints-tcp-2", "endpoints-udp-0"}
 
 
-@pytest.mark.parametrize("n", range(1, 40))
+@pytest.mark.parametrize("n", range(1, 60))
 def test_slot_ranges_tile_the_slots_evenly(n):
     ranges = r.slot_ranges(n)
     assert ranges[0][0] == 0 and ranges[-1][1] == r.SLOTS - 1
     assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
     sizes = {hi - lo + 1 for lo, hi in ranges}
-    if r.SLOTS % n == 0:  # every count up to 22, and many more
+    if r.SLOTS % n == 0:  # every count up to 18, and many more
         assert sizes == {r.SLOTS // n}
     else:
         assert max(sizes) - min(sizes) == 1
+    assert n > 18 or r.SLOTS % n == 0
 
 
 def test_changing_one_endpoint_changes_elements_only():
@@ -78,11 +84,13 @@ def test_service_ips_element_and_cluster_ips():
     frag = r.render_service(CFG, st)
     name, _ = _service_chain(frag)
     assert frag.elements[("service-ips", "10.96.0.10 . tcp . 80")] == f"goto {name}"
-    # cluster-ips is the base fragment's, rendered from all services (shared ClusterIPs).
-    assert not any(k[0] == "cluster-ips" for k in frag.elements)
+    # cluster-ips is a shared set: each port holds its ClusterIP (ports share it), so the base
+    # fragment does not depend on the Services.
+    assert frag.elements[("cluster-ips", "10.96.0.10")] == ""
+    assert "cluster-ips" in r.SHARED_SETS
     assert not any(k[0].startswith("no-endpoint") for k in frag.elements)
     base = r.render_base(CFG, DesiredState(services={st.service.name: st}))
-    assert base.elements[("cluster-ips", "10.96.0.10")] == ""
+    assert not any(k[0] == "cluster-ips" for k in base.elements)
 
 
 def test_hairpin_is_data_too():
@@ -107,22 +115,24 @@ def test_affinity_endpoint_chain_has_hairpin_then_dnat():
     assert not any(m == "hairpin" for (m, _) in frag.elements)  # the chains do it
 
 
-def test_single_endpoint_is_dnat_in_the_service_chain():
-    """A pool of one needs no choice, so no map: each set in the table makes every later
-    reference to a set slower in the kernel (a walk over the table's sets by name)."""
+def test_single_endpoint_is_data_too():
+    """A pool of one is a region like any other: replacing its endpoint, or growing it, changes
+    map elements only (the rule stays)."""
     st = sps(["10.244.1.1"])
     frag = r.render_service(CFG, st)
     _, rules = _service_chain(frag)
-    assert rules == ("meta l4proto tcp dnat to 10.244.1.1:8080",)
+    assert rules[-1] == f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-tcp-0"
+    assert _map_elements(frag, "endpoints-tcp-0") == {f"0-{r.SLOTS - 1}": "10.244.1.1 . 8080"}
     assert frag.sets == {} and ("hairpin", "10.244.1.1 . 10.244.1.1") in frag.elements
+    grown = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"]))
+    assert grown.chains == frag.chains and grown.elements != frag.elements
 
 
 def test_only_usable_endpoints_are_in_the_map():
     svc = sps([]).service
     eps = (Endpoint("10.244.1.1", 8080, ready=True), Endpoint("10.244.1.2", 8080, ready=False, serving=False))
     frag = r.render_service(CFG, ServicePortState(svc, (*eps, Endpoint("10.244.1.3", 8080, ready=True))))
-    emap = ServiceChains(svc.name, mode="nftables").endpoint_map(local=False)
-    assert sorted(_map_elements(frag, emap).values()) == ["10.244.1.1 . 8080", "10.244.1.3 . 8080"]
+    assert sorted(_map_elements(frag, "endpoints-tcp-0").values()) == ["10.244.1.1 . 8080", "10.244.1.3 . 8080"]
 
 
 def test_affinity_sets_and_rules():
@@ -199,10 +209,9 @@ def test_no_endpoints(node_port):
     }
     if node_port:
         want[("no-endpoint-nodeports", "tcp . 30081")] = "goto reject-chain"
+    # Even without endpoints the ClusterIP is listed: a port it does not serve is refused.
+    want[("cluster-ips", "10.96.0.12")] = ""
     assert frag.elements == want
-    # Even without endpoints the ClusterIP is listed (the base fragment renders it).
-    base = r.render_base(CFG, DesiredState(services={spn(): sps([], cluster_ip="10.96.0.12")}))
-    assert ("cluster-ips", "10.96.0.12") in base.elements
 
 
 def test_only_non_serving_endpoints_count_as_none():
@@ -220,10 +229,10 @@ def test_other_protocols(proto):
     assert ("service-ips", f"10.96.0.10 . {proto} . 53") in frag.elements
     assert ("service-nodeports", f"{proto} . 30053") in frag.elements
     _, rules = _service_chain(frag)
-    assert rules[-1] == f"meta l4proto {proto} dnat to 10.244.1.1:5353"
+    # Each protocol has maps of its own (their data is typed tcp/udp/sctp dport).
+    assert rules[-1] == f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-{proto}-0"
     two = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"], protocol=proto, port=53, target_port=5353))
     _, rules = _service_chain(two)
-    assert rules[-1].startswith(f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} map @e")
     assert sorted(_map_elements(two, rules[-1].rsplit("@", 1)[1]).values()) == [
         "10.244.1.1 . 5353", "10.244.1.2 . 5353"]
     assert f"/{proto}/" in _service_chain(frag)[0]
@@ -284,17 +293,27 @@ def test_base_fragment():
     assert used <= set(frag.sets)
 
 
-def test_base_fragment_lists_each_cluster_ip_once():
+def test_a_shared_cluster_ip_stays_while_any_port_holds_it():
     # Two ports of one Service, and another Service sharing the ClusterIP on another port.
+    from pyproxy.nft.executor import FakeNft
+    from pyproxy.proxier.nftables import NftProxier
+
     svcs = [sps(["10.244.1.1"], port_name="http", port=80, cluster_ip="10.96.0.20"),
             sps(["10.244.1.1"], port_name="https", port=443, cluster_ip="10.96.0.20"),
             sps(["10.244.1.2"], name="twin", port=8000, cluster_ip="10.96.0.20"),
             sps([], name="empty", cluster_ip="10.96.0.21")]
-    frag = r.render_base(CFG, DesiredState(services={s.service.name: s for s in svcs},
-                                           nodeport_ips=("192.168.1.1",)))
-    assert frag.elements == {("cluster-ips", "10.96.0.20"): "", ("cluster-ips", "10.96.0.21"): "",
-                             ("nodeport-ips", "192.168.1.1"): ""}
-    assert not any(k[0] == "cluster-ips" for s in svcs for k in r.render_service(CFG, s).elements)
+    assert r.render_base(CFG, DesiredState(services={s.service.name: s for s in svcs})).elements == {}
+    fake = FakeNft()
+    proxier = NftProxier(config=CFG, executor=fake, gc_period=0)
+
+    def cluster_ips(keep):
+        proxier.sync(DesiredState(services={s.service.name: s for s in keep}))
+        return set(fake.dump().elements["cluster-ips"])
+
+    assert cluster_ips(svcs) == {"10.96.0.20", "10.96.0.21"}
+    assert cluster_ips(svcs[2:]) == {"10.96.0.20", "10.96.0.21"}
+    assert cluster_ips(svcs[3:]) == {"10.96.0.21"}
+    assert cluster_ips([]) == set()
 
 
 @pytest.mark.parametrize(("bit", "mark"), [(0, "0x1"), (14, "0x4000"), (31, "0x80000000")])

@@ -45,7 +45,8 @@ def test_nft_clusterip_goes_to_local_endpoints_only():
 
 def test_nft_no_local_endpoint_drops_instead_of_rejecting():
     frag = nft.render_service(CFG, _state(["node-2"]))
-    assert frag.elements == {("no-endpoint-services", "10.96.0.10 . tcp . 80"): "drop"}
+    assert frag.elements == {("no-endpoint-services", "10.96.0.10 . tcp . 80"): "drop",
+                             ("cluster-ips", "10.96.0.10"): ""}
 
 
 def test_iptables_svl_chain_and_drop():
