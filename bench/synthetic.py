@@ -19,6 +19,9 @@ def cluster(n_services: int, n_endpoints: int, *, target_ips: list[str] | None =
             node_name: str = "node-1", node_ip: str = "192.168.50.2") -> list[dict[str, Any]]:
     """``n_services`` services; the last one, ``zz/target``, is backed by ``target_ips``.
 
+    Each object has a uid and a resourceVersion, as every object `kubectl get -o json` writes
+    (and every object the API sends) has.
+
     The target sorts last, so in iptables mode it is the last rule of PYPROXY-SERVICES: the
     worst case of iptables' linear dispatch, which is what the latency benchmark measures.
     """
@@ -30,14 +33,16 @@ def cluster(n_services: int, n_endpoints: int, *, target_ips: list[str] | None =
         last = i == n_services - 1 and target_ips is not None
         ns, name = ("zz", "target") if last else (f"ns{i % 50}", f"svc{i}")
         objs.append({
-            "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "kind": "Service", "metadata": {"name": name, "namespace": ns, "uid": f"svc-{i}",
+                                            "resourceVersion": str(2 * i + 1)},
             "spec": {"clusterIP": service_ip(i), "type": "ClusterIP",
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
         })
         ips = target_ips if last else [endpoint_ip(i, j) for j in range(n_endpoints)]
         objs.append({
             "kind": "EndpointSlice",
-            "metadata": {"name": f"{name}-a", "namespace": ns,
+            "metadata": {"name": f"{name}-a", "namespace": ns, "uid": f"eps-{i}",
+                         "resourceVersion": str(2 * i + 2),
                          "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],

@@ -8,12 +8,18 @@ zeros, so IPv4 goes through our own parser and comes out canonical, as upstream'
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from pyproxy.literals import Family
 
 
 class BadAddress(ValueError):
     """An address or CIDR that cannot be parsed."""
+
+
+_CANONICAL_V4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                           r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+"""A dotted quad already in canonical form (no leading zeros): most addresses, taken at once."""
 
 
 def _sloppy_v4(text: str) -> str | None:
@@ -36,6 +42,8 @@ def canonical_ip(text: object) -> tuple[str, Family]:
     """Return ``(canonical text, family)`` for an IP, family 4 or 6; raise BadAddress."""
     if not isinstance(text, str) or not text.strip():
         raise BadAddress(f"not an IP address: {text!r}")
+    if _CANONICAL_V4.fullmatch(text):
+        return text, 4
     raw = text.strip()
     v4 = _sloppy_v4(raw)
     if v4 is not None:

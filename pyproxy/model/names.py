@@ -20,6 +20,7 @@ The rules (k8s.io/apimachinery/pkg/util/validation):
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 LABEL_MAX = 63
 SUBDOMAIN_MAX = 253
@@ -43,18 +44,21 @@ def _problem(value: str, *, most: int, pattern: re.Pattern[str], rule: str) -> s
     return None
 
 
+@lru_cache(maxsize=1 << 16)  # the same node, zone and namespace names come 100k times
 def dns_label_problem(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 label, or None."""
     return _problem(value, most=LABEL_MAX, pattern=_LABEL, rule="a DNS-1123 label (lower-case letters, "
                     "digits and '-', starting and ending with a letter or digit)")
 
 
+@lru_cache(maxsize=1 << 16)  # the same node, zone and namespace names come 100k times
 def dns_subdomain_problem(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 subdomain, or None."""
     return _problem(value, most=SUBDOMAIN_MAX, pattern=_SUBDOMAIN, rule="a DNS-1123 subdomain (lower-case "
                     "letters, digits, '-' and '.', starting and ending with a letter or digit)")
 
 
+@lru_cache(maxsize=1 << 16)  # the same node, zone and namespace names come 100k times
 def label_value_problem(value: str) -> str | None:
     """Why ``value`` is not a label value, or None."""
     return _problem(value, most=LABEL_MAX, pattern=_LABEL_VALUE, rule="a label value (letters, digits, "

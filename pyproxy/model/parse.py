@@ -284,7 +284,10 @@ def _lb_ingress(status: Any, family: Family) -> tuple[str, ...]:
 
 
 def _hints(item: dict[str, Any], i: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    hints = _mapping(item.get("hints") or {}, f"endpoints[{i}].hints")
+    raw_hints = item.get("hints")
+    if not raw_hints:
+        return (), ()
+    hints = _mapping(raw_hints, f"endpoints[{i}].hints")
 
     def names(key: str) -> tuple[str, ...]:
         raw = hints.get(key) or []

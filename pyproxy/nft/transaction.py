@@ -68,6 +68,8 @@ class Transaction:
         self.set_specs = set_specs or {}
         self.ops: list[Op] = []
         self.error: str | None = None
+        self._good_names: set[str] = set()
+        """Names already checked (a set takes thousands of element operations)."""
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -75,14 +77,24 @@ class Transaction:
     def _push(self, op: Op) -> None:
         if self.error is not None:
             return
-        if op.kind != "table" and not _NAME.fullmatch(op.name):
-            self.error = f"invalid {op.kind} name {op.name!r}"
-        elif any(not r.strip() or _RULE_BREAK.search(r)
-                 for r in (op.rules if op.kind == "chain" else (op.body,) if op.kind == "rule" else ())):
+        kind = op.kind
+        name = op.name
+        if kind != "table" and name not in self._good_names:
+            if not _NAME.fullmatch(name):
+                self.error = f"invalid {kind} name {name!r}"
+                return
+            self._good_names.add(name)
+        if kind == "table":
+            self.ops.append(op)
+        elif kind == "element":  # most operations: checked first, and cheaply
+            if not op.body or _FORBIDDEN.search(op.body) or (op.value and _FORBIDDEN.search(op.value)):
+                self.error = f"invalid element {op.body!r} : {op.value!r} in {op.name!r}"
+            else:
+                self.ops.append(op)
+        elif (kind == "chain" or kind == "rule") and any(
+                not r.strip() or _RULE_BREAK.search(r) for r in (op.rules if kind == "chain" else (op.body,))):
             # A ";" or line break would end the rule early and start another command.
             self.error = f"invalid rule for chain {op.name!r}: {op.body or op.rules!r}"
-        elif op.kind == "element" and (not op.body or _FORBIDDEN.search(op.body + op.value)):
-            self.error = f"invalid element {op.body!r} : {op.value!r} in {op.name!r}"
         else:
             self.ops.append(op)
 

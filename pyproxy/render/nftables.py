@@ -51,6 +51,10 @@ BASE_CHAINS = {
 }
 
 
+MISSED = 'drop comment "slot not found: the map is still being committed, the client retries"'
+"""The rule after an endpoint lookup (see render_service)."""
+
+
 def endpoint_map_spec(family: Family, protocol: str) -> str:
     """A shared endpoint map of one protocol: slot range → address . port (for the dnat
     statement); see :mod:`pyproxy.render.slots`."""
@@ -216,11 +220,14 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
                 elements[(m, f"{offset + lo}-{offset + hi}")] = f"{ep.ip} . {ep.port}"
                 elements[("hairpin", f"{ep.ip} . {ep.ip}")] = ""
             lookup = f"meta l4proto {proto} dnat {a} to numgen random mod {SLOTS} offset {offset} map @{m}"
-            # Twice: a lookup that misses falls through to the next rule, and one did miss in a
-            # restart under load (a table replaced while a SYN went through: 1 connection in
-            # ~6,000 refused in CI and in 1 of 5 loaded runs; 0 of 8 with the retry). The second
-            # runs only after a miss.
-            return (*masq, lookup, lookup)
+            # A lookup that misses falls through. The one miss we know of: an interval map made
+            # in a transaction cannot be searched until the kernel has finished committing it
+            # (kernel 6.18 searches a sorted array built at the end of the commit, after the
+            # rules that use the map went live), so while a full sync replaces the table a new
+            # connection can find nothing (1 in ~6,000 under load). Dropping that SYN makes the
+            # client retry a second later, when the map answers; falling through to the filter
+            # hooks would refuse it.
+            return (*masq, lookup, MISSED)
     else:
         # ClientIP affinity needs a set of clients per endpoint, updated as the endpoint is
         # chosen: one chain per endpoint.

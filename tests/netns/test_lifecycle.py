@@ -18,7 +18,7 @@ from pyproxy.ipt.executor import IptablesCli
 from lab.netns import Topology, ns_exec
 from pyproxy.model.nodeports import nodeport_ips
 from pyproxy.model.state import StateBuilder
-from pyproxy.render.naming import ServiceChains
+from tests.nftlayout import canonical_listing
 from pyproxy.nft.executor import NftCli
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.iptables import IptProxier
@@ -127,14 +127,14 @@ def test_incremental_sync_sends_only_the_change(topo: Topology, mode: str):
         pod2 = topo.pod("pod2").ip
         if mode == "nftables":
             # web's endpoints are map elements: the change went to the kernel as one netlink
-            # batch (no nft process), and left no garbage; pod2 is gone from web's slot map.
+            # batch (no nft process), and left no garbage; pod2 is gone from web's pool.
             assert proxier.executor.paths["netlink"] >= 1
             assert proxier.garbage == []
-            web = next(s.service.name for s in _state(builder, changed, topo).services.values()
-                       if s.service.name.name == "web")
-            web_map = ServiceChains(web, mode="nftables").endpoint_map(local=False)
-            listing = ns_exec(topo.node_ns, ["nft", "list", "map", "ip", "pyproxy", web_map]).stdout
-            assert f"{pod2} . 8080" not in listing and f"{topo.pod('pod0').ip} . 8080" in listing
+            listing = ns_exec(topo.node_ns, ["nft", "list", "table", "ip", "pyproxy"]).stdout
+            blocks, orphans = canonical_listing(listing)
+            assert orphans == []
+            (web_chain,) = [b for b in blocks if b.startswith("chain service-") and "/web/tcp/" in b.split("\n")[0]]
+            assert f"{pod2} . 8080" not in web_chain and f"{topo.pod('pod0').ip} . 8080" in web_chain
             # The sticky service (ClientIP affinity) keeps its chain per endpoint.
             assert f"sticky/tcp/http__{pod2}" in rules
         else:
@@ -159,8 +159,8 @@ def test_failed_apply_keeps_previous_rules_then_full_resync(topo: Topology, mode
         if mode == "nftables":
             real = nft_render.render_service
 
-            def bad(config, sps):
-                frag = real(config, sps)
+            def bad(config, sps, **kw):
+                frag = real(config, sps, **kw)
                 if sps.service.name.name != "new":
                     return frag
                 return type(frag)(chains={k: (*v, "dnat to nonsense") for k, v in frag.chains.items()},

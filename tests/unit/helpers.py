@@ -98,7 +98,8 @@ def fake_dnat_targets(table: Any) -> set[str]:
 def fragment_pool(frag: Any, chain: str) -> list[str]:
     """The endpoints a service fragment's ``chain`` (service-… or local-…) picks from."""
     rules = frag.chains[chain]
-    last = rules[-1]
+    # The endpoint lookup (the rule after it drops what it missed), or the last rule.
+    last = next((r for r in rules if " map @" in r), rules[-1])
     if " dnat to " in last:  # a pool of one: the rule DNATs itself
         return [last.rsplit("dnat to ", 1)[1]]
     lookup = re.search(r"mod (\d+) offset (\d+) map @(\S+)", last)

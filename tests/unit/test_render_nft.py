@@ -40,7 +40,8 @@ def test_three_endpoints_are_data_in_a_slot_map():
     emap = "endpoints-tcp-2"
     offset = 5 * r.SLOTS
     lookup = f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset {offset} map @{emap}"
-    assert rules == (lookup, lookup)  # the second only runs if the first lookup missed
+    assert rules == (lookup, r.MISSED)  # a lookup that missed: dropped, the client retries
+    assert r.MISSED.startswith("drop ")
     assert frag.sets == {}  # the shared maps are the base fragment's
     third = r.SLOTS // 3
     assert _map_elements(frag, emap) == {
@@ -121,7 +122,8 @@ def test_single_endpoint_is_data_too():
     st = sps(["10.244.1.1"])
     frag = r.render_service(CFG, st)
     _, rules = _service_chain(frag)
-    assert rules[-1] == f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-tcp-0"
+    assert rules[-2:] == (f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-tcp-0",
+                          r.MISSED)
     assert _map_elements(frag, "endpoints-tcp-0") == {f"0-{r.SLOTS - 1}": "10.244.1.1 . 8080"}
     assert frag.sets == {} and ("hairpin", "10.244.1.1 . 10.244.1.1") in frag.elements
     grown = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"]))
@@ -230,10 +232,10 @@ def test_other_protocols(proto):
     assert ("service-nodeports", f"{proto} . 30053") in frag.elements
     _, rules = _service_chain(frag)
     # Each protocol has maps of its own (their data is typed tcp/udp/sctp dport).
-    assert rules[-1] == f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-{proto}-0"
+    assert rules[-2] == f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-{proto}-0"
     two = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"], protocol=proto, port=53, target_port=5353))
     _, rules = _service_chain(two)
-    assert sorted(_map_elements(two, rules[-1].rsplit("@", 1)[1]).values()) == [
+    assert sorted(_map_elements(two, rules[-2].rsplit("@", 1)[1]).values()) == [
         "10.244.1.1 . 5353", "10.244.1.2 . 5353"]
     assert f"/{proto}/" in _service_chain(frag)[0]
     empty = r.render_service(CFG, sps([], protocol=proto, port=53, node_port=30053))
