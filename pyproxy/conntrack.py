@@ -118,9 +118,19 @@ class ConntrackCleaner:
     def __init__(self, *, family: Family = 4) -> None:
         self.family = family
         self._last: dict[str, Serving] = {}
+        self._generation: int | None = None
+        """The state whose serving endpoints ``_last`` holds, when every protocol was cleaned."""
 
     def after_sync(self, state: DesiredState) -> int:
+        changes = state.changes
+        if (changes is not None and self._generation is not None and changes.since == self._generation
+                and not any(name.protocol in CLEANED for name in changes.names)):
+            # Only TCP service ports changed since the last clean: nothing to look at (this
+            # keeps a sync's cost following its change, not the number of Services).
+            self._generation = changes.generation
+            return 0
         deleted = 0
+        complete = True
         for protocol in CLEANED:
             serving = udp_serving(state, protocol)
             if not serving or serving == self._last.get(protocol):
@@ -131,8 +141,10 @@ class ConntrackCleaner:
                 # No conntrack support here, or a netlink error mid-dump: the rules are in
                 # place either way. Not remembered as done, so the next change retries.
                 FAILURES.inc()
+                complete = False
                 log.warning("conntrack cleanup of %s failed (retried after the next change): %s: %s",
                             protocol.upper(), type(err).__name__, err)
                 continue
             self._last[protocol] = serving
+        self._generation = changes.generation if complete and changes is not None else None
         return deleted

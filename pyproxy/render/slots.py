@@ -45,6 +45,9 @@ gets a map of its own): bounds the (rules × elements) cost of loading a map."""
 
 MAP_PREFIX = "endpoints-"
 
+_TRIES = 8
+"""Open maps a pool is offered before it gets a new one (bounds the work of a placement)."""
+
 
 def map_name(protocol: str, index: int) -> str:
     """The name of shared endpoint map ``index`` of ``protocol`` (short: the kernel compares
@@ -143,14 +146,17 @@ class _Shelf:
     def take(self, size: int) -> tuple[int, int]:
         """A region for a pool of ``size`` endpoints: (map, index)."""
         m = None
-        while self._open:
+        tries = 0
+        while self._open and tries < _TRIES:
             i = self._open[0]
             if self.pools[i] < MAP_POOLS and (self.pools[i] == 0 or self.elements[i] + size <= MAP_ELEMENTS):
                 m = i
                 break
-            # Full for this pool: no longer a candidate until one of its pools goes.
+            # Full, or too full for this pool: closed until one of its pools goes (then it is
+            # offered again). Closing on a first refusal keeps a placement O(log maps).
             heapq.heappop(self._open)
             self._listed.discard(i)
+            tries += 1
         if m is None:
             m = len(self.pools)
             self.pools.append(0)

@@ -107,3 +107,30 @@ def test_an_entry_gone_between_dump_and_delete_does_not_stop_the_cleanup(monkeyp
     serving = udp_serving(_state(["10.244.1.1"]))
     assert conntrack.clean(serving) == 1
     assert deleted == [entries[1]]
+
+
+def test_a_tcp_only_change_skips_the_walk_over_every_service(monkeypatch):
+    """After a change of TCP service ports only, the cleaner looks at nothing (the builder says
+    which ports changed); a UDP change, or a state from elsewhere, is looked at in full."""
+    from pyproxy.model.state import StateBuilder
+
+    calls, walks = [], []
+    monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving, family=4, protocol="udp": calls.append(serving) or 0)
+    real = udp_serving
+    monkeypatch.setattr("pyproxy.conntrack.udp_serving", lambda state, protocol="udp": walks.append(protocol) or real(state, protocol))
+    objs = [sc.service("dns", "10.96.0.53", [sc.port(53, name="dns", protocol="UDP")]),
+            sc.endpoint_slice("dns", ["10.244.1.1"], UDP),
+            sc.service("web", "10.96.0.80", [sc.port(80, name="http")]),
+            sc.endpoint_slice("web", ["10.244.1.9"], [sc.port(8080, name="http")])]
+    builder = StateBuilder(node_name="node-1")
+    builder.replace_all(objs)
+    cleaner = ConntrackCleaner()
+    cleaner.after_sync(builder.build())
+    assert len(calls) == 1 and walks
+    walks.clear()
+    builder.upsert(sc.endpoint_slice("web", ["10.244.1.7"], [sc.port(8080, name="http")]))
+    cleaner.after_sync(builder.build())
+    assert walks == [] and len(calls) == 1
+    builder.upsert(sc.endpoint_slice("dns", ["10.244.1.2"], UDP))
+    cleaner.after_sync(builder.build())
+    assert walks and len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {"10.244.1.2"}

@@ -650,3 +650,32 @@ def test_replacing_the_one_endpoint_of_a_service_changes_elements_only():
     state = build([*_web(("10.244.1.7",)), *_other()])
     proxier.sync(state)
     assert proxier.garbage == [] and _same(fake.dump(), _fresh_table(state))
+
+
+def test_a_sync_after_a_build_renders_only_what_the_builder_says_changed(monkeypatch):
+    """The cost of a sync follows the change: when the state follows the one applied last, the
+    proxier renders the changed ports only; a state from elsewhere gets a walk over all of them,
+    with the same result."""
+    proxier, fake = _proxier()
+    builder = StateBuilder(node_name="node-1")
+    objs = many_services(200)
+    builder.replace_all(objs)
+    proxier.sync(builder.build())
+    rendered = []
+    real = proxier._render_service
+    monkeypatch.setattr(proxier, "_render_service", lambda sps, **kw: rendered.append(sps.service.name.name) or real(sps, **kw))
+    i = next(k for k, o in enumerate(objs) if o["metadata"]["name"] == "svc-50-a")
+    changed = copy.deepcopy(objs[i])
+    changed["endpoints"][0]["addresses"] = ["10.200.0.9"]
+    builder.upsert(changed)
+    state = builder.build()
+    assert not proxier.sync(state).full
+    assert rendered == ["svc-50", "svc-50"]  # the old fragment and the new one
+    assert _same(fake.dump(), _fresh_table(state))
+    rendered.clear()
+    objs[i] = changed
+    other = build([o for o in objs if not o["metadata"]["name"].startswith("svc-7-")])
+    assert other.changes.since != state.changes.generation
+    assert not proxier.sync(other).full
+    assert rendered == ["svc-7", "svc-7"]  # the walk found the one port that differs (its slice went)
+    assert _same(fake.dump(), _fresh_table(other))

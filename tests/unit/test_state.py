@@ -600,3 +600,38 @@ def test_every_path_agrees_on_which_node_is_ours():
         assert b.node is None
     broken = {"kind": "Node", "metadata": ["not", "a", "mapping"]}
     assert not StateBuilder(node_name="a").is_ours(broken) and StateBuilder().is_ours(broken)
+
+
+# -- what changed between builds -------------------------------------------------------------
+
+
+def _changed(state):
+    return sorted(n.name for n in state.changes.names)
+
+
+def test_each_build_says_which_service_ports_changed_and_follows_the_previous_one():
+    b = _builder([*_svc_at("a"), *_svc_at("b", ip="10.96.0.11", ep="10.244.2.2")])
+    first = b.build()
+    assert _changed(first) == ["a", "b"]
+    b.upsert(sc.endpoint_slice("a", ["10.244.1.7"], [sc.port(8080, name="http")]))
+    second = b.build()
+    assert _changed(second) == ["a"] and second.changes.since == first.changes.generation
+    third = b.build()
+    assert _changed(third) == [] and third.changes.since == second.changes.generation
+    b.delete("Service", ("test", "b"))
+    assert _changed(b.build()) == ["b"]
+    # The state is a copy: a later build does not change what an earlier one holds.
+    assert "b" in {n.name for n in second.services}
+
+
+def test_a_resolved_conflict_counts_as_a_change_of_the_service_that_gets_in():
+    b = _builder([*_svc_at("a"), *_svc_at("b", ep="10.244.9.9")])
+    assert _names(b.build()) == ["a"]
+    b.delete("Service", ("test", "a"))
+    state = b.build()
+    assert _names(state) == ["b"] and _changed(state) == ["a", "b"]
+
+
+def test_generations_are_unique_across_builders():
+    one, two = _builder(_svc_at("a")).build(), _builder(_svc_at("a")).build()
+    assert one.changes.generation != two.changes.generation
