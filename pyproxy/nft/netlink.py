@@ -25,6 +25,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -104,6 +105,9 @@ TYPEOF_FIELDS = {"ip daddr": "ipv4_addr", "ip6 daddr": "ipv6_addr", "th dport": 
                  "tcp dport": "inet_service", "udp dport": "inet_service", "sctp dport": "inet_service"}
 
 
+_ADDR_PORT4 = ("ipv4_addr", "inet_service")
+
+
 @dataclass(frozen=True)
 class Codec:
     """How one set's elements become bytes."""
@@ -118,6 +122,13 @@ class Codec:
         return self.key == ("interval",)
 
     def value(self, fields: tuple[str, ...], text: str) -> bytes:
+        if fields == _ADDR_PORT4:  # an endpoint: the common case, taken at once
+            ip, sep, port = text.partition(" . ")
+            if sep and ip.count(".") == 3 and port.isdigit() and int(port) < 65536:
+                try:
+                    return socket.inet_aton(ip) + _PORTS[int(port)]
+                except OSError:
+                    pass  # the general path below says what is wrong
         parts = [p.strip() for p in text.split(" . ")]
         if len(parts) != len(fields):
             raise Unsupported(f"{text!r} does not have the fields {' . '.join(fields)}")
@@ -163,12 +174,41 @@ def _verdict(text: str) -> bytes:
     return _nest(NFTA_DATA_VERDICT, inner)
 
 
+_ELEMENT_LAYOUTS: dict[tuple[int, int, bool], struct.Struct] = {}
+
+
+def _layout(klen: int, dlen: int, flagged: bool) -> struct.Struct:
+    """One element's bytes as a single struct: LIST_ELEM { [FLAGS], KEY { VALUE }, [DATA] }
+    (``dlen`` counts the data attribute's own nested bytes, 0 for none; lengths are multiples of
+    4, so nothing pads). One pack a element: a full sync at 10k services sends 200k of them."""
+    layout = _ELEMENT_LAYOUTS.get((klen, dlen, flagged))
+    if layout is None:
+        fmt = "=HH" + ("HHI" if flagged else "") + f"HHHH{klen}s" + (f"HH{dlen}s" if dlen else "")
+        layout = _ELEMENT_LAYOUTS[(klen, dlen, flagged)] = struct.Struct(fmt)
+    return layout
+
+
 def _element(key: bytes, *, data: bytes | None = None, flags: int = 0) -> bytes:
-    parts = [_nla(NFTA_SET_ELEM_FLAGS, struct.pack("!I", flags))] if flags else []
-    parts.append(_nest(NFTA_SET_ELEM_KEY, _nla(NFTA_DATA_VALUE, key)))
+    klen, dlen = len(key), len(data) if data is not None else 0
+    if klen % 4 or dlen % 4:  # not a layout of ours (keys and data are whole registers)
+        parts = [_nla(NFTA_SET_ELEM_FLAGS, struct.pack("!I", flags))] if flags else []
+        parts.append(_nest(NFTA_SET_ELEM_KEY, _nla(NFTA_DATA_VALUE, key)))
+        if data is not None:
+            parts.append(_nest(NFTA_SET_ELEM_DATA, data))
+        return _nest(NFTA_LIST_ELEM, *parts)
+    layout = _layout(klen, dlen, bool(flags))
+    head: tuple[int | bytes, ...] = (layout.size, NFTA_LIST_ELEM | NLA_F_NESTED)
+    if flags:
+        # The flags are big-endian on the wire; the header fields are host order.
+        head += (8, NFTA_SET_ELEM_FLAGS, int.from_bytes(struct.pack("!I", flags), sys.byteorder))
+    body: tuple[int | bytes, ...] = (8 + klen, NFTA_SET_ELEM_KEY | NLA_F_NESTED, 4 + klen, NFTA_DATA_VALUE, key)
     if data is not None:
-        parts.append(_nest(NFTA_SET_ELEM_DATA, data))
-    return _nest(NFTA_LIST_ELEM, *parts)
+        body += (4 + dlen, NFTA_SET_ELEM_DATA | NLA_F_NESTED, data)
+    return layout.pack(*head, *body)
+
+
+_PORTS = [struct.pack("!H", p) + b"\0\0" for p in range(65536)]
+"""A port as a register (big-endian, padded): concatenations end in a port."""
 
 
 def elements(op: Op, c: Codec) -> list[bytes]:
@@ -185,9 +225,9 @@ def elements(op: Op, c: Codec) -> list[bytes]:
             raise Unsupported(f"interval {op.body!r}") from None
         if not 0 <= lo <= hi <= 0xFFFF_FFFF:
             raise Unsupported(f"interval {op.body!r}")
-        out = [_element(struct.pack("!I", lo), data=data)]
+        out = [_element(lo.to_bytes(4, "big"), data=data)]
         if hi < 0xFFFF_FFFF:
-            out.append(_element(struct.pack("!I", hi + 1), flags=NFT_SET_ELEM_INTERVAL_END))
+            out.append(_element((hi + 1).to_bytes(4, "big"), flags=NFT_SET_ELEM_INTERVAL_END))
         return out
     return [_element(c.value(c.key, op.body), data=data)]
 
@@ -206,20 +246,28 @@ def messages(tx: Transaction) -> list[Message]:
     share a message); Unsupported if it holds anything but element changes of known sets."""
     out: list[Message] = []
     codecs: dict[str, Codec] = {}
+    current: list[bytes] = []
+    size = 0
+    verb = name = ""
     for op in tx.ops:
         if op.kind != "element" or op.verb not in ("add", "delete"):
             raise Unsupported(f"{op.verb} {op.kind}")
-        spec = tx.set_specs.get(op.name)
-        if spec is None:
-            raise Unsupported(f"set {op.name} has no known declaration")
-        c = codecs.get(op.name) or codecs.setdefault(op.name, codec(spec))
+        c = codecs.get(op.name)
+        if c is None:
+            spec = tx.set_specs.get(op.name)
+            if spec is None:
+                raise Unsupported(f"set {op.name} has no known declaration")
+            c = codecs[op.name] = codec(spec)
         new = elements(op, c)
-        last = out[-1] if out else None
-        if (last is not None and (last.verb, last.set_name) == (op.verb, op.name)
-                and sum(map(len, last.elements)) + sum(map(len, new)) <= MAX_ELEMENTS_BYTES):
-            out[-1] = Message(op.verb, op.name, (*last.elements, *new))
-        else:
-            out.append(Message(op.verb, op.name, tuple(new)))
+        grow = sum(map(len, new))
+        if current and ((verb, name) != (op.verb, op.name) or size + grow > MAX_ELEMENTS_BYTES):
+            out.append(Message(verb, name, tuple(current)))
+            current, size = [], 0
+        verb, name = op.verb, op.name
+        current.extend(new)
+        size += grow
+    if current:
+        out.append(Message(verb, name, tuple(current)))
     return out
 
 
