@@ -24,7 +24,7 @@ def merge_ports(ports: Iterable[ServicePort], slices: list[ParsedSlice],
                     # The same endpoint can sit in two slices while the controller moves
                     # it; prefer the ready copy, else keep the first.
                     if prev is None or (ep.ready and not prev.ready):
-                        found[(ep.ip, port)] = Endpoint(
+                        found[(ep.ip, port)] = ep if ep.port == port else Endpoint(
                             ip=ep.ip,
                             port=port,
                             ready=ep.ready,

@@ -54,7 +54,8 @@ class ParsedSlice:
     ports: tuple[tuple[str, str, int], ...]
     """(port name, protocol, port) triples."""
     endpoints: tuple[Endpoint, ...]
-    """With ``port`` 0: the port comes from ``ports`` when merging."""
+    """With the slice's port when it has exactly one, else ``port`` 0: merging sets the port of
+    each service port."""
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
@@ -332,6 +333,9 @@ def parse_slice(obj: dict[str, Any], *, family: Family = 4) -> ParsedSlice:
 
     endpoints = []
     seen: set[str] = set()
+    # With one port (most slices) each endpoint carries it already, so merging can keep the
+    # very object (half the endpoints in memory, and no second construction of each).
+    slice_port = ports[0][2] if len(ports) == 1 else 0
     raw_eps = obj.get("endpoints") or []
     if not isinstance(raw_eps, list):
         raise Invalid("endpoints must be a list")
@@ -362,7 +366,7 @@ def parse_slice(obj: dict[str, Any], *, family: Family = 4) -> ParsedSlice:
         endpoints.append(
             Endpoint(
                 ip=ip,
-                port=0,
+                port=slice_port,
                 ready=ready,
                 serving=serving,
                 terminating=terminating,

@@ -269,7 +269,7 @@ def test_slice_basic_fields():
     sl = parse_slice(_slice([{"addresses": ["10.244.1.10"], "nodeName": "node-a", "zone": "z1"}]))
     assert (sl.namespace, sl.name, sl.service) == ("demo", "web-abc", "web")
     assert sl.ports == (("http", "tcp", 8080),)
-    assert sl.endpoints == (Endpoint("10.244.1.10", 0, True, True, False, "node-a", "z1"),)
+    assert sl.endpoints == (Endpoint("10.244.1.10", 8080, True, True, False, "node-a", "z1"),)  # its one port
 
 
 @pytest.mark.parametrize(
