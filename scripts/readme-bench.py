@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"core": "bench_core.md", "vmap": "vmap_scaling.md", "latency": "bench_latency.md",
-          "compare": "compare.md"}
+          "compare": "compare.md", "dataplane": "bench_dataplane.md"}
 
 readme = (ROOT / "README.md").read_text()
 for key, name in TABLES.items():
