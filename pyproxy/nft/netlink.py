@@ -238,7 +238,19 @@ class Message:
 
     verb: str
     set_name: str
-    elements: tuple[bytes, ...]
+    payload: bytes
+    """The elements, each a nested attribute, back to back (one bytes object a message: a cold
+    start at 10k services sends 220k elements, and as many small objects cost ~20 MB)."""
+
+    @property
+    def elements(self) -> tuple[bytes, ...]:
+        """The elements one by one (for inspection)."""
+        out, offset = [], 0
+        while offset < len(self.payload):
+            (size,) = struct.unpack_from("=H", self.payload, offset)
+            out.append(self.payload[offset:offset + size])
+            offset += size + (-size % 4)
+        return tuple(out)
 
 
 def messages(tx: Transaction) -> list[Message]:
@@ -261,13 +273,13 @@ def messages(tx: Transaction) -> list[Message]:
         new = elements(op, c)
         grow = sum(map(len, new))
         if current and ((verb, name) != (op.verb, op.name) or size + grow > MAX_ELEMENTS_BYTES):
-            out.append(Message(verb, name, tuple(current)))
+            out.append(Message(verb, name, b"".join(current)))
             current, size = [], 0
         verb, name = op.verb, op.name
         current.extend(new)
         size += grow
     if current:
-        out.append(Message(verb, name, tuple(current)))
+        out.append(Message(verb, name, b"".join(current)))
     return out
 
 
@@ -345,7 +357,7 @@ class NetlinkSocket:
             kind = NFT_MSG_NEWSETELEM if msg.verb == "add" else NFT_MSG_DELSETELEM
             flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if msg.verb == "add" else 0)
             body = (_string(NFTA_SET_ELEM_LIST_TABLE, table) + _string(NFTA_SET_ELEM_LIST_SET, msg.set_name)
-                    + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *msg.elements))
+                    + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, msg.payload))
             seq, data = self._header((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, nfproto, body)
             waiting[seq] = msg
             parts.append(data)

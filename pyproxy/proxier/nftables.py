@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
@@ -59,11 +59,7 @@ class NftProxier:
         self.needs_full = True
 
     def render_text(self, state: DesiredState) -> str:
-        alloc = SlotAllocator()
-        frags = self._render_all(state, alloc, {})
-        tx = full_transaction([self._render_base(state, maps=alloc.maps()), *frags], family=self.family,
-                              table=self.table, comment=TABLE_COMMENT, set_specs=self.set_specs,
-                              phases=self._phases(full=True))
+        tx, _ = self._full_transaction(state, SlotAllocator(), {}, self._phases(full=True))
         if tx.error:
             # The script would stop where the bad operation was left out: never print half.
             raise SyncFailed(f"cannot render the ruleset: {tx.error}")
@@ -73,12 +69,27 @@ class NftProxier:
         """A diff that counts shared elements from nothing (a full sync) or from the kernel's."""
         return Phases(shared_sets=render.SHARED_SETS, refs={} if full else self._refs)
 
-    def _render_all(self, state: DesiredState, alloc: SlotAllocator,
-                    pools: dict[ServicePortName, dict[bool, Region]]) -> list[NftFragment]:
-        """Every service port's fragment in name order, its pools placed afresh by ``alloc``
-        (and recorded in ``pools``)."""
-        return [self._render_service(state.services[k], place=_placing(alloc, k, pools.setdefault(k, {})))
-                for k in sorted(state.services)]
+    def _full_transaction(self, state: DesiredState, alloc: SlotAllocator,
+                          pools: dict[ServicePortName, dict[bool, Region]],
+                          phases: Phases) -> tuple[Transaction, NftFragment]:
+        """The whole table, and its base fragment: every service port in name order, its pools
+        placed afresh by ``alloc`` (and recorded in ``pools``), then the base (which declares
+        as many shared maps as the placing took). Fragments are made one at a time and dropped
+        once diffed: at 10k services, holding them all cost ~25 MB at the sync's peak."""
+        base: list[NftFragment] = []
+
+        def fragments() -> Iterator[NftFragment]:
+            for k in sorted(state.services):
+                used: dict[bool, Region] = {}
+                yield self._render_service(state.services[k], place=_placing(alloc, k, used))
+                if used:
+                    pools[k] = used
+            base.append(self._render_base(state, maps=alloc.maps()))
+            yield base[0]
+
+        tx = full_transaction(fragments(), family=self.family, table=self.table, comment=TABLE_COMMENT,
+                              set_specs=self.set_specs, phases=phases)
+        return tx, base[0]
 
     def sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
@@ -105,11 +116,7 @@ class NftProxier:
             phases = self._phases(full=True)
             # A fresh layout: the whole table is replaced, so every pool may move.
             self._alloc, self._pools = SlotAllocator(), {}
-            frags = self._render_all(state, self._alloc, self._pools)
-            self._pools = {k: v for k, v in self._pools.items() if v}
-            base = self._render_base(state, maps=self._alloc.maps())
-            tx = full_transaction([base, *frags], family=self.family, table=self.table,
-                                  comment=TABLE_COMMENT, set_specs=self.set_specs, phases=phases)
+            tx, base = self._full_transaction(state, self._alloc, self._pools, phases)
             garbage: dict[str, tuple[str, float]] = {}
         else:
             tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
