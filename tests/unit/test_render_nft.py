@@ -178,13 +178,19 @@ def test_no_affinity_no_affinity_sets():
     ids=["one-cidr", "two-cidrs", "masquerade-all", "all-wins", "neither"],
 )
 def test_masquerade_rule(config, want):
-    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30)))
-    masq = [rule for rule in rules if rule.startswith("ip daddr")]
+    # With a NodePort the service chain is also reached from the external chain: the rule
+    # names the ClusterIP and port.
+    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30, node_port=30080)))
+    masq = [rule for rule in rules if "mark-for-masquerade" in rule]
     if want is None:
         assert masq == []
     else:
         assert masq == [want]
         assert rules[0] == want  # before affinity and the random choice
+    # Without any external address it is reached from its ClusterIP alone: no match needed.
+    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30)))
+    if want is not None:
+        assert rules[0] == want.removeprefix("ip daddr 10.96.0.10 tcp dport 80 ")
 
 
 def test_nodeport_external_chain():
@@ -245,7 +251,7 @@ def test_other_protocols(proto):
 
 def test_masquerade_rule_names_the_protocol():
     cfg = ProxyConfig(masquerade_all=True)
-    _, rules = _service_chain(r.render_service(cfg, sps(["10.244.1.1"], protocol="udp", port=53)))
+    _, rules = _service_chain(r.render_service(cfg, sps(["10.244.1.1"], protocol="udp", port=53, node_port=30053)))
     assert rules[0] == "ip daddr 10.96.0.10 udp dport 53 jump mark-for-masquerade"
 
 
