@@ -41,7 +41,7 @@ class StateBuilder(ObjectStore):
         self._claims = Claims()
         self._services: dict[ServicePortName, ServicePortState] = {}
         """The service ports the last build programs (Services in conflict left out)."""
-        self._by_key: dict[ObjectKey, dict[ServicePortName, ServicePortState]] = {}
+        self._by_key: dict[ObjectKey, tuple[ServicePortState, ...]] = {}
         """The same, by Service: what each Service put into ``_services``."""
         self._generation = next(_GENERATIONS)
 
@@ -75,16 +75,22 @@ class StateBuilder(ObjectStore):
         self._claims.settle(dirty, lambda key: claims_of(self._merged.get(key, ())))
         touched |= set(conflicts)
         changed: set[ServicePortName] = set()
+        services = self._services
         for key in touched:
-            want = {} if key in conflicts else {st.service.name: st for st in self._merged.get(key, ())}
-            had = self._by_key.get(key, {})
-            for name, st in had.items():
-                if name not in want:
-                    del self._services[name]
-                    changed.add(name)
-            for name, st in want.items():
-                if had.get(name) is not st:
-                    self._services[name] = st
+            want = () if key in conflicts else self._merged.get(key, ())
+            had = self._by_key.get(key, ())
+            if want is had:
+                continue  # the same merge (an unchanged merge keeps its very tuple)
+            if had:
+                keep = {st.service.name for st in want}
+                for st in had:
+                    if st.service.name not in keep:
+                        del services[st.service.name]
+                        changed.add(st.service.name)
+            for st in want:
+                name = st.service.name
+                if services.get(name) is not st:
+                    services[name] = st
                     changed.add(name)
             if want:
                 self._by_key[key] = want
