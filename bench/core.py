@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any
 
+from bench.rows import RowFailed, child_row, save
+
 MODES = ("nftables", "iptables")
 
 
@@ -176,21 +178,16 @@ def main() -> int:
         size, endpoints = int(size_text), int(eps_text or args.endpoints)
         for mode in args.modes.split(","):
             print(f"running {mode} at {size} services × {endpoints} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.core", "--one", mode, str(size), "--endpoints",
-                 str(endpoints), "--samples", str(args.samples), "--iptables-backend",
-                 args.iptables_backend, "--changes", str(args.changes),
-                 *(["--no-once"] if args.no_once else [])],
-                capture_output=True, text=True, timeout=3600,
-            )
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
+            try:
+                rows.append(child_row(["bench.core", "--one", mode, str(size), "--endpoints", str(endpoints),
+                                       "--samples", str(args.samples), "--iptables-backend",
+                                       args.iptables_backend, "--changes", str(args.changes),
+                                       *(["--no-once"] if args.no_once else [])]))
+            except RowFailed as err:
+                print(err, file=sys.stderr)
                 return 1
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(_fmt(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, indent=1)
+    save(args.json, rows)
     return 0
 
 

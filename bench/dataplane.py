@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.rows import RowFailed, child_row, save
+
 SOURCE = Path(__file__).with_name("connect.c")
 CACHE = Path(os.environ.get("PYPROXY_CACHE_DIR", "/var/cache/pyproxy")) / "bench"
 MODES = ("nftables", "iptables")
@@ -140,24 +142,18 @@ def main() -> int:
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             print(f"running {mode} at {size} services ...", file=sys.stderr, flush=True)
-            # A child per measurement: its memory and the lab go away with it.
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.dataplane", "--one", mode, str(size), "--endpoints",
-                 str(args.endpoints), "--connections", str(args.connections), "--inflight",
-                 str(args.inflight), "--seconds", str(args.seconds), "--iptables-backend",
-                 args.iptables_backend],
-                capture_output=True, text=True, timeout=3600,
-            )
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
+            try:
+                rows.append(child_row(["bench.dataplane", "--one", mode, str(size), "--endpoints",
+                                       str(args.endpoints), "--connections", str(args.connections),
+                                       "--inflight", str(args.inflight), "--seconds", str(args.seconds),
+                                       "--iptables-backend", args.iptables_backend]))
+            except RowFailed as err:
+                print(err, file=sys.stderr)
                 return 1
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}; generator: bench/connect.c, "
           f"{args.inflight} in flight")
     print(_fmt(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, indent=1)
+    save(args.json, rows)
     return 0
 
 
