@@ -150,6 +150,9 @@ def render_base(config: ProxyConfig, state: DesiredState, *,
     }
     elements = {("nodeport-ips", ip): "" for ip in state.nodeport_ips}
     sets = sets_for(config.family)
+    if len(config.cluster_cidrs) > 1:
+        sets[POD_CIDRS] = f"type {addr_type(config.family)} ; flags interval ; comment \"--cluster-cidr\" ;"
+        elements.update({(POD_CIDRS, cidr): "" for cidr in config.cluster_cidrs})
     for protocol, count in (endpoint_maps or {}).items():
         for i in range(count):
             sets[map_name(protocol, i)] = endpoint_map_spec(config.family, protocol)
@@ -209,7 +212,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
     elif config.cluster_cidrs:
         # Traffic from outside the pod network is masqueraded so replies come back through
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
-        masq.append(f"{match}{a} saddr != {{ {_cidrs(config)} }} jump mark-for-masquerade")
+        masq.append(f"{match}{a} saddr != {_cidrs(config)} jump mark-for-masquerade")
 
     local = policy.local
     if not svc.affinity_timeout:
@@ -283,7 +286,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
             if config.cluster_cidrs:
                 # Pods reaching an external address are treated like a trip out to the load
                 # balancer and back: every endpoint, no masquerade.
-                rules.append(f'{a} saddr {{ {_cidrs(config)} }} goto {service_chain} '
+                rules.append(f'{a} saddr {_cidrs(config)} goto {service_chain} '
                              f'comment "short-circuit pod traffic"')
             rules += [
                 # The node itself: its source address would be the VIP or a node IP, which the
@@ -309,7 +312,15 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
     return NftFragment(chains=chains, sets=sets, elements=elements)
 
 
+POD_CIDRS = "pod-cidrs"
+
+
 def _cidrs(config: ProxyConfig) -> str:
-    return ", ".join(config.cluster_cidrs)
+    """The pod network in a rule: one CIDR inline (nft makes it a plain comparison); several
+    as the named set ``pod-cidrs``, since an inline set of two is an anonymous set per rule and
+    every set a table holds lengthens the kernel's walk over set names (quadratic at 10k)."""
+    if len(config.cluster_cidrs) == 1:
+        return f"{{ {config.cluster_cidrs[0]} }}"
+    return f"@{POD_CIDRS}"
 
 

@@ -93,12 +93,15 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_netlink_and_nft_leave_the_same_ruleset(namespaces: list[str], family: int) -> None:
+@pytest.mark.parametrize(("family", "cidrs"), [
+    (4, ("10.244.0.0/16",)), (6, ("fd00:244::/32",)),
+    # Two pod CIDRs are a named interval set (its elements go over netlink on a cold start).
+    (4, ("10.244.0.0/16", "10.245.0.0/16", "172.16.0.0/12")), (6, ("fd00:244::/32", "fd00:245::/48")),
+], ids=["ipv4", "ipv6", "ipv4-three-cidrs", "ipv6-two-cidrs"])
+def test_netlink_and_nft_leave_the_same_ruleset(namespaces: list[str], family: int, cidrs: tuple[str, ...]) -> None:
     a_ns, b_ns, fresh_ns = namespaces
     table_family = "ip6" if family == 6 else "ip"
-    config = ProxyConfig(hostname="node-1", family=family, ip_families=(family,),
-                         cluster_cidrs=("fd00:244::/32",) if family == 6 else ("10.244.0.0/16",))
+    config = ProxyConfig(hostname="node-1", family=family, ip_families=(family,), cluster_cidrs=cidrs)
     via_netlink, via_nft = NftCli(netns=a_ns), NftCli(netns=b_ns, netlink=False)
     a = NftProxier(config=config, executor=via_netlink, gc_period=0)
     b = NftProxier(config=config, executor=via_nft, gc_period=0)
