@@ -21,9 +21,7 @@ def merge_ports(ports: Iterable[ServicePort], slices: list[ParsedSlice],
                     continue
                 for ep in sl.endpoints:
                     prev = found.get((ep.ip, port))
-                    # The same endpoint can sit in two slices while the controller moves
-                    # it; prefer the ready copy, else keep the first.
-                    if prev is None or (ep.ready and not prev.ready):
+                    if prev is None or _preferred(ep, prev):
                         found[(ep.ip, port)] = ep if ep.port == port else Endpoint(
                             ip=ep.ip,
                             port=port,
@@ -37,3 +35,16 @@ def merge_ports(ports: Iterable[ServicePort], slices: list[ParsedSlice],
                         )
         states.append(ServicePortState(sp, tuple(sorted(found.values())), view))
     return tuple(states)
+
+
+def _preferred(new: Endpoint, old: Endpoint) -> bool:
+    """Whether ``new`` replaces ``old``, the same address and port from another slice.
+
+    The same endpoint sits in two slices while the controller moves it (equal copies); a pod
+    IP reused before the old Pod object is gone gives a terminating copy and a live one: the
+    live one wins, as upstream decides. Two live copies that differ are undefined upstream
+    (whichever slice its map yields last); here the ready one wins, else the first, so the
+    result does not depend on order."""
+    if new.terminating != old.terminating:
+        return not new.terminating
+    return new.ready and not old.ready

@@ -44,6 +44,28 @@ def test_several_slices_of_one_service_are_merged_and_sorted():
     assert state.services[HTTP].service.cluster_ip == "10.96.0.10"
 
 
+@pytest.mark.parametrize("order", ["live first", "terminating first"])
+def test_an_address_in_two_slices_takes_the_live_copy_over_a_terminating_one(order: str):
+    # A pod IP reused before the old Pod object is gone (found by the differential test against
+    # upstream, seed 8): the terminating copy on node-1 and the live one on node-2. Upstream
+    # keeps the live one whatever the order; so must we, though the terminating one is "ready".
+    old = sc.endpoint_slice("web", ["10.244.1.1"], [sc.port(8080, name="http")], suffix="old",
+                            conditions={"ready": True, "serving": True, "terminating": True})
+    live = sc.endpoint_slice("web", ["10.244.1.1"], [sc.port(8080, name="http")], suffix="new", node="node-2",
+                             conditions={"ready": False, "serving": False, "terminating": False})
+    slices = [live, old] if order == "live first" else [old, live]
+    state = _builder([_web(), *slices]).build()
+    (ep,) = state.services[HTTP].endpoints
+    assert (ep.node_name, ep.ready, ep.terminating) == ("node-2", False, False)
+    # Two live copies that differ: the ready one, in either order.
+    a = sc.endpoint_slice("web", ["10.244.1.1"], [sc.port(8080, name="http")], suffix="a",
+                          conditions={"ready": False})
+    b = sc.endpoint_slice("web", ["10.244.1.1"], [sc.port(8080, name="http")], suffix="b", node="node-2")
+    for pair in ([a, b], [b, a]):
+        (ep,) = _builder([_web(), *pair]).build().services[HTTP].endpoints
+        assert (ep.node_name, ep.ready) == ("node-2", True)
+
+
 def test_slices_of_other_services_or_namespaces_do_not_leak():
     objs = [
         _web(),
@@ -88,15 +110,15 @@ def test_same_endpoint_in_two_slices_prefers_the_ready_copy():
         assert _eps(state) == [("10.244.1.1", 8080, True)]
 
 
-def test_same_endpoint_in_two_slices_neither_ready_keeps_one():
+def test_same_endpoint_in_two_slices_neither_ready_keeps_the_live_one():
     tcp = [sc.port(8080, name="http")]
     a = sc.endpoint_slice("web", ["10.244.1.1"], tcp, suffix="a",
                           conditions={"ready": False, "serving": True, "terminating": True})
     b = sc.endpoint_slice("web", ["10.244.1.1"], tcp, suffix="b", conditions={"ready": False})
     state = _builder([_web(), a, b]).build()
     assert len(state.services[HTTP].endpoints) == 1
-    # Slices are merged in name order, and the first copy wins.
-    assert state.services[HTTP].endpoints[0].terminating is True
+    # Upstream's rule: a terminating copy never replaces a live one, a live one always wins.
+    assert state.services[HTTP].endpoints[0].terminating is False
 
 
 def test_endpoint_carries_node_and_zone():

@@ -1,0 +1,3 @@
+from lab.diff.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""The differential harness's pure parts: the generator, the probe outcome, the shrinker's steps."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from lab.diff import gen
+from lab.diff.probe import Outcome, outcome
+from lab.diff.run import _simpler, parse_seeds
+
+
+def _out(answers: list[tuple[str, str, str]], errors: list[str] = (), tries: int = 8) -> Outcome:  # type: ignore[assignment]
+    return outcome({"answers": answers, "errors": list(errors), "tries": tries})
+
+
+def test_a_seed_always_gives_the_same_cluster_and_seeds_differ():
+    assert gen.generate(42) == gen.generate(42)
+    assert len({gen.generate(s) for s in range(30)}) == 30
+
+
+def test_generated_addresses_are_unique_and_in_their_ranges():
+    for seed in range(200):
+        c = gen.generate(seed)
+        ips = [ip for s in c.services for ip in (*s.cluster_ips, *s.external_ips, *(x for x, _ in s.lb_ips))]
+        assert len(ips) == len(set(ips)), seed
+        node_ports = [p.node_port for s in c.services for p in s.ports if p.node_port]
+        assert len(node_ports) == len(set(node_ports)), seed
+        for s in c.services:
+            for ip in s.cluster_ips:
+                net = "10.96.0.0/16" if ":" not in ip else "fd00:96::/108"
+                assert ipaddress.ip_address(ip) in ipaddress.ip_network(net)
+            assert [6 if ":" in ip else 4 for ip in s.cluster_ips] == list(s.families) or s.headless
+            if not s.has_node_ports:
+                assert all(p.node_port == 0 for p in s.ports)
+            assert len({(p.port, p.protocol) for p in s.ports}) == len(s.ports)
+            if len(s.ports) > 1:
+                assert all(p.name for p in s.ports) and len({p.name for p in s.ports}) == len(s.ports)
+
+
+def test_objects_carry_the_label_the_harness_deletes_by():
+    objs = gen.objects(gen.generate(3))
+    assert objs and all(o["metadata"]["labels"][gen.LABEL] == "1" for o in objs)
+    slices = [o for o in objs if o["kind"] == "EndpointSlice"]
+    assert all(o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] != "endpointslice-controller.k8s.io"
+               for o in slices)
+
+
+def test_every_service_address_is_probed_from_every_vantage_point():
+    c = gen.Cluster(seed=1, services=(gen.Svc(name="a", type="NodePort", families=(4, 6),
+                                              cluster_ips=("10.96.1.1", "fd00:96::101"),
+                                              ports=(gen.Port("", "UDP", 53, node_port=30053),)),))
+    keys = {t.key for t in gen.targets(c)}
+    for v in ("pod", "node", "ext"):
+        assert f"{v} -> udp 10.96.1.1:53" in keys
+        assert f"{v} -> udp [fd00:96::101]:53" in keys
+        assert f"{v} -> udp 192.168.50.2:30053" in keys
+        assert f"{v} -> udp [fd00:50::2]:30053" in keys
+        assert f"{v} -> tcp 10.96.1.1:7" in keys  # a port the service does not have
+        assert f"{v} -> tcp 10.96.255.254:80" in keys  # an unallocated ClusterIP
+    ext = [t for t in gen.targets(c) if t.vantage == "ext" and ":" not in t.ip]
+    assert all(t.sources == gen.EXT_SOURCES for t in ext)
+
+
+def test_outcomes_compare_backends_client_addresses_and_errors():
+    a = _out([("-", "pod0", "10.244.1.100"), ("-", "pod1", "10.244.1.100")])
+    assert a.same(_out([("-", "pod1", "10.244.1.100"), ("-", "pod0", "10.244.1.100")]))
+    assert not a.same(_out([("-", "pod0", "10.244.1.100")] * 2))  # one backend fewer
+    assert not a.same(_out([("-", "pod0", "10.244.1.1"), ("-", "pod1", "10.244.1.1")]))  # masqueraded
+    assert not a.same(_out([("-", "pod0", "10.244.1.100"), ("-", "pod1", "10.244.1.100")], ["refused"]))
+    assert _out([], ["timeout"], tries=2).same(_out([], ["timeout"], tries=2))
+    assert not _out([], ["timeout"], tries=2).same(_out([], ["refused"], tries=2))
+
+
+def test_affinity_compares_stickiness_not_which_backend_was_picked():
+    one = _out([("-", "pod2", "10.244.1.100")] * 8)
+    other = _out([("-", "pod4", "10.244.1.100")] * 8)
+    assert one.sticky and other.sticky and one.same(other)
+    spread = _out([("-", "pod2", "10.244.1.100"), ("-", "pod4", "10.244.1.100")] * 4)
+    assert not spread.sticky and not one.same(spread)
+    merged = one.merge(_out([("-", "pod3", "10.244.1.100")]))
+    assert merged.pods == {"pod2", "pod3"} and not merged.sticky and merged.tries == 16
+
+
+def test_every_shrink_step_is_smaller_or_simpler_and_still_valid():
+    for seed in range(40):
+        c = gen.generate(seed)
+        for smaller in _simpler(c):
+            assert smaller != c
+            assert len(smaller.services) <= len(c.services)
+            gen.objects(smaller)  # renders
+            for s in smaller.services:
+                names = {p.name for p in s.ports}
+                assert all(sp.name in names for sl in s.slices for sp in sl.ports)
+                assert all(sl.family in s.families for sl in s.slices)
+
+
+def test_no_generated_cluster_holds_a_duplicate_upstream_resolves_at_random():
+    dups = 0
+    for seed in range(300):
+        c = gen.generate(seed)
+        assert not gen.ambiguous(c), seed
+        for s in c.services:
+            pods = [(sl.family, ep.pod) for sl in s.slices for ep in sl.endpoints]
+            dups += len(pods) - len(set(pods))
+    assert dups > 20  # duplicates are generated, only the defined kinds
+
+
+def test_seed_lists():
+    assert parse_seeds("1-3,7") == [1, 2, 3, 7]
