@@ -356,6 +356,8 @@ class Target:
     what: str
     """Which service address it is, for people: ``s1-0:p0 clusterIP``, ``nodePort``, ..."""
     sources: tuple[str, ...] = field(default=())
+    affinity: bool = False
+    """The address belongs to a Service port with ClientIP affinity."""
 
     @property
     def key(self) -> str:
@@ -365,37 +367,39 @@ class Target:
 
 def targets(cluster: Cluster) -> list[Target]:
     """Every (vantage × service address × port × protocol), and addresses that must not answer."""
-    addresses: list[tuple[str, int, str, str]] = []
+    addresses: list[tuple[str, int, str, str, bool]] = []
     taken: set[tuple[str, int, str]] = set()
     for svc in cluster.services:
         if svc.type == "ExternalName" or svc.headless:
             continue
+        sticky = svc.affinity_timeout > 0
         for p in svc.ports:
             label = f"{svc.name}:{p.name or p.port}"
             for ip in svc.cluster_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} clusterIP"))
+                addresses.append((ip, p.port, p.protocol, f"{label} clusterIP", sticky))
             if svc.has_node_ports and p.node_port:
                 for f in svc.families:
-                    addresses.append((NODE_IP[f], p.node_port, p.protocol, f"{label} nodePort"))
+                    addresses.append((NODE_IP[f], p.node_port, p.protocol, f"{label} nodePort", sticky))
             for ip in svc.external_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} externalIP"))
+                addresses.append((ip, p.port, p.protocol, f"{label} externalIP", sticky))
             for ip, _ in svc.lb_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} loadBalancer IP"))
+                addresses.append((ip, p.port, p.protocol, f"{label} loadBalancer IP", sticky))
         for ip in svc.cluster_ips:  # a port the service does not have
             taken.update((ip, p.port, p.protocol) for p in svc.ports)
             if (ip, 7, "TCP") not in taken:
-                addresses.append((ip, 7, "TCP", f"{svc.name} clusterIP, unknown port"))
+                addresses.append((ip, 7, "TCP", f"{svc.name} clusterIP, unknown port", False))
     for f in (4, 6):
-        addresses.append((UNUSED_CLUSTER_IP[f], 80, "TCP", "unallocated ClusterIP"))
-        addresses.append((NODE_IP[f], 32767, "UDP", "unallocated nodePort"))
+        addresses.append((UNUSED_CLUSTER_IP[f], 80, "TCP", "unallocated ClusterIP", False))
+        addresses.append((NODE_IP[f], 32767, "UDP", "unallocated nodePort", False))
     out = []
     seen: set[tuple[str, str, int, str]] = set()
-    for ip, port, proto, what in addresses:
+    for ip, port, proto, what, sticky in addresses:
         family = 6 if ":" in ip else 4
         for vantage in ("pod", "node", "ext"):
             if (vantage, ip, port, proto) in seen:
                 continue
             seen.add((vantage, ip, port, proto))
             sources = (EXT_SOURCES if family == 4 else (EXT_SOURCE6,)) if vantage == "ext" else ()
-            out.append(Target(vantage=vantage, ip=ip, port=port, protocol=proto, what=what, sources=sources))
+            out.append(Target(vantage=vantage, ip=ip, port=port, protocol=proto, what=what, sources=sources,
+                              affinity=sticky))
     return out

@@ -3,12 +3,12 @@
 :func:`main` runs inside a vantage point's network namespace (``python3 -m lab.diff.probe``): it
 reads a JSON list of probes on stdin, runs them concurrently (each one sequential tries, new
 socket each, sources rotating), and prints one JSON object of results. Bounded: at most
-``tries`` attempts a probe, ``--timeout`` each, and a probe whose first two attempts both fail
-without an answer stops there (a dropped address would otherwise cost tries × timeout).
+``tries`` attempts a probe, ``--timeout`` each, and a probe whose first two attempts both time
+out stops there (a dropped address would otherwise cost tries × timeout).
 
 :class:`Outcome` is the comparable form: which backends answered, which client addresses they
-saw, which errors came back, and whether each client source stuck to one backend (ClientIP
-affinity picks one at random, so *which* one is not compared, only that it stuck).
+saw, which errors came back, and whether each client source stuck to one result (ClientIP
+affinity picks an endpoint at random, so *which* one is not compared, only that it stuck).
 """
 
 from __future__ import annotations
@@ -24,77 +24,101 @@ from lab.client import probe_once
 
 @dataclass(frozen=True)
 class Outcome:
-    per_source: tuple[tuple[str, frozenset[str]], ...]
-    """Client source → backends it reached."""
-    seen: frozenset[str]
-    """Client addresses the backends saw (the source, the node's, or a masquerade address)."""
-    errors: frozenset[str]
-    tries: int
+    per_source: tuple[tuple[str, frozenset[str], int], ...]
+    """Client source → what its tries got (backend names, or ``!error``) and how many tries."""
+    seen: tuple[tuple[str, frozenset[str]], ...]
+    """Client source → the client addresses its backends saw (its own, the node's, a
+    masquerade address)."""
 
     @property
     def pods(self) -> frozenset[str]:
-        return frozenset().union(*(p for _, p in self.per_source)) if self.per_source else frozenset()
+        return frozenset(r for _, got, _ in self.per_source for r in got if not r.startswith("!"))
+
+    @property
+    def errors(self) -> frozenset[str]:
+        return frozenset(r[1:] for _, got, _ in self.per_source for r in got if r.startswith("!"))
+
+    @property
+    def seen_ips(self) -> frozenset[str]:
+        return frozenset().union(*(ips for _, ips in self.seen)) if self.seen else frozenset()
+
+    @property
+    def tries(self) -> int:
+        return sum(n for _, _, n in self.per_source)
 
     @property
     def sticky(self) -> bool:
-        """Every source kept to one backend over two tries or more (ClientIP affinity)."""
-        return bool(self.per_source) and self.tries >= 2 * len(self.per_source) and all(
-            len(p) == 1 for _, p in self.per_source)
+        """Every source got one and the same result on each of its two or more tries (ClientIP
+        affinity: an endpoint that refuses sticks too)."""
+        return bool(self.per_source) and all(len(got) == 1 and n >= 2 for _, got, n in self.per_source)
 
-    def same(self, other: Outcome) -> bool:
-        if self.seen != other.seen or self.errors != other.errors:
-            return False
-        return self.pods == other.pods or (self.sticky and other.sticky)
+    def same(self, other: Outcome, *, affinity: bool = False) -> bool:
+        """Equal sets of backends, errors and client addresses; for a Service with ClientIP
+        affinity, both sides sticky instead, since each picked its endpoint at random."""
+        if affinity and self.sticky and other.sticky:
+            # Compare only what the backends saw where both sides reached one.
+            mine, theirs = dict(self.seen), dict(other.seen)
+            return all(mine[s] == theirs[s] for s in mine.keys() & theirs.keys())
+        return (self.pods, self.errors, self.seen_ips) == (other.pods, other.errors, other.seen_ips)
 
     def merge(self, other: Outcome) -> Outcome:
-        sources: dict[str, frozenset[str]] = dict(self.per_source)
-        for s, p in other.per_source:
-            sources[s] = sources.get(s, frozenset()) | p
-        return Outcome(per_source=tuple(sorted(sources.items())), seen=self.seen | other.seen,
-                       errors=self.errors | other.errors, tries=self.tries + other.tries)
+        got: dict[str, tuple[frozenset[str], int]] = {s: (g, n) for s, g, n in self.per_source}
+        for s, g, n in other.per_source:
+            g0, n0 = got.get(s, (frozenset(), 0))
+            got[s] = (g0 | g, n0 + n)
+        seen = dict(self.seen)
+        for s, ips in other.seen:
+            seen[s] = seen.get(s, frozenset()) | ips
+        return Outcome(per_source=tuple(sorted((s, g, n) for s, (g, n) in got.items())),
+                       seen=tuple(sorted(seen.items())))
 
     def describe(self) -> str:
         parts = []
-        if self.per_source:
-            pods = ",".join(sorted(self.pods))
-            parts.append(f"answered by {{{pods}}}" + (" (sticky)" if self.sticky and len(self.pods) > 1 else ""))
-            parts.append(f"saw {{{','.join(sorted(self.seen))}}}")
+        if self.pods:
+            parts.append(f"answered by {{{','.join(sorted(self.pods))}}}")
+            parts.append(f"saw {{{','.join(sorted(self.seen_ips))}}}")
         if self.errors:
             parts.append(f"errors {{{','.join(sorted(self.errors))}}}")
+        if self.sticky and len(self.per_source) > 0 and (len(self.pods) + len(self.errors)) > 1:
+            parts.append("each source sticky")
         return "; ".join(parts) or "nothing"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pods": sorted(self.pods), "seen": sorted(self.seen), "errors": sorted(self.errors),
-                "sticky": self.sticky, "tries": self.tries}
+        return {"pods": sorted(self.pods), "seen": sorted(self.seen_ips), "errors": sorted(self.errors),
+                "sticky": self.sticky, "tries": self.tries,
+                "per source": {s: sorted(g) for s, g, _ in self.per_source}}
 
 
 def outcome(raw: dict[str, Any]) -> Outcome:
-    per: dict[str, set[str]] = {}
-    seen = set()
-    for source, pod, ip in raw["answers"]:
-        per.setdefault(source, set()).add(pod)
-        seen.add(ip)
-    return Outcome(per_source=tuple(sorted((s, frozenset(p)) for s, p in per.items())), seen=frozenset(seen),
-                   errors=frozenset(raw["errors"]), tries=raw["tries"])
+    """From the prober's ``{"results": [[source, pod or "!error", seen ip or ""], ...]}``."""
+    got: dict[str, tuple[set[str], list[int]]] = {}
+    seen: dict[str, set[str]] = {}
+    for source, result, ip in raw["results"]:
+        g, n = got.setdefault(source, (set(), [0]))
+        g.add(result)
+        n[0] += 1
+        if ip:
+            seen.setdefault(source, set()).add(ip)
+    return Outcome(per_source=tuple(sorted((s, frozenset(g), n[0]) for s, (g, n) in got.items())),
+                   seen=tuple(sorted((s, frozenset(v)) for s, v in seen.items())))
 
 
 def _run_one(probe: dict[str, Any], timeout: float) -> dict[str, Any]:
     sources = probe.get("sources") or [None]
-    answers: list[tuple[str, str, str]] = []
-    errors: set[str] = set()
-    tries = 0
+    results: list[tuple[str, str, str]] = []
     for i in range(probe["tries"]):
         source = sources[i % len(sources)]
         result = probe_once((probe["ip"], probe["port"]), proto=probe["protocol"].lower(), source=source,
                             timeout=timeout, reset_close=True)
-        tries += 1
         if isinstance(result, tuple):
-            answers.append((source or "-", result[0], result[1]))
+            results.append((source or "-", result[0], result[1]))
         else:
-            errors.add(result)
-            if i == 1 and not answers:
-                break
-    return {"answers": answers, "errors": sorted(errors), "tries": tries}
+            results.append((source or "-", "!" + result, ""))
+        # A dropped address costs the whole timeout on every try: two timeouts and nothing
+        # else is a drop. Refusals are cheap and may be one endpoint of several: keep going.
+        if i == 1 and all(r[1] == "!timeout" for r in results):
+            break
+    return {"results": results}
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from lab.cluster import ClusterLab
 from lab.diff import gen
 from lab.diff.deviations import explain
 from lab.diff.probe import Outcome
-from lab.diff.world import PROXIES, World, apply_cluster, wait_synced
+from lab.diff.world import PROXIES, World, apply_cluster, probe_all, wait_synced
 
 TRIES = 8
 """Attempts a probe makes at first; one whose outcomes differ is tried again :data:`MORE_TRIES`
@@ -98,16 +99,16 @@ class Session:
         """Program ``cluster`` in both worlds and probe; returns (probes, mismatches)."""
         self.program(cluster)
         targets = [t for t in gen.targets(cluster) if only is None or t.key in only]
-        up, py = (w.probe(targets, tries=TRIES) for w in self.worlds)
-        differ = [i for i in range(len(targets)) if not up[i].same(py[i])]
+        up, py = probe_all(self.worlds, targets, tries=TRIES)
+        differ = [i for i in range(len(targets)) if not up[i].same(py[i], affinity=targets[i].affinity)]
         if differ:
             again = [targets[i] for i in differ]
-            up2, py2 = (w.probe(again, tries=MORE_TRIES) for w in self.worlds)
+            up2, py2 = probe_all(self.worlds, again, tries=MORE_TRIES)
             for k, i in enumerate(differ):
                 up[i], py[i] = up[i].merge(up2[k]), py[i].merge(py2[k])
         out = []
         for i in differ:
-            if not up[i].same(py[i]):
+            if not up[i].same(py[i], affinity=targets[i].affinity):
                 out.append(Mismatch(seed=cluster.seed, target=targets[i], upstream=up[i], pyproxy=py[i]))
         return len(targets), out
 
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("lab.diff: needs root (network namespaces, a control plane); run it with sudo", file=sys.stderr)
         return 2
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the worlds and the control plane
+    # are taken down on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else None
     except ValueError:

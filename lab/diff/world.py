@@ -90,12 +90,17 @@ class World:
                 ipr.route("add", dst=gen.EXTERNAL_CIDRS[0], gateway=topo.node_ip)
                 ipr.route("add", dst=gen.EXTERNAL_CIDRS[1], gateway=topo.node_ip6, family=socket.AF_INET6)
             _attach(lab, topo.node_ns, host_if=f"w{index}", ip=f"192.168.60.{51 + index}")
-            # The kernel rate-limits ICMP errors per peer (IPv6 by default, IPv4 too in pods):
-            # a "port unreachable" from the node's reject rules or from a pod would turn into
-            # a timeout depending on what the previous probe did; lift it everywhere.
+            # The kernel rate-limits ICMP errors per peer (IPv6 by default, IPv4 too in pods)
+            # and per namespace (1,000 a second, bursts of 50): a "port unreachable" from the
+            # node's reject rules or from a pod would turn into a timeout depending on what the
+            # other probes did. Upstream rejects TCP with ICMP, pyproxy with a reset (a
+            # documented deviation, for this very reason), so the upstream world would lose
+            # more. Lift every limit: the comparison is of rules, not of rate limits.
             for ns in [topo.node_ns, *(p.ns for p in topo.pods)]:
                 proc = ns_exec(ns, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/icmp_ratelimit && "
-                                    "echo 0 > /proc/sys/net/ipv6/icmp/ratelimit"])
+                                    "echo 0 > /proc/sys/net/ipv6/icmp/ratelimit && "
+                                    "echo 1000000 > /proc/sys/net/ipv4/icmp_msgs_per_sec && "
+                                    "echo 1000000 > /proc/sys/net/ipv4/icmp_msgs_burst"])
                 if proc.returncode != 0:
                     raise RuntimeError(f"icmp rate limits in {ns}: {proc.stderr.strip()}")
         except BaseException:
@@ -153,21 +158,46 @@ class World:
         ns_exec(self.topo.node_ns, ["conntrack", "-F"], timeout=30)
         ns_exec(self.topo.node_ns, ["conntrack", "-F", "-f", "ipv6"], timeout=30)
 
-    def probe(self, targets: list[gen.Target], *, tries: int) -> list[Outcome]:
-        results: list[Outcome | None] = [None] * len(targets)
+    def start_probes(self, targets: list[gen.Target], *, tries: int) -> list[tuple[list[int], subprocess.Popen[str]]]:
+        """One prober per vantage point, all at once (most of a probe's time is waiting)."""
+        running = []
         for vantage, ns in self.vantages.items():
             idx = [i for i, t in enumerate(targets) if t.vantage == vantage]
             if not idx:
                 continue
             batch = [{"ip": targets[i].ip, "port": targets[i].port, "protocol": targets[i].protocol,
                       "sources": list(targets[i].sources), "tries": tries} for i in idx]
-            proc = ns_exec(ns, [sys.executable, "-m", "lab.diff.probe"], input=json.dumps(batch),
-                           timeout=600, cwd=REPO)
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "lab.diff.probe"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=REPO)
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(batch))
+            proc.stdin.close()
+            running.append((idx, proc))
+        return running
+
+
+def probe_all(worlds: list[World], targets: list[gen.Target], *, tries: int) -> list[list[Outcome]]:
+    """Every target from its vantage point in every world, concurrently; one list per world."""
+    started = [w.start_probes(targets, tries=tries) for w in worlds]
+    out = []
+    for w, running in zip(worlds, started):
+        results: list[Outcome | None] = [None] * len(targets)
+        for idx, proc in running:
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                stdout = proc.stdout.read()
+                err = proc.stderr.read()
+                proc.wait(timeout=600)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
             if proc.returncode != 0:
-                raise RuntimeError(f"prober in {vantage} of {self.proxy}'s world failed: {proc.stderr[-2000:]}")
-            for i, raw in zip(idx, json.loads(proc.stdout)):
+                raise RuntimeError(f"prober in {w.proxy}'s world failed: {err[-2000:]}")
+            for i, raw in zip(idx, json.loads(stdout)):
                 results[i] = outcome(raw)
-        return [r for r in results if r is not None]
+        out.append([r for r in results if r is not None])
+    return out
 
 
 def _attach(lab: ClusterLab, node_ns: str, *, host_if: str, ip: str) -> None:
@@ -204,8 +234,17 @@ def apply_cluster(lab: ClusterLab, cluster: gen.Cluster) -> None:
                 "--wait=true", "--ignore-not-found")
     register_nodes(lab, cluster.zone)
     objs = gen.objects(cluster)
-    if objs:
-        lab.kubectl("create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+    # A NodePort or ClusterIP just released by the delete can read "already allocated" for a
+    # moment; apply again (idempotent) until the API server takes everything.
+    deadline = time.monotonic() + 30
+    while objs:
+        proc = lab.kubectl("apply", "-f", "-", check=False,
+                           stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+        if proc.returncode == 0:
+            break
+        if "already allocated" not in proc.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"the API server refused seed {cluster.seed}'s objects: {proc.stderr.strip()}")
+        time.sleep(0.5)
     for svc in cluster.services:
         status = gen.lb_status(svc)
         if status:

@@ -355,9 +355,12 @@ def parse_slice(obj: dict[str, Any], *, family: Family = 4) -> ParsedSlice:
             raise Invalid(f"endpoints[{i}]: duplicate endpoint {ip}")
         seen.add(ip)
         cond = _mapping(item.get("conditions") or {}, f"endpoints[{i}].conditions")
-        # API semantics: unknown readiness means ready; serving defaults to ready.
+        # Unknown readiness means ready, and unknown serving means serving: what kube-proxy
+        # reads (the API's docs say serving "defers to ready"; upstream ignores that, so a
+        # terminating endpoint without the field is a fallback there, and here too — found by
+        # the differential test, seed 13).
         ready = _bool(cond.get("ready"), f"endpoints[{i}].conditions.ready", default=True)
-        serving = _bool(cond.get("serving"), f"endpoints[{i}].conditions.serving", default=ready)
+        serving = _bool(cond.get("serving"), f"endpoints[{i}].conditions.serving", default=True)
         terminating = _bool(cond.get("terminating"), f"endpoints[{i}].conditions.terminating",
                             default=False)
         node_name = item.get("nodeName")

@@ -9,8 +9,9 @@ from lab.diff.probe import Outcome, outcome
 from lab.diff.run import _simpler, parse_seeds
 
 
-def _out(answers: list[tuple[str, str, str]], errors: list[str] = (), tries: int = 8) -> Outcome:  # type: ignore[assignment]
-    return outcome({"answers": answers, "errors": list(errors), "tries": tries})
+def _out(answers: list[tuple[str, str, str]], errors: list[str] = (), source: str = "-") -> Outcome:  # type: ignore[assignment]
+    results = [list(a) for a in answers] + [[source, "!" + e, ""] for e in errors]
+    return outcome({"results": results})
 
 
 def test_a_seed_always_gives_the_same_cluster_and_seeds_differ():
@@ -67,18 +68,27 @@ def test_outcomes_compare_backends_client_addresses_and_errors():
     assert not a.same(_out([("-", "pod0", "10.244.1.100")] * 2))  # one backend fewer
     assert not a.same(_out([("-", "pod0", "10.244.1.1"), ("-", "pod1", "10.244.1.1")]))  # masqueraded
     assert not a.same(_out([("-", "pod0", "10.244.1.100"), ("-", "pod1", "10.244.1.100")], ["refused"]))
-    assert _out([], ["timeout"], tries=2).same(_out([], ["timeout"], tries=2))
-    assert not _out([], ["timeout"], tries=2).same(_out([], ["refused"], tries=2))
+    assert _out([], ["timeout"] * 2).same(_out([], ["timeout"] * 2))
+    assert not _out([], ["timeout"] * 2).same(_out([], ["refused"] * 2))
 
 
-def test_affinity_compares_stickiness_not_which_backend_was_picked():
+def test_affinity_compares_stickiness_not_which_endpoint_was_picked():
     one = _out([("-", "pod2", "10.244.1.100")] * 8)
     other = _out([("-", "pod4", "10.244.1.100")] * 8)
-    assert one.sticky and other.sticky and one.same(other)
+    assert one.sticky and other.sticky and one.same(other, affinity=True)
+    assert not one.same(other)  # without affinity, two single backends that differ differ
+    # An endpoint that refuses is picked and sticks like any other.
+    refusing = _out([], ["refused"] * 8)
+    assert refusing.sticky and refusing.same(one, affinity=True)
     spread = _out([("-", "pod2", "10.244.1.100"), ("-", "pod4", "10.244.1.100")] * 4)
-    assert not spread.sticky and not one.same(spread)
+    assert not spread.sticky and not one.same(spread, affinity=True)
+    # Sticky on both sides, but the backend saw a different client address: differs.
+    assert not one.same(_out([("-", "pod4", "10.244.1.1")] * 8), affinity=True)
     merged = one.merge(_out([("-", "pod3", "10.244.1.100")]))
-    assert merged.pods == {"pod2", "pod3"} and not merged.sticky and merged.tries == 16
+    assert merged.pods == {"pod2", "pod3"} and not merged.sticky and merged.tries == 9
+    # Several sources, each sticky to its own endpoint.
+    two = _out([("a", "pod1", "a"), ("b", "pod2", "b")] * 3)
+    assert two.sticky and two.same(_out([("a", "pod3", "a"), ("b", "pod3", "b")] * 3), affinity=True)
 
 
 def test_every_shrink_step_is_smaller_or_simpler_and_still_valid():

@@ -280,7 +280,8 @@ def test_slice_basic_fields():
         ({}, (True, True, False)),
         ({"ready": None}, (True, True, False)),
         ({"ready": True}, (True, True, False)),
-        ({"ready": False}, (False, False, False)),  # serving nil => ready
+        ({"ready": False}, (False, True, False)),  # serving nil => true, as kube-proxy reads it
+        ({"ready": False, "terminating": True}, (False, True, True)),  # a fallback, as upstream
         ({"ready": False, "serving": True}, (False, True, False)),
         ({"ready": False, "serving": True, "terminating": True}, (False, True, True)),
         ({"ready": False, "serving": False, "terminating": True}, (False, False, True)),
