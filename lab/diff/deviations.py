@@ -15,7 +15,27 @@ from lab.diff import gen
 if TYPE_CHECKING:
     from lab.diff.run import Mismatch
 
-KNOWN: list[tuple[str, Callable[["Mismatch", gen.Cluster], bool]]] = []
+def _service(m: "Mismatch", cluster: gen.Cluster) -> gen.Svc | None:
+    return next((s for s in cluster.services if s.name == m.target.service), None)
+
+
+def _ranges_of_other_family_only(m: "Mismatch", cluster: gen.Cluster) -> bool:
+    """A LoadBalancer IP whose Service has source ranges, none of this IP's family: upstream
+    drops the ranges of the other family and, with none left, lets every client in; pyproxy
+    lets none in (the ranges say who may connect, and nobody of this family is among them)."""
+    svc = _service(m, cluster)
+    if svc is None or not svc.source_ranges or not m.target.what.endswith("loadBalancer IP"):
+        return False
+    v6 = ":" in m.target.ip
+    if any((":" in r) == v6 for r in svc.source_ranges):
+        return False
+    return not m.pyproxy.pods and m.pyproxy.errors == {"timeout"}
+
+
+KNOWN: list[tuple[str, Callable[["Mismatch", gen.Cluster], bool]]] = [
+    ("source ranges of the other family only: pyproxy denies (upstream allows all)",
+     _ranges_of_other_family_only),
+]
 """(reason, applies)."""
 
 

@@ -358,6 +358,8 @@ class Target:
     sources: tuple[str, ...] = field(default=())
     affinity: bool = False
     """The address belongs to a Service port with ClientIP affinity."""
+    service: str = ""
+    """The Service the address belongs to ("" for the addresses nobody owns)."""
 
     @property
     def key(self) -> str:
@@ -367,7 +369,7 @@ class Target:
 
 def targets(cluster: Cluster) -> list[Target]:
     """Every (vantage × service address × port × protocol), and addresses that must not answer."""
-    addresses: list[tuple[str, int, str, str, bool]] = []
+    addresses: list[tuple[str, int, str, str, bool, str]] = []
     taken: set[tuple[str, int, str]] = set()
     for svc in cluster.services:
         if svc.type == "ExternalName" or svc.headless:
@@ -376,24 +378,24 @@ def targets(cluster: Cluster) -> list[Target]:
         for p in svc.ports:
             label = f"{svc.name}:{p.name or p.port}"
             for ip in svc.cluster_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} clusterIP", sticky))
+                addresses.append((ip, p.port, p.protocol, f"{label} clusterIP", sticky, svc.name))
             if svc.has_node_ports and p.node_port:
                 for f in svc.families:
-                    addresses.append((NODE_IP[f], p.node_port, p.protocol, f"{label} nodePort", sticky))
+                    addresses.append((NODE_IP[f], p.node_port, p.protocol, f"{label} nodePort", sticky, svc.name))
             for ip in svc.external_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} externalIP", sticky))
+                addresses.append((ip, p.port, p.protocol, f"{label} externalIP", sticky, svc.name))
             for ip, _ in svc.lb_ips:
-                addresses.append((ip, p.port, p.protocol, f"{label} loadBalancer IP", sticky))
+                addresses.append((ip, p.port, p.protocol, f"{label} loadBalancer IP", sticky, svc.name))
         for ip in svc.cluster_ips:  # a port the service does not have
             taken.update((ip, p.port, p.protocol) for p in svc.ports)
             if (ip, 7, "TCP") not in taken:
-                addresses.append((ip, 7, "TCP", f"{svc.name} clusterIP, unknown port", False))
+                addresses.append((ip, 7, "TCP", f"{svc.name} clusterIP, unknown port", False, svc.name))
     for f in (4, 6):
-        addresses.append((UNUSED_CLUSTER_IP[f], 80, "TCP", "unallocated ClusterIP", False))
-        addresses.append((NODE_IP[f], 32767, "UDP", "unallocated nodePort", False))
+        addresses.append((UNUSED_CLUSTER_IP[f], 80, "TCP", "unallocated ClusterIP", False, ""))
+        addresses.append((NODE_IP[f], 32767, "UDP", "unallocated nodePort", False, ""))
     out = []
     seen: set[tuple[str, str, int, str]] = set()
-    for ip, port, proto, what, sticky in addresses:
+    for ip, port, proto, what, sticky, owner in addresses:
         family = 6 if ":" in ip else 4
         for vantage in ("pod", "node", "ext"):
             if (vantage, ip, port, proto) in seen:
@@ -401,5 +403,5 @@ def targets(cluster: Cluster) -> list[Target]:
             seen.add((vantage, ip, port, proto))
             sources = (EXT_SOURCES if family == 4 else (EXT_SOURCE6,)) if vantage == "ext" else ()
             out.append(Target(vantage=vantage, ip=ip, port=port, protocol=proto, what=what, sources=sources,
-                              affinity=sticky))
+                              affinity=sticky, service=owner))
     return out

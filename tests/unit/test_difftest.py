@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from lab.diff import gen
 from lab.diff.probe import Outcome, outcome
@@ -113,6 +114,23 @@ def test_no_generated_cluster_holds_a_duplicate_upstream_resolves_at_random():
             pods = [(sl.family, ep.pod) for sl in s.slices for ep in sl.endpoints]
             dups += len(pods) - len(set(pods))
     assert dups > 20  # duplicates are generated, only the defined kinds
+
+
+def test_source_ranges_of_the_other_family_only_are_a_documented_deviation():
+    from lab.diff.deviations import explain
+    from lab.diff.run import Mismatch
+
+    svc = gen.Svc(name="lb", type="LoadBalancer", cluster_ips=("10.96.1.1",),
+                  ports=(gen.Port("", "TCP", 80, node_port=30080),), lb_ips=(("203.0.113.100", ""),),
+                  source_ranges=("fd00:50::/64",))
+    cluster = gen.Cluster(seed=1, services=(svc,))
+    (target,) = [t for t in gen.targets(cluster) if t.vantage == "pod" and t.ip == "203.0.113.100"]
+    dropped, refused = _out([], ["timeout"] * 2), _out([], ["refused"] * 8)
+    assert explain(Mismatch(seed=1, target=target, upstream=refused, pyproxy=dropped), cluster)
+    # The other way round, or with a range of the family, is not that deviation.
+    assert not explain(Mismatch(seed=1, target=target, upstream=dropped, pyproxy=refused), cluster)
+    both = gen.Cluster(seed=1, services=(replace(svc, source_ranges=("fd00:50::/64", "10.0.0.0/8")),))
+    assert not explain(Mismatch(seed=1, target=target, upstream=refused, pyproxy=dropped), both)
 
 
 def test_seed_lists():
