@@ -29,7 +29,8 @@ def _ranges_of_other_family_only(m: "Mismatch", cluster: gen.Cluster) -> bool:
     v6 = ":" in m.target.ip
     if any((":" in r) == v6 for r in svc.source_ranges):
         return False
-    return not m.pyproxy.pods and m.pyproxy.errors == {"timeout"}
+    # Dropped: a timeout, or EPERM for the node's own packets (dropped in its output hook).
+    return not m.pyproxy.pods and bool(m.pyproxy.errors) and m.pyproxy.errors <= {"timeout", "eperm"}
 
 
 KNOWN: list[tuple[str, Callable[["Mismatch", gen.Cluster], bool]]] = [

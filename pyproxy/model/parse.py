@@ -177,8 +177,13 @@ def parse_service(obj: dict[str, Any], *, family: Family = 4) -> tuple[ServicePo
     etp = spec.get("externalTrafficPolicy") or "Cluster"
     if etp not in ("Cluster", "Local"):
         raise Invalid(f"spec.externalTrafficPolicy must be Cluster or Local, got {etp!r}")
-    # As upstream: the policy only means something for Services reachable from outside.
-    external_local = etp == "Local" and svc_type in ("NodePort", "LoadBalancer")
+    # As upstream: the policy only means something for Services reachable from outside, and
+    # a ClusterIP Service with externalIPs (of either family) is one (upstream's
+    # ExternallyAccessible; found by the differential test, seed 20).
+    raw_external = spec.get("externalIPs")
+    external_local = etp == "Local" and (
+        svc_type in ("NodePort", "LoadBalancer")
+        or (svc_type == "ClusterIP" and isinstance(raw_external, list) and bool(raw_external)))
     external_ips = _addresses(spec.get("externalIPs"), "spec.externalIPs", family)
     lb_ips: tuple[str, ...] = ()
     source_ranges: tuple[str, ...] | None = None

@@ -133,6 +133,32 @@ def test_external_traffic_policy_local(external: Programmed):
     assert again.errors == {} and set(again.pods) <= ALL
 
 
+def test_external_traffic_policy_local_on_a_cluster_ip_service_with_external_ips(external: Programmed):
+    # A ClusterIP Service with externalIPs is reachable from outside, so its
+    # externalTrafficPolicy applies, as upstream's ExternallyAccessible says (found by the
+    # differential test: pyproxy used to treat it as Cluster). pod0 is local, pod1 and pod2 not.
+    topo = external.topo
+    objects = _objects(topo)
+    ext = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "ext")
+    ext["spec"]["externalTrafficPolicy"] = "Local"
+    ext_slice = next(o for o in objects if o["kind"] == "EndpointSlice" and o["metadata"]["name"] == "ext-a")
+    for ep, node in zip(ext_slice["endpoints"], (NODE, "node-2", "node-2")):
+        ep["nodeName"] = node
+    external.apply(objects)
+    probe = topo.probe(topo.client_ns, f"{EXT_IP}:80", count=20)
+    assert probe.errors == {} and set(probe.pods) == {"pod0"} and probe.seen_ips == {topo.client_ip}, probe
+    # A pod is short-circuited to every endpoint with its own address.
+    pod3 = topo.pod("pod3")
+    from_pod = topo.probe(pod3.ns, f"{EXT_IP}:80", count=45)
+    assert from_pod.errors == {} and set(from_pod.pods) == ALL and from_pod.seen_ips == {pod3.ip}
+    # No local endpoint: external clients are dropped; the ClusterIP still serves everyone.
+    for ep in ext_slice["endpoints"]:
+        ep["nodeName"] = "node-2"
+    external.apply(objects)
+    assert topo.probe(topo.client_ns, f"{EXT_IP}:80", count=2, timeout=1).errors == {"timeout": 2}
+    assert topo.probe(pod3.ns, f"{EXT_CIP}:80", count=12).errors == {}
+
+
 HC_PORT = 32100
 FETCH = """
 import json, sys, urllib.error, urllib.request
