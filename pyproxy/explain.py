@@ -13,7 +13,7 @@ from pyproxy.config import ProxyConfig
 from pyproxy.literals import Path, Verdict
 from pyproxy.model.ipaddr import ip_in_cidrs
 from pyproxy.model.objects import DesiredState, ServicePortState
-from pyproxy.model.policy import traffic_policy
+from pyproxy.model.policy import firewall_applies, traffic_policy
 from pyproxy.render.naming import ServiceChains
 from pyproxy.render.slots import MAP_PREFIX, SLOTS, slot_ranges
 
@@ -103,11 +103,11 @@ def _decide(sps: ServicePortState, config: ProxyConfig, src: str | None, *, path
     name = str(svc.name)
     where = PATH_NAMES[path]
     external = path != "clusterip"
-    if path == "loadbalancer" and svc.uses_firewall:
+    policy = traffic_policy(sps, node_name=config.hostname)
+    if path == "loadbalancer" and firewall_applies(sps, policy, mode=config.mode):
         blocked = _firewall(sps, src)
         if blocked is not None:
             return blocked
-    policy = traffic_policy(sps, node_name=config.hostname)
     if not policy.cluster:
         return Explanation("reject", f"{name} has no usable endpoint: refused at once "
                            "(a TCP reset; ICMP port unreachable for UDP)", service=name, path=path)

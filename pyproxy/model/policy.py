@@ -61,3 +61,14 @@ def traffic_policy(sps: ServicePortState, *, node_name: str) -> TrafficPolicy:
     return TrafficPolicy(cluster=sps.usable_endpoints, local=local, internal_local=svc.internal_local,
                          external=svc.externally_accessible,
                          external_local=svc.external_local and svc.externally_accessible)
+
+
+def firewall_applies(sps: ServicePortState, policy: TrafficPolicy, *, mode: str) -> bool:
+    """Whether ``loadBalancerSourceRanges`` filter this port's LB IPs. In iptables mode only
+    while the port has endpoints, as upstream's iptables proxier writes it: without them the
+    no-endpoints reject answers every source, inside the ranges or not (upstream's nftables
+    mode filters either way, and so does ours). Found by the differential test (seed 105):
+    pyproxy's iptables firewall dropped even the allowed sources of an endpoint-less port."""
+    if not sps.service.uses_firewall:
+        return False
+    return mode != "iptables" or bool(policy.cluster or policy.local)

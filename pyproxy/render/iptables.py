@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pyproxy.config import ProxyConfig
 from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
-from pyproxy.model.policy import traffic_policy
+from pyproxy.model.policy import firewall_applies, traffic_policy
 from pyproxy.render.fragments import IptFragment
 from pyproxy.render.naming import IPT_PREFIX, ServiceChains, ipt_comment
 
@@ -140,8 +140,9 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
     names = ServiceChains(spn, mode="iptables")
     svc_chain, svl_chain, ext_chain, fw_chain = names.cluster, names.local, names.external, names.firewall
     vips = [(ip, "external IP") for ip in svc.external_ips] + [(ip, "loadbalancer IP") for ip in svc.lb_ips]
+    firewall = firewall_applies(sps, policy, mode="iptables")
 
-    if svc.uses_firewall:
+    if firewall:
         # loadBalancerSourceRanges: the nat rule for an LB IP goes through FW-, which sends
         # allowed sources on to EXT- (DNAT); the rest stay addressed to the LB IP, and the
         # filter PROXY-FIREWALL chain drops them (DNATed packets no longer match it).
@@ -207,11 +208,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
 
     if svc.externally_accessible:
         for ip, kind in vips:
-            target = fw_chain if kind == "loadbalancer IP" and svc.uses_firewall else ext_chain
+            target = fw_chain if kind == "loadbalancer IP" and firewall else ext_chain
             top.setdefault(("nat", SERVICES), []).append(
                 f"{ipt_comment(f'{spn} {kind}')} {_proto(proto)} -d {ip}/{m} "
                 f"--dport {svc.port} -j {target}")
-        if svc.uses_firewall:
+        if firewall:
             allowed = [a if "/" in a else f"{a}/{m}" for a in sps.firewall_sources]
             lb = ipt_comment(f"{spn} loadbalancer IP")
             chains[("nat", fw_chain)] = (
