@@ -14,7 +14,7 @@ import pytest
 from lab.diff.run import run, table
 from lab.preflight import CLUSTER_TOOLS, missing
 
-SEEDS = {"nftables": list(range(1, 9)), "iptables": list(range(101, 105))}
+SEEDS = {"nftables": list(range(1, 11)), "iptables": list(range(101, 106))}
 
 
 @pytest.mark.parametrize("mode", ["nftables", "iptables"])
@@ -29,7 +29,7 @@ def test_pyproxy_and_upstream_answer_the_same_probes(mode: str, tmp_path: Path,
     tally = run(seeds=SEEDS[mode], minutes=0, mode=mode, out=tmp_path, shrink_budget=120, log=lines.append)
     with capsys.disabled():
         print("\n" + table(tally, mode))
-    assert tally.seeds == len(SEEDS[mode]) and tally.probes > 100 * len(SEEDS[mode])
+    assert tally.seeds == len(SEEDS[mode]) and tally.probes > 40 * len(SEEDS[mode])
     unexplained = [m for m in tally.mismatches if not m.reason]
     assert not unexplained, "\n".join(
         [line for line in lines if "UNEXPLAINED" in line]
