@@ -271,7 +271,7 @@ def service_object(svc: Svc) -> dict[str, Any]:
         "ipFamilies": [FAMILY[f] for f in svc.families],
         "ipFamilyPolicy": "SingleStack" if len(svc.families) == 1 else "RequireDualStack",
         "ports": [{k: v for k, v in (("name", p.name), ("protocol", p.protocol), ("port", p.port),
-                                     ("targetPort", p.port), ("nodePort", p.node_port)) if v != ""
+                                     ("targetPort", _target_port(p)), ("nodePort", p.node_port)) if v != ""
                    and v != 0} for p in svc.ports],
         "internalTrafficPolicy": svc.internal_policy,
     }
@@ -295,6 +295,13 @@ def service_object(svc: Svc) -> dict[str, Any]:
     if svc.traffic_distribution:
         spec["trafficDistribution"] = svc.traffic_distribution
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def _target_port(p: Port) -> int | str:
+    """A named target port for some named ports (no proxy reads it: the EndpointSlice's port
+    is what counts, matched by the Service port's name; the API server must still take it).
+    Chosen without the random stream, so adding it changed no seed's cluster."""
+    return f"t-{p.name}" if p.name and p.port % 2 else p.port
 
 
 def lb_status(svc: Svc) -> dict[str, Any] | None:

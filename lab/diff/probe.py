@@ -55,11 +55,13 @@ class Outcome:
     def same(self, other: Outcome, *, affinity: bool = False) -> bool:
         """Equal sets of backends, errors and client addresses; for a Service with ClientIP
         affinity, both sides sticky instead, since each picked its endpoint at random."""
+        # What the backends saw is compared source by source, where both sides reached one: a
+        # source whose tries all met a refusing endpoint by chance has nothing to compare.
+        mine, theirs = dict(self.seen), dict(other.seen)
+        seen_same = all(mine[s] == theirs[s] for s in mine.keys() & theirs.keys())
         if affinity and self.sticky and other.sticky:
-            # Compare only what the backends saw where both sides reached one.
-            mine, theirs = dict(self.seen), dict(other.seen)
-            return all(mine[s] == theirs[s] for s in mine.keys() & theirs.keys())
-        return (self.pods, self.errors, self.seen_ips) == (other.pods, other.errors, other.seen_ips)
+            return seen_same
+        return seen_same and (self.pods, self.errors) == (other.pods, other.errors)
 
     def merge(self, other: Outcome) -> Outcome:
         got: dict[str, tuple[frozenset[str], int]] = {s: (g, n) for s, g, n in self.per_source}

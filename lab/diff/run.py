@@ -34,6 +34,8 @@ TRIES = 8
 """Attempts a probe makes at first; one whose outcomes differ is tried again :data:`MORE_TRIES`
 times on both sides (merged), so that a random spread over backends cannot fake a mismatch."""
 MORE_TRIES = 40
+SETTLE = 2.0
+"""Seconds to wait before probing a mismatch again."""
 
 
 @dataclass
@@ -102,10 +104,17 @@ class Session:
         up, py = probe_all(self.worlds, targets, tries=TRIES)
         differ = [i for i in range(len(targets)) if not up[i].same(py[i], affinity=targets[i].affinity)]
         if differ:
+            # Again, from scratch, after a pause in which a straggling event (a slow watch on a
+            # loaded machine) is synced too: only what differs now counts, so neither a random
+            # spread nor a proxy caught mid-change fakes a mismatch.
+            time.sleep(SETTLE)
+            wait_synced(self.worlds, 0)  # nothing queued behind the last sync
+            for w in self.worlds:
+                w.flush_conntrack()
             again = [targets[i] for i in differ]
             up2, py2 = probe_all(self.worlds, again, tries=MORE_TRIES)
             for k, i in enumerate(differ):
-                up[i], py[i] = up[i].merge(up2[k]), py[i].merge(py2[k])
+                up[i], py[i] = up2[k], py2[k]
         out = []
         for i in differ:
             if not up[i].same(py[i], affinity=targets[i].affinity):

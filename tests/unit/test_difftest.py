@@ -73,6 +73,15 @@ def test_outcomes_compare_backends_client_addresses_and_errors():
     assert not _out([], ["timeout"] * 2).same(_out([], ["refused"] * 2))
 
 
+def test_client_addresses_are_compared_per_source_where_both_sides_answered():
+    # Source b met only the refusing endpoint on one side, by chance: not a difference.
+    one = _out([("a", "pod1", "a"), ("b", "pod1", "b"), ("b", "!refused", "")])
+    other = _out([("a", "pod1", "a"), ("b", "!refused", ""), ("a", "!refused", "")])
+    assert one.same(other)
+    # The same source seen as itself on one side and masqueraded on the other: a difference.
+    assert not one.same(_out([("a", "pod1", "10.244.1.1"), ("b", "!refused", "")]))
+
+
 def test_affinity_compares_stickiness_not_which_endpoint_was_picked():
     one = _out([("-", "pod2", "10.244.1.100")] * 8)
     other = _out([("-", "pod4", "10.244.1.100")] * 8)
