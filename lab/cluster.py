@@ -233,16 +233,8 @@ class ClusterLab:
             (self.ext_ns, EXT_IP, EXT_IP6)]
         for k, (ns, ip, ip6) in enumerate(attach):
             self._new_ns(ns)
-            with IPRoute(netns=self.cp_ns) as ipr:
-                host_if = f"u{k}"
-                ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-                idx = ipr.link_lookup(ifname=host_if)[0]
-                ipr.link("set", index=idx, master=ipr.link_lookup(ifname="under")[0], state="up")
+            self.plug(ns, host_if=f"u{k}", ifname="eth0", ip=ip, ip6=ip6)
             with IPRoute(netns=ns) as ipr:
-                idx = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=idx, address=ip, prefixlen=24)
-                ipr.addr("add", index=idx, address=ip6, prefixlen=64, flags=NODAD)
-                ipr.link("set", index=idx, state="up")
                 ipr.route("add", dst="default", gateway=CP_IP)
                 ipr.route("add", dst="::/0", gateway=CP_IP6, family=socket.AF_INET6)
         for i in range(1, self.nodes + 1):
@@ -263,6 +255,20 @@ class ClusterLab:
                                ("net.ipv6.conf.all.forwarding", "1"),
                                ("net.bridge.bridge-nf-call-ip6tables", "1")):
                 self._sysctl(ns, key, value)
+
+    def plug(self, ns: str, *, host_if: str, ifname: str, ip: str, ip6: str = "") -> None:
+        """Plug namespace ``ns`` into the control plane's bridge "under" with a veth pair:
+        ``host_if`` on the bridge, ``ifname`` in ``ns`` with ``ip``/24 (and ``ip6``/64)."""
+        with IPRoute(netns=self.cp_ns) as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": ifname, "net_ns_fd": ns})
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname="under")[0], state="up")
+        with IPRoute(netns=ns) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=idx, address=ip, prefixlen=24)
+            if ip6:
+                ipr.addr("add", index=idx, address=ip6, prefixlen=64, flags=NODAD)
+            ipr.link("set", index=idx, state="up")
 
     def _certs(self) -> None:
         d = self.path
@@ -374,21 +380,25 @@ class ClusterLab:
 
     def _register_nodes(self) -> None:
         for i in range(1, self.nodes + 1):
-            node = {"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": self.node_name(i), "labels": {
-                        "kubernetes.io/hostname": self.node_name(i),
-                        "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"}},
-                    "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i), pod_cidr6(i)]}}
-            self.kubectl_apply([node])
-            if self.real_nodes:
-                continue  # the kubelet reports its own status
-            status = {"status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)},
-                                               {"type": "InternalIP", "address": node_ip6(i)},
-                                               {"type": "Hostname", "address": self.node_name(i)}],
-                                 "conditions": [{"type": "Ready", "status": "True",
-                                                 "reason": "KubeletReady", "message": "lab kubelet"}]}}
-            self.kubectl("patch", "node", self.node_name(i), "--subresource=status", "--type=merge",
-                         "-p", json.dumps(status))
+            self.register_node(self.node_name(i), labels={"kubernetes.io/hostname": self.node_name(i),
+                                                          "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"},
+                               addresses=(node_ip(i), node_ip6(i)), pod_cidrs=(pod_cidr(i), pod_cidr6(i)),
+                               message="lab kubelet")
+
+    def register_node(self, name: str, *, labels: dict[str, str], addresses: tuple[str, ...],
+                      pod_cidrs: tuple[str, ...] = (), message: str) -> None:
+        """Create or update a Node; without real kubelets, also its status (addresses, Ready)."""
+        node: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+        if pod_cidrs:
+            node["spec"] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
+        self.kubectl_apply([node])
+        if self.real_nodes:
+            return  # the kubelet reports its own status
+        status = {"status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]
+                             + [{"type": "Hostname", "address": name}],
+                             "conditions": [{"type": "Ready", "status": "True",
+                                             "reason": "KubeletReady", "message": message}]}}
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
 
     def _start_kubelet(self, i: int) -> None:
         if self.real_nodes:

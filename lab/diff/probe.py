@@ -63,17 +63,6 @@ class Outcome:
             return seen_same
         return seen_same and (self.pods, self.errors) == (other.pods, other.errors)
 
-    def merge(self, other: Outcome) -> Outcome:
-        got: dict[str, tuple[frozenset[str], int]] = {s: (g, n) for s, g, n in self.per_source}
-        for s, g, n in other.per_source:
-            g0, n0 = got.get(s, (frozenset(), 0))
-            got[s] = (g0 | g, n0 + n)
-        seen = dict(self.seen)
-        for s, ips in other.seen:
-            seen[s] = seen.get(s, frozenset()) | ips
-        return Outcome(per_source=tuple(sorted((s, g, n) for s, (g, n) in got.items())),
-                       seen=tuple(sorted(seen.items())))
-
     def describe(self) -> str:
         parts = []
         if self.pods:

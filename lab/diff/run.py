@@ -31,8 +31,9 @@ from lab.diff.probe import Outcome
 from lab.diff.world import PROXIES, World, apply_cluster, probe_all, wait_synced
 
 TRIES = 8
-"""Attempts a probe makes at first; one whose outcomes differ is tried again :data:`MORE_TRIES`
-times on both sides (merged), so that a random spread over backends cannot fake a mismatch."""
+"""Attempts a probe makes at first; one whose outcomes differ is probed again from scratch,
+:data:`MORE_TRIES` times on both sides, and only that counts, so that a random spread over
+backends cannot fake a mismatch."""
 MORE_TRIES = 40
 SETTLE = 2.0
 """Seconds to wait before probing a mismatch again."""

@@ -57,18 +57,10 @@ def register_nodes(lab: ClusterLab, zone: str | None) -> None:
     """node-1 (both proxies' node, labelled with the cluster's zone) and node-2 (the others)."""
     for name, ips, node_zone in (("node-1", ("192.168.50.2", "fd00:50::2"), zone),
                                  ("node-2", ("192.168.50.3", "fd00:50::3"), "zone-b")):
-        labels: dict[str, str | None] = {"kubernetes.io/hostname": name,
-                                         "topology.kubernetes.io/zone": node_zone}
-        lab.kubectl("apply", "-f", "-", stdin=json.dumps({
-            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
-                k: v for k, v in labels.items() if v}}}))
+        labels = {"kubernetes.io/hostname": name, **({"topology.kubernetes.io/zone": node_zone} if node_zone else {})}
+        lab.register_node(name, labels=labels, addresses=ips, message="difftest")
         if not node_zone:  # apply keeps a label it set earlier unless told
             lab.kubectl("label", "node", name, "topology.kubernetes.io/zone-", check=False)
-        status = {"status": {"addresses": [{"type": "InternalIP", "address": ip} for ip in ips]
-                             + [{"type": "Hostname", "address": name}],
-                             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                             "message": "difftest"}]}}
-        lab.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
 
 
 @dataclass
@@ -89,7 +81,7 @@ class World:
             with IPRoute(netns=topo.client_ns) as ipr:
                 ipr.route("add", dst=gen.EXTERNAL_CIDRS[0], gateway=topo.node_ip)
                 ipr.route("add", dst=gen.EXTERNAL_CIDRS[1], gateway=topo.node_ip6, family=socket.AF_INET6)
-            _attach(lab, topo.node_ns, host_if=f"w{index}", ip=f"192.168.60.{51 + index}")
+            lab.plug(topo.node_ns, host_if=f"w{index}", ifname="api0", ip=f"192.168.60.{51 + index}")
             # The kernel rate-limits ICMP errors per peer (IPv6 by default, IPv4 too in pods)
             # and per namespace (1,000 a second, bursts of 50): a "port unreachable" from the
             # node's reject rules or from a pod would turn into a timeout depending on what the
@@ -198,18 +190,6 @@ def probe_all(worlds: list[World], targets: list[gen.Target], *, tries: int) -> 
                 results[i] = outcome(raw)
         out.append([r for r in results if r is not None])
     return out
-
-
-def _attach(lab: ClusterLab, node_ns: str, *, host_if: str, ip: str) -> None:
-    """Plug a world's node into the control plane's bridge (its API link, nothing else)."""
-    with IPRoute(netns=lab.cp_ns) as ipr:
-        ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "api0", "net_ns_fd": node_ns})
-        idx = ipr.link_lookup(ifname=host_if)[0]
-        ipr.link("set", index=idx, master=ipr.link_lookup(ifname="under")[0], state="up")
-    with IPRoute(netns=node_ns) as ipr:
-        idx = ipr.link_lookup(ifname="api0")[0]
-        ipr.addr("add", index=idx, address=ip, prefixlen=24)
-        ipr.link("set", index=idx, state="up")
 
 
 def wait_synced(worlds: list[World], since: float, *, timeout: float = 60) -> float:

@@ -184,7 +184,7 @@ def parse_service(obj: dict[str, Any], *, family: Family = 4) -> tuple[ServicePo
     external_local = etp == "Local" and (
         svc_type in ("NodePort", "LoadBalancer")
         or (svc_type == "ClusterIP" and isinstance(raw_external, list) and bool(raw_external)))
-    external_ips = _addresses(spec.get("externalIPs"), "spec.externalIPs", family)
+    external_ips = _addresses(raw_external, "spec.externalIPs", family)
     lb_ips: tuple[str, ...] = ()
     source_ranges: tuple[str, ...] | None = None
     health_port = 0
