@@ -107,6 +107,10 @@ TYPEOF_FIELDS = {"ip daddr": "ipv4_addr", "ip6 daddr": "ipv6_addr", "th dport": 
 
 
 _ADDR_PORT4 = ("ipv4_addr", "inet_service")
+NUMBER = "number"
+"""Codec.key of a hash map keyed by a numgen value: a 32-bit number in host byte order (as the
+numgen expression writes its register; an interval map's keys are big-endian because nft
+converts the register before an interval lookup, a hash lookup gets it as it is)."""
 PREFIX = "prefix"
 """Codec.key of an interval set of addresses: ``(PREFIX, "ipv4_addr" or "ipv6_addr")``."""
 
@@ -159,6 +163,11 @@ def codec(spec: str) -> Codec:
         if "?" in fields:
             raise Unsupported(f"set type {spec!r}")
         return Codec(("interval",), fields)
+    if key_text.startswith("typeof numgen ") and data_text:
+        fields = tuple(TYPEOF_FIELDS.get(f.strip(), "?") for f in data_text.split(" . "))
+        if "?" in fields:
+            raise Unsupported(f"set type {spec!r}")
+        return Codec((NUMBER,), fields)
     if key_text in ("type ipv4_addr", "type ipv6_addr") and "interval" in flags and not data_text:
         return Codec((PREFIX, key_text[len("type "):]), None)  # addresses and CIDRs
     if not key_text.startswith("type ") or "interval" in flags:
@@ -253,6 +262,14 @@ def elements(op: Op, c: Codec) -> list[bytes]:
         if hi < 0xFFFF_FFFF:
             out.append(_element((hi + 1).to_bytes(4, "big"), flags=NFT_SET_ELEM_INTERVAL_END))
         return out
+    if c.key == (NUMBER,):
+        try:
+            number = int(op.body)
+        except ValueError:
+            raise Unsupported(f"not a number: {op.body!r}") from None
+        if not 0 <= number <= 0xFFFF_FFFF:
+            raise Unsupported(f"not a 32-bit number: {op.body!r}")
+        return [_element(number.to_bytes(4, sys.byteorder), data=data)]
     return [_element(c.value(c.key, op.body), data=data)]
 
 

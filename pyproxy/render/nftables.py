@@ -32,7 +32,7 @@ from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.model.policy import traffic_policy
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import ServiceChains, nft_comment
-from pyproxy.render.slots import SLOTS, Place, SlotAllocator, map_name, slot_ranges
+from pyproxy.render.slots import SLOTS, Place, SlotAllocator, first_map_name, map_name, slot_ranges
 
 TABLE_NAME = "pyproxy"
 
@@ -51,8 +51,9 @@ BASE_CHAINS = {
 }
 
 
-MISSED = 'drop comment "no slot: map not committed yet"'
-"""The rule after an endpoint lookup (see render_service)."""
+MISSED = 'drop comment "no endpoint found"'
+"""The rule after an endpoint lookup and its fallback (see render_service): never reached while
+the maps hold every pool's elements."""
 
 
 def endpoint_map_spec(family: Family, protocol: str) -> str:
@@ -60,6 +61,13 @@ def endpoint_map_spec(family: Family, protocol: str) -> str:
     statement); see :mod:`pyproxy.render.slots`."""
     return f"typeof numgen random mod 2 : {table_family(family)} daddr . {protocol} dport ; flags interval ; " \
         f'comment "random slot to endpoint: {SLOTS} slots a pool" ;'
+
+
+def first_map_spec(family: Family, protocol: str) -> str:
+    """The hash map beside a shared endpoint map: a pool's offset → its first endpoint, for a
+    lookup that misses (see :mod:`pyproxy.render.slots`)."""
+    return f"typeof numgen random mod 2 : {table_family(family)} daddr . {protocol} dport ; " \
+        'comment "first endpoint of each pool, while its slot map commits" ;'
 
 
 def table_family(family: Family) -> str:
@@ -156,6 +164,7 @@ def render_base(config: ProxyConfig, state: DesiredState, *,
     for protocol, count in (endpoint_maps or {}).items():
         for i in range(count):
             sets[map_name(protocol, i)] = endpoint_map_spec(config.family, protocol)
+            sets[first_map_name(protocol, i)] = first_map_spec(config.family, protocol)
     return NftFragment(chains=chains, chain_specs=dict(BASE_CHAINS), sets=sets, elements=elements)
 
 
@@ -226,14 +235,15 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
                 elements[(m, f"{offset + lo}-{offset + hi}")] = f"{ep.ip} . {ep.port}"
                 elements[("hairpin", f"{ep.ip} . {ep.ip}")] = ""
             lookup = f"meta l4proto {proto} dnat {a} to numgen random mod {SLOTS} offset {offset} map @{m}"
-            # A lookup that misses falls through. The one miss we know of: an interval map made
-            # in a transaction cannot be searched until the kernel has finished committing it
-            # (kernel 6.18 searches a sorted array built at the end of the commit, after the
-            # rules that use the map went live), so while a full sync replaces the table a new
-            # connection can find nothing (1 in ~6,000 under load). Dropping that SYN makes the
-            # client retry a second later, when the map answers; falling through to the filter
-            # hooks would refuse it.
-            return (*masq, lookup, MISSED)
+            # The lookup misses while a full sync that replaced the table is still committing
+            # (the slot map is an interval map, searchable only once the commit has finished;
+            # see pyproxy.render.slots): the pool's first endpoint answers from a hash map,
+            # live with the new rules. Dropping the SYN instead cost the client a 1 s
+            # retransmission; falling through would have refused it.
+            elements[(region.first_map_name, str(offset))] = f"{eps[0].ip} . {eps[0].port}"
+            fallback = f"meta l4proto {proto} dnat {a} to numgen random mod 1 offset {offset} " \
+                f"map @{region.first_map_name}"
+            return (*masq, lookup, fallback, MISSED)
     else:
         # ClientIP affinity needs a set of clients per endpoint, updated as the endpoint is
         # chosen: one chain per endpoint.

@@ -16,6 +16,15 @@ Why pools share maps, and why not all in one (measured with nft 1.0.6 on kernel 
 * Maps of at most :data:`MAP_POOLS` pools and about :data:`MAP_ELEMENTS` endpoints keep both
   products small: 10k pools × 10 endpoints load in ~3 s (400 maps).
 
+Each slot map has a companion hash map, ``first-PROTO-N``, holding each of its pools' first
+endpoint under the pool's offset: the lookup a rule falls back to when the slot map misses.
+Kernel 6.18 searches an interval map through a sorted array it builds at the end of a commit,
+after the generation switch that made the commit's rules live; a map created in that commit
+(every map, when a full sync replaces the table) answers nothing until then, for a few
+milliseconds at 10k Services. A hash map's elements are live with the generation switch, so
+the first SYN of a connection opened in that window goes to the pool's first endpoint instead
+of being dropped (which cost that client the 1 s SYN retransmission).
+
 The allocator is the proxier's; the renderer only asks it where a pool's region is.
 """
 
@@ -44,6 +53,7 @@ MAP_ELEMENTS = 256
 gets a map of its own): bounds the (rules × elements) cost of loading a map."""
 
 MAP_PREFIX = "endpoints-"
+FIRST_PREFIX = "first-"
 
 _TRIES = 8
 """Open maps a pool is offered before it gets a new one (bounds the work of a placement)."""
@@ -55,6 +65,12 @@ def map_name(protocol: str, index: int) -> str:
     existing map typed ``th dport`` ("conflicting protocols specified: tcp vs. th"), so each
     map's data is typed ``tcp dport``, ``udp dport`` or ``sctp dport``."""
     return f"{MAP_PREFIX}{protocol}-{index}"
+
+
+def first_map_name(protocol: str, index: int) -> str:
+    """The name of the hash map beside slot map ``index``: each pool's offset → its first
+    endpoint (see the module's docstring)."""
+    return f"{FIRST_PREFIX}{protocol}-{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +89,10 @@ class Region:
     @property
     def map_name(self) -> str:
         return map_name(self.protocol, self.map)
+
+    @property
+    def first_map_name(self) -> str:
+        return first_map_name(self.protocol, self.map)
 
 
 def slot_ranges(count: int) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ each checked in the kernel and with real traffic, in every mode."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -214,11 +215,68 @@ def test_restart_under_load_drops_no_connection(programmed: Programmed):
         if client.poll() is None:
             client.kill()
             client.wait()
-    import json
 
     data = json.loads(out)
     assert data["errors"] == {}
     assert len(data["answers"]) == 1500
+
+
+def _fillers(count: int, endpoints: int) -> list[dict]:
+    """``count`` Services of ``endpoints`` endpoints each, on addresses nobody probes: they only
+    make the table (and so a full sync's commit) large."""
+    objects: list[dict] = []
+    tcp = [sc.port(8080, name="http", protocol="TCP")]
+    for i in range(count):
+        name = f"filler-{i}"
+        objects.append(sc.service(name, f"10.97.{i // 250}.{i % 250 + 1}", [sc.port(80, name="http")]))
+        objects.append(sc.endpoint_slice(name, [f"10.250.{(i * endpoints + j) // 250 % 250}.{(i * endpoints + j) % 250 + 1}"
+                                                for j in range(endpoints)], tcp))
+    return objects
+
+
+def test_full_syncs_over_a_large_live_table_answer_every_first_syn(topo: Topology, tmp_path: Path):
+    """A restart (or the hourly full sync) replaces a large table under load; every new
+    connection must be answered on its first SYN. The client's timeout (0.9 s) is below the
+    SYN retransmission (1 s), so a SYN dropped or refused while the new table goes live is a
+    failure here, where a 2 s timeout would hide it as a slow connect."""
+    assert topo.pyproxy("cleanup").returncode == 0
+    # JSON, as kubectl writes it: read at JSON speed (a YAML dump of 4,000 objects takes 20 s).
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"kind": "List", "items": base_objects(topo) + _fillers(2000, 10)}))
+    prog = Programmed(topo, "nftables", path)
+
+    def full_sync() -> None:
+        proc = topo.pyproxy("run", "--once", *prog.flags())
+        assert proc.returncode == 0, proc.stderr
+
+    try:
+        full_sync()
+        # The report goes to a file: it is larger than a pipe holds.
+        report = tmp_path / "client.json"
+        with open(report, "w") as out:
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "lab.client",
+                 "--target", f"{WEB_IP}:80", "--count", "200000", "--timeout", "0.9", "--interval", "0",
+                 "--reset-close", "--deadline", "120"],
+                stdout=out, text=True,
+            )
+        try:
+            time.sleep(0.5)
+            for _ in range(5):
+                full_sync()
+            client.send_signal(signal.SIGTERM)
+            client.wait(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        data = json.loads(report.read_text())
+        assert len(data["answers"]) > 500, data["errors"]
+        assert data["errors"] == {}, data["failures"]
+        assert max(data["durations"]) < 0.9
+    finally:
+        assert topo.pyproxy("cleanup").returncode == 0
+        ns_exec(topo.node_ns, ["conntrack", "-F"])
 
 
 @pytest.mark.parametrize("mode", ["nftables", "iptables-nft"])
@@ -290,7 +348,7 @@ def test_switching_modes_removes_leftovers_and_keeps_established_connections(top
          "--target", f"{CHAT_IP}:80", "--hold", "--timeout", "3"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        import json
+
 
         first = json.loads(conn.stdout.readline())["pod"]
         assert first in {"pod0", "pod1", "pod2"}

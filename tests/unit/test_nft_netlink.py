@@ -20,6 +20,8 @@ def test_every_set_pyproxy_declares_has_a_codec(family):
     for protocol in ("tcp", "udp", "sctp"):
         emap = nl.codec(r.endpoint_map_spec(family, protocol))
         assert emap.interval and emap.data == ("ipv6_addr" if family == 6 else "ipv4_addr", "inet_service")
+        first = nl.codec(r.first_map_spec(family, protocol))
+        assert first.key == (nl.NUMBER,) and first.data == emap.data
 
 
 def test_affinity_sets_and_unknown_types_are_left_to_nft():
@@ -81,6 +83,27 @@ def test_an_interval_is_a_start_with_data_and_a_flagged_end():
     tx.delete_element("endpoints-x", "0-116396279")
     (msg,) = nl.messages(tx)
     assert all(nl.NFTA_SET_ELEM_DATA not in dict(_attrs(_attrs(e)[0][1])) for e in msg.elements)
+
+
+def test_a_first_endpoint_key_is_the_offset_in_host_byte_order():
+    """numgen writes its register in host order and a hash lookup takes it as it is (an interval
+    lookup gets it converted to big-endian first; nft --debug=netlink shows the byteorder step
+    only before interval lookups)."""
+    import sys
+
+    spec = r.first_map_spec(4, "tcp")
+    tx = Transaction(set_specs={"first-x": spec})
+    tx.add_element("first-x", "24504480", "10.1.0.7 . 8087")
+    (msg,) = nl.messages(tx)
+    (element,) = msg.elements
+    assert _key(element) == (24504480).to_bytes(4, sys.byteorder)
+    (_, data), = _attrs(dict(_attrs(_attrs(element)[0][1]))[nl.NFTA_SET_ELEM_DATA])
+    assert data.hex() == "0a010007" "1f970000"
+    for bad in ("-1", "4294967296", "1-2"):
+        tx = Transaction(set_specs={"first-x": spec})
+        tx.add_element("first-x", bad, "10.1.0.7 . 8087")
+        with pytest.raises(nl.Unsupported):
+            nl.messages(tx)
 
 
 def test_ipv6_and_plain_sets():

@@ -330,7 +330,7 @@ def test_affinity_sets_come_and_go():
 def test_adding_and_removing_an_affinity_service():
     proxier, fake = _proxier()
     proxier.sync(build(_other()))
-    assert fake.dump().sets.keys() - set(SETS) == {"endpoints-udp-0"}  # other's pool of one
+    assert fake.dump().sets.keys() - set(SETS) == {"endpoints-udp-0", "first-udp-0"}  # other's pool of one
     state = build([*_other(), *_web(("10.244.1.1", "10.244.1.2", "10.244.1.3"), affinity=30)])
     result = proxier.sync(state)
     assert not result.full and result.changed_services == 1
@@ -343,7 +343,7 @@ def test_adding_and_removing_an_affinity_service():
     assert _same(fake.dump(), _fresh_table(state))
     result = proxier.sync(build(_other()))
     assert not result.full
-    assert fake.dump().sets.keys() - set(SETS) == {"endpoints-udp-0"}
+    assert fake.dump().sets.keys() - set(SETS) == {"endpoints-udp-0", "first-udp-0"}
 
 
 def test_affinity_timeout_change_forces_a_full_sync():

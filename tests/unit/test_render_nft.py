@@ -40,8 +40,13 @@ def test_three_endpoints_are_data_in_a_slot_map():
     emap = "endpoints-tcp-2"
     offset = 5 * r.SLOTS
     lookup = f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset {offset} map @{emap}"
-    assert rules == (lookup, r.MISSED)  # a lookup that missed: dropped, the client retries
+    # A lookup that misses (the slot map still committing) takes the pool's first endpoint from
+    # a hash map; should that miss too, the packet is dropped, never refused.
+    fallback = f"meta l4proto tcp dnat ip to numgen random mod 1 offset {offset} map @first-tcp-2"
+    assert rules == (lookup, fallback, r.MISSED)
     assert r.MISSED.startswith("drop ")
+    assert {k: v for k, v in frag.elements.items() if k[0] == "first-tcp-2"} == {
+        ("first-tcp-2", str(offset)): "10.244.1.1 . 8080"}
     assert frag.sets == {}  # the shared maps are the base fragment's
     third = r.SLOTS // 3
     assert _map_elements(frag, emap) == {
@@ -58,6 +63,10 @@ def test_three_endpoints_are_data_in_a_slot_map():
                                f'comment "random slot to endpoint: {r.SLOTS} slots a pool" ;')
     assert {m for m in base.sets if m.startswith("endpoints-")} == {
         "endpoints-tcp-0", "endpoints-tcp-1", "endpoints-tcp-2", "endpoints-udp-0"}
+    # Each with its first-endpoint map: a hash map (no interval flag), live as soon as committed.
+    assert {m for m in base.sets if m.startswith("first-")} == {
+        "first-tcp-0", "first-tcp-1", "first-tcp-2", "first-udp-0"}
+    assert "interval" not in base.sets["first-tcp-2"] and "tcp dport" in base.sets["first-tcp-2"]
 
 
 @pytest.mark.parametrize("n", range(1, 60))
@@ -122,8 +131,8 @@ def test_single_endpoint_is_data_too():
     st = sps(["10.244.1.1"])
     frag = r.render_service(CFG, st)
     _, rules = _service_chain(frag)
-    assert rules[-2:] == (f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-tcp-0",
-                          r.MISSED)
+    assert rules[-3:] == (f"meta l4proto tcp dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-tcp-0",
+                          "meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @first-tcp-0", r.MISSED)
     assert _map_elements(frag, "endpoints-tcp-0") == {f"0-{r.SLOTS - 1}": "10.244.1.1 . 8080"}
     assert frag.sets == {} and ("hairpin", "10.244.1.1 . 10.244.1.1") in frag.elements
     grown = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"]))
@@ -238,10 +247,11 @@ def test_other_protocols(proto):
     assert ("service-nodeports", f"{proto} . 30053") in frag.elements
     _, rules = _service_chain(frag)
     # Each protocol has maps of its own (their data is typed tcp/udp/sctp dport).
-    assert rules[-2] == f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-{proto}-0"
+    assert rules[-3] == f"meta l4proto {proto} dnat ip to numgen random mod {r.SLOTS} offset 0 map @endpoints-{proto}-0"
+    assert rules[-2].endswith(f"map @first-{proto}-0")
     two = r.render_service(CFG, sps(["10.244.1.1", "10.244.1.2"], protocol=proto, port=53, target_port=5353))
     _, rules = _service_chain(two)
-    assert sorted(_map_elements(two, rules[-2].rsplit("@", 1)[1]).values()) == [
+    assert sorted(_map_elements(two, rules[-3].rsplit("@", 1)[1]).values()) == [
         "10.244.1.1 . 5353", "10.244.1.2 . 5353"]
     assert f"/{proto}/" in _service_chain(frag)[0]
     empty = r.render_service(CFG, sps([], protocol=proto, port=53, node_port=30053))
