@@ -43,6 +43,8 @@ STATE_ROOT = Path(os.environ.get("PYPROXY_LAB_DIR", "/run/pyproxy-lab"))
 CP_IP = "192.168.60.1"
 EXT_IP = "192.168.60.200"
 SERVICE_CIDR = "10.96.0.0/16"
+DNS_IP = "10.96.0.10"
+"""The cluster DNS Service's ClusterIP (kubeadm's choice: the tenth address of the range)."""
 CLUSTER_CIDR = "10.244.0.0/16"
 CP_IP6 = "fd00:60::1"
 EXT_IP6 = "fd00:60::200"
@@ -76,11 +78,12 @@ def ns_run(ns: str | None, argv: list[str], **kw: Any) -> subprocess.CompletedPr
     return subprocess.run([*prefix, *argv], check=False, **kw)
 
 
-def lab_images() -> list[Path]:
-    """The OCI archives every real node imports: pause, pyproxy's image, the lab's tools."""
+def lab_images(extra: tuple[str, ...] = ()) -> list[Path]:
+    """The OCI archives every real node imports: pause, pyproxy's image, the lab's tools, and
+    ``extra`` (lab.images names)."""
     from lab import images
 
-    return [images.build(name) for name in ("pause", "pyproxy", "tools")]
+    return [images.build(name) for name in ("pause", "pyproxy", "tools", *extra)]
 
 
 def build_binaries(script: str = "build-k8s.sh") -> Path:
@@ -114,6 +117,9 @@ class ClusterLab:
     images: list[str] = field(default_factory=list)
     """The OCI archives every real node imports, resolved once at start (every node gets the
     same images even if the sources change meanwhile)."""
+    dns: bool = False
+    """Real nodes only: run cluster DNS (CoreDNS, ``lab.clusterdns``) at DNS_IP, the kubelets'
+    clusterDNS, so pods resolve Service names (Kubernetes' own e2e specs do)."""
 
     # -- naming --------------------------------------------------------------------------
     @property
@@ -155,7 +161,7 @@ class ClusterLab:
     def real_node(self, i: int) -> RealNode:
         return RealNode(name=self.node_name(i), netns=self.node_ns(i), dir=str(NODE_ROOT / f"{self.tag}-n{i}"),
                         bin_dir=self.node_bin_dir, node_ips=(node_ip(i), node_ip6(i)),
-                        pod_cidrs=(pod_cidr(i), pod_cidr6(i)))
+                        pod_cidrs=(pod_cidr(i), pod_cidr6(i)), cluster_dns=(DNS_IP,) if self.dns else ())
 
     # -- state file ----------------------------------------------------------------------
     def save(self) -> None:
@@ -182,16 +188,25 @@ class ClusterLab:
 
     @classmethod
     def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None,
-           owned: bool = True, real_nodes: bool = False) -> ClusterLab:
+           owned: bool = True, real_nodes: bool = False, extra_images: tuple[str, ...] = (),
+           dns: bool = False) -> ClusterLab:
+        """A lab in namespaces of its own; ``extra_images`` (lab.images names) are imported into
+        every real node's containerd beside the lab's own (the e2e specs' agnhost, ...); ``dns``
+        (real nodes only) runs CoreDNS as the cluster's DNS (``lab.clusterdns``)."""
+        if dns and not real_nodes:
+            raise ValueError("cluster DNS runs as a pod: it needs real nodes")
+        if dns:
+            extra_images = (*extra_images, "coredns")
         cls.reap_orphans()
         if (STATE_ROOT / name / "state.json").exists():
             raise RuntimeError(f"lab {name!r} is already up; run 'python3 -m lab down --name {name}' first")
         lab = cls(name=name, nodes=nodes, tag=f"pxl{secrets.token_hex(2)}",
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
                   admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0,
-                  real_nodes=real_nodes, node_bin_dir=str(build_binaries("build-node.sh")) if real_nodes else "")
+                  real_nodes=real_nodes, node_bin_dir=str(build_binaries("build-node.sh")) if real_nodes else "",
+                  dns=dns)
         if real_nodes:  # built (or found in the cache) before anything starts
-            lab.images = [str(p) for p in lab_images()]
+            lab.images = [str(p) for p in lab_images(extra_images)]
         lab.path.mkdir(parents=True, exist_ok=True)
         lab.save()
         try:
@@ -203,6 +218,10 @@ class ClusterLab:
                 lab._start_kubelet(i)
             if real_nodes:
                 lab._wait("every node Ready", lambda: lab.ready_nodes() == nodes, timeout=120)
+            if dns:
+                from lab import clusterdns
+
+                lab.kubectl_apply(clusterdns.objects())
             lab.save()
         except BaseException:
             lab.down()
@@ -237,6 +256,13 @@ class ClusterLab:
             with IPRoute(netns=ns) as ipr:
                 ipr.route("add", dst="default", gateway=CP_IP)
                 ipr.route("add", dst="::/0", gateway=CP_IP6, family=socket.AF_INET6)
+        with IPRoute(netns=self.cp_ns) as ipr:
+            # The control plane is on the pod network too (host-gw): a pod reaching the API
+            # server (its in-cluster config, through the kubernetes Service) keeps its own
+            # address, and the answer must find its way back to it.
+            for i in range(1, self.nodes + 1):
+                ipr.route("add", dst=pod_cidr(i), gateway=node_ip(i))
+                ipr.route("add", dst=pod_cidr6(i), gateway=node_ip6(i), family=socket.AF_INET6)
         for i in range(1, self.nodes + 1):
             ns = self.node_ns(i)
             with IPRoute(netns=ns) as ipr:
@@ -364,6 +390,9 @@ class ClusterLab:
                             "garbage-collector-controller", "serviceaccount-controller",
                             "root-ca-certificate-publisher-controller", "namespace-controller",
                             "pod-garbage-collector-controller",
+                            # Kubernetes' own Service e2e specs (lab/e2especs.py) run their
+                            # backends as ReplicationControllers and read Endpoints too.
+                            "replicationcontroller-controller", "endpoints-controller",
                             # Lifts the not-ready taint a kubelet registers its Node with.
                             "node-lifecycle-controller"]
         self._spawn("kube-controller-manager", self.cp_ns, [

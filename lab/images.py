@@ -1,8 +1,8 @@
 """Container images for the real-node lab, built here without a registry or a container engine
 (the real-nodes issue): OCI archives that ``ctr -n k8s.io images import`` takes.
 
-    python -m lab.images              # build (or reuse) all three; print their archives
-    python -m lab.images pyproxy      # one of: pyproxy, pause, tools
+    python -m lab.images              # build (or reuse) the lab's three; print their archives
+    python -m lab.images pyproxy      # one of: pyproxy, pause, tools, agnhost, e2e-pause, coredns
 
 - ``pyproxy:dev`` - what the Dockerfile at the repo root builds, from the same recipe: the base,
   the Debian packages and the CMD are read from the Dockerfile itself, so the two cannot drift
@@ -11,6 +11,11 @@
 - ``pause:lab`` - upstream's pause.c, built static by ``lab/build-node.sh``, alone in the image.
 - ``lab-tools:dev`` - Debian with python3, curl and iproute2, plus the lab's echo server and
   client (standard library only) in /opt/lab: the test backends and clients.
+- ``agnhost``, ``e2e-pause`` and ``coredns`` - for Kubernetes' own network e2e specs (``lab/e2especs.py``):
+  agnhost built by ``lab/build-e2e.sh`` from the cluster's k8s.io/kubernetes, at ``/agnhost`` in
+  Debian with the tools the specs exec in it (sh, nc, curl, ip, ss, dig, socat); the lab's
+  pause binary again; CoreDNS (also built by ``lab/build-e2e.sh``) alone in its image. Named as the e2e framework asks for them once its registries point at
+  ``lab.local`` (the repo-list file ``lab/e2especs.py`` writes), never as upstream's images.
 
 Each archive is cached under /var/cache/pyproxy/images, keyed by a hash of everything that goes
 into it (recipe, package list, pyproxy's source files); the layer tar is written in a fixed order
@@ -238,14 +243,61 @@ def build_pause(tmp: Path) -> tuple[Image, bytes]:
     return Image(ref="docker.io/library/pause:lab", entrypoint=("/pause",)), normalise_layer(rootfs)
 
 
-BUILDERS = {"pyproxy": build_pyproxy, "pause": build_pause, "tools": build_tools}
+E2E_REGISTRY = "lab.local"
+"""The registry every image of the e2e specs is named under (KUBE_TEST_REPO_LIST points each of
+the framework's registries here): nothing is pulled, the lab imports the archives."""
+AGNHOST_VERSION = "2.66.1"
+"""The agnhost tag the e2e framework of Kubernetes 1.37 asks for (test/utils/image/manifest.go)."""
+E2E_PAUSE_VERSION = "3.10.2"
+"""Its pause tag (pause pods of the Service specs)."""
+COREDNS_VERSION = "1.15.0"
+"""The cluster DNS of the e2e specs' lab (lab/clusterdns.py); lab/build-e2e.sh builds it."""
+AGNHOST_PACKAGES = ("bash", "curl", "netcat-openbsd", "iproute2", "dnsutils", "socat", "iputils-ping",
+                    "procps", "ca-certificates")
+"""What upstream's agnhost image installs for the specs to exec (its Dockerfile, from Alpine)."""
+
+
+def _e2e_binary(name: str) -> Path:
+    e2e_bin = subprocess.run(["bash", str(REPO / "lab" / "build-e2e.sh")], check=True, capture_output=True,
+                             text=True, env={**os.environ, "COREDNS_VERSION": COREDNS_VERSION}).stdout.strip()
+    return Path(e2e_bin.splitlines()[-1]) / name
+
+
+def build_agnhost(tmp: Path) -> tuple[Image, bytes]:
+    rootfs = tmp / "rootfs.tar"
+    debian_rootfs(list(AGNHOST_PACKAGES), rootfs, hooks=[f'cp {_e2e_binary("agnhost")} "$1/agnhost"'])
+    return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/agnhost:{AGNHOST_VERSION}", entrypoint=("/agnhost",)), \
+        normalise_layer(rootfs)
+
+
+def build_e2e_pause(tmp: Path) -> tuple[Image, bytes]:
+    rootfs = tmp / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add(_pause_binary(), arcname="pause")
+    return Image(ref=f"{E2E_REGISTRY}/pause:{E2E_PAUSE_VERSION}", entrypoint=("/pause",)), normalise_layer(rootfs)
+
+
+def build_coredns(tmp: Path) -> tuple[Image, bytes]:
+    rootfs = tmp / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add(_e2e_binary("coredns"), arcname="coredns")  # static (CGO off): nothing else needed
+    return Image(ref=f"{E2E_REGISTRY}/coredns:v{COREDNS_VERSION}", entrypoint=("/coredns",)), normalise_layer(rootfs)
+
+
+BUILDERS = {"pyproxy": build_pyproxy, "pause": build_pause, "tools": build_tools,
+            "agnhost": build_agnhost, "e2e-pause": build_e2e_pause, "coredns": build_coredns}
+DEFAULT = ("pyproxy", "pause", "tools")
+"""What ``python -m lab.images`` builds with no name (the e2e specs' images build on demand)."""
 
 
 def build(name: str) -> Path:
     """The archive for image ``name``, built unless the cache holds one for the same inputs."""
     files = {"pyproxy": _pyproxy_files,
              "tools": lambda: [REPO / "lab" / f for f in ("echo.py", "client.py")],
-             "pause": lambda: [_pause_binary()]}[name]()
+             "pause": lambda: [_pause_binary()],
+             "agnhost": lambda: [_e2e_binary("agnhost")],
+             "coredns": lambda: [_e2e_binary("coredns")],
+             "e2e-pause": lambda: [_pause_binary()]}[name]()
     out = CACHE / f"{name}-{_key(name, SUITE, EPOCH, files=files)}.oci.tar"
     if out.exists():
         return out
@@ -260,7 +312,8 @@ def build(name: str) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"images to build: {', '.join(BUILDERS)} (default: all)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"images to build: {', '.join(BUILDERS)} (default: {', '.join(DEFAULT)})")
     a = p.parse_args()
     unknown = [n for n in a.names if n not in BUILDERS]
     if unknown:
@@ -268,7 +321,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("images: needs root (mmdebstrap builds the root filesystems as root)", file=sys.stderr)
         return 2
-    for name in a.names or list(BUILDERS):
+    for name in a.names or list(DEFAULT):
         print(build(name))
     return 0
 

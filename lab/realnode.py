@@ -57,6 +57,8 @@ class RealNode:
     """The node's addresses (IPv4 first), the kubelet's --node-ip."""
     pod_cidrs: tuple[str, ...]
     """The node's podCIDRs (IPv4 first), which host-local allocates pod addresses from."""
+    cluster_dns: tuple[str, ...] = ()
+    """The kubelet's clusterDNS (pods' nameserver); empty: pods get the host's resolv.conf."""
 
     @property
     def path(self) -> Path:
@@ -148,6 +150,7 @@ state = "{d}/containerd/state"
                              "nodefs.inodesFree": "1%"},
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "syncFrequency": "10s", "fileCheckFrequency": "1h", "resolvConf": "/etc/resolv.conf",
+            **({"clusterDNS": list(self.cluster_dns), "clusterDomain": "cluster.local"} if self.cluster_dns else {}),
         }
 
     def kubelet_argv(self) -> list[str]:

@@ -1,0 +1,34 @@
+"""Kubernetes' own Service e2e specs against pyproxy (issue 14): the quick subset
+(``lab.e2especs.QUICK``) from upstream's ``e2e.test``, built here from the cluster's version, on a
+real-node lab with pyproxy installed by its chart (nftables mode) and cluster DNS. Every chosen
+spec must run and pass. ``python3 -m lab.e2especs --full --proxies ...`` runs all of them, for
+upstream kube-proxy too, side by side."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from e2e.harness import FIGURES
+from lab import e2especs
+from lab.preflight import CLUSTER_TOOLS, missing
+
+
+def test_upstreams_quick_service_specs_pass_against_pyproxy(tmp_path: Path) -> None:
+    why = missing(CLUSTER_TOOLS) or (None if shutil.which("mmdebstrap") else
+                                     "mmdebstrap is missing: run 'bash scripts/setup.sh' first")
+    if why:
+        if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
+            pytest.fail(f"upstream's e2e specs cannot run here: {why}")
+        pytest.skip(why)
+    run = e2especs.run_one("pyproxy", "nftables", focus=e2especs.QUICK, out=tmp_path, timeout_minutes=20)
+    FIGURES["upstream e2e specs (quick subset), pyproxy nftables"] = \
+        f"{sum(s.state == 'passed' for s in run.specs.values())} of {len(run.specs)} passed in {run.seconds:.0f} s"
+    assert not run.error, run.error
+    # Each regex of QUICK names one spec: all of them ran (none excluded, none unknown).
+    assert len(run.specs) == len(e2especs.QUICK), sorted(run.specs)
+    failed = {n: s.failure for n, s in run.specs.items() if s.state != "passed"}
+    assert not failed, failed
