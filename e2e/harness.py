@@ -12,11 +12,29 @@ from lab.cluster import CLUSTER_CIDR, CLUSTER_CIDR6, CP_IP, REPO, ClusterLab, ku
 from lab.workloads import SA_NAMESPACE, answers, cluster_ip, curl, wait_for, wait_ready_endpoints
 
 __all__ = ["FIGURES", "SA", "SA_NAMESPACE", "ProxyFleet", "answers", "cluster_ip", "curl", "install_chart", "pod",
-           "sa_kubeconfig", "service", "wait_for", "wait_ready_endpoints"]
+           "require_real_nodes", "sa_kubeconfig", "service", "wait_for", "wait_ready_endpoints"]
 
 FIGURES: dict[str, str] = {}
 """What e2e tests measured on the way (name: value with its unit), printed after the run."""
 SA = "pyproxy"
+
+
+def require_real_nodes(what: str) -> None:
+    """Skip (run by hand) or fail (scripts/test.sh, CI) when the real-node lab cannot run here:
+    a missing cluster tool or mmdebstrap (which builds the images)."""
+    import os
+    import shutil
+
+    import pytest
+
+    from lab.preflight import CLUSTER_TOOLS, missing
+
+    why = missing(CLUSTER_TOOLS) or (None if shutil.which("mmdebstrap") else
+                                     "mmdebstrap is missing: run 'bash scripts/setup.sh' first")
+    if why:
+        if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
+            pytest.fail(f"{what} cannot run here: {why}")
+        pytest.skip(why)
 
 
 def install_chart(lab: ClusterLab) -> None:

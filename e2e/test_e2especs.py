@@ -6,24 +6,14 @@ upstream kube-proxy too, side by side."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import pytest
-
-from e2e.harness import FIGURES
+from e2e.harness import FIGURES, require_real_nodes
 from lab import e2especs
-from lab.preflight import CLUSTER_TOOLS, missing
 
 
 def test_upstreams_quick_service_specs_pass_against_pyproxy(tmp_path: Path) -> None:
-    why = missing(CLUSTER_TOOLS) or (None if shutil.which("mmdebstrap") else
-                                     "mmdebstrap is missing: run 'bash scripts/setup.sh' first")
-    if why:
-        if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
-            pytest.fail(f"upstream's e2e specs cannot run here: {why}")
-        pytest.skip(why)
+    require_real_nodes("upstream's e2e specs")
     run = e2especs.run_one("pyproxy", "nftables", focus=e2especs.QUICK, out=tmp_path, timeout_minutes=20)
     FIGURES["upstream e2e specs (quick subset), pyproxy nftables"] = \
         f"{sum(s.state == 'passed' for s in run.specs.values())} of {len(run.specs)} passed in {run.seconds:.0f} s"

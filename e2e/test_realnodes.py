@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from e2e.harness import FIGURES
+from e2e.harness import FIGURES, require_real_nodes
 from lab.cluster import EXT_IP, ClusterLab, node_ip, ns_run
 from lab.workloads import (NAMESPACE, SA_NAMESPACE, Prober, client_pod, cluster_ip, curl, echo_deployment, failures,
                            install_chart, pod_netns_pid, probe, proxy_pods, wait_for, wait_pods_running,
                            wait_ready_endpoints, wait_rolled_out)
-from lab.preflight import CLUSTER_TOOLS, missing
 
 NODES = 2
 REPLICAS = 4
@@ -30,12 +28,7 @@ REPLICAS = 4
 
 @pytest.fixture(scope="module")
 def rlab() -> Iterator[ClusterLab]:
-    why = missing(CLUSTER_TOOLS) or (None if shutil.which("mmdebstrap") else
-                                     "mmdebstrap is missing: run 'bash scripts/setup.sh' first")
-    if why:
-        if os.environ.get("CI") or os.environ.get("PYPROXY_ALL_TIERS"):
-            pytest.fail(f"real-node tests cannot run here: {why}")
-        pytest.skip(why)
+    require_real_nodes("real-node tests")
     t0 = time.monotonic()
     lab = ClusterLab.up(name=f"rn{os.getpid()}", nodes=NODES, real_nodes=True)
     FIGURES["real nodes: lab up (etcd to every node Ready)"] = f"{time.monotonic() - t0:.1f} s"
