@@ -22,7 +22,6 @@ message asks for an acknowledgement) with the kernel's errno.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -111,8 +110,6 @@ NUMBER = "number"
 """Codec.key of a hash map keyed by a numgen value: a 32-bit number in host byte order (as the
 numgen expression writes its register; an interval map's keys are big-endian because nft
 converts the register before an interval lookup, a hash lookup gets it as it is)."""
-PREFIX = "prefix"
-"""Codec.key of an interval set of addresses: ``(PREFIX, "ipv4_addr" or "ipv6_addr")``."""
 
 
 @dataclass(frozen=True)
@@ -127,11 +124,6 @@ class Codec:
     @property
     def interval(self) -> bool:
         return self.key == ("interval",)
-
-    @property
-    def prefixes(self) -> bool:
-        """An interval set of addresses: each element a CIDR (or one address)."""
-        return self.key[0] == PREFIX
 
     def value(self, fields: tuple[str, ...], text: str) -> bytes:
         if fields == _ADDR_PORT4:  # an endpoint: the common case, taken at once
@@ -168,8 +160,6 @@ def codec(spec: str) -> Codec:
         if "?" in fields:
             raise Unsupported(f"set type {spec!r}")
         return Codec((NUMBER,), fields)
-    if key_text in ("type ipv4_addr", "type ipv6_addr") and "interval" in flags and not data_text:
-        return Codec((PREFIX, key_text[len("type "):]), None)  # addresses and CIDRs
     if not key_text.startswith("type ") or "interval" in flags:
         raise Unsupported(f"set type {spec!r}")
     key = tuple(f.strip() for f in key_text[len("type "):].split(" . "))
@@ -236,20 +226,6 @@ def elements(op: Op, c: Codec) -> list[bytes]:
     data: bytes | None = None
     if add and c.data is not None:
         data = _verdict(op.value) if c.data == ("verdict",) else _nla(NFTA_DATA_VALUE, c.value(c.data, op.value))
-    if c.prefixes:
-        try:
-            net = ipaddress.ip_network(op.body.strip(), strict=False)
-        except ValueError:
-            raise Unsupported(f"not an address or CIDR: {op.body!r}") from None
-        if (net.version == 6) != (c.key[1] == "ipv6_addr"):
-            raise Unsupported(f"{op.body!r} is not an {c.key[1]}")
-        size = net.max_prefixlen // 8
-        start = int(net.network_address)
-        after = int(net.broadcast_address) + 1
-        out = [_element(start.to_bytes(size, "big"))]
-        if after < 1 << net.max_prefixlen:
-            out.append(_element(after.to_bytes(size, "big"), flags=NFT_SET_ELEM_INTERVAL_END))
-        return out
     if c.interval:
         lo_text, sep, hi_text = op.body.partition("-")
         try:

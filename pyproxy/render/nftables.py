@@ -158,9 +158,10 @@ def render_base(config: ProxyConfig, state: DesiredState, *,
     }
     elements = {("nodeport-ips", ip): "" for ip in state.nodeport_ips}
     sets = sets_for(config.family)
-    if len(config.cluster_cidrs) > 1:
-        sets[POD_CIDRS] = f"type {addr_type(config.family)} ; flags interval ; comment \"--cluster-cidr\" ;"
-        elements.update({(POD_CIDRS, cidr): "" for cidr in config.cluster_cidrs})
+    if len(config.cluster_cidrs) > 1 and not config.masquerade_all:
+        # Several pod networks: a comparison each (see _masquerade_unless_pod).
+        chains[MASQ_UNLESS_POD] = (*(f"{a} saddr {cidr} return" for cidr in config.cluster_cidrs),
+                                   "goto mark-for-masquerade")
     for protocol, count in (endpoint_maps or {}).items():
         for i in range(count):
             sets[map_name(protocol, i)] = endpoint_map_spec(config.family, protocol)
@@ -195,7 +196,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
         # on the LB IPs only; NodePorts and external IPs are not subject to them.
         fw_chain = names.firewall
         allowed = sps.firewall_sources
-        chains[fw_chain] = (f"{a} saddr != {{ {', '.join(allowed)} }} drop",) if allowed else ("drop",)
+        # A comparison per range, never a set: an anonymous interval set made by a full sync
+        # answers no lookup until the commit has finished, after the rule went live, so for a
+        # few milliseconds every allowed client would be dropped (see pyproxy.render.slots).
+        # The chain is reached by goto: "return" goes back past firewall-check, to accept.
+        chains[fw_chain] = (*(f"{a} saddr {cidr} return" for cidr in allowed), "drop")
         for ip in svc.lb_ips:
             elements[("firewall-ips", f"{ip} . {proto} . {svc.port}")] = f"goto {fw_chain}"
 
@@ -221,7 +226,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
     elif config.cluster_cidrs:
         # Traffic from outside the pod network is masqueraded so replies come back through
         # this node; pod traffic keeps its source IP (the Kubernetes network model).
-        masq.append(f"{match}{a} saddr != {_cidrs(config)} jump mark-for-masquerade")
+        masq.append(f"{match}{_masquerade_unless_pod(config)}")
 
     local = policy.local
     if not svc.affinity_timeout:
@@ -293,11 +298,11 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
             chains[ext_chain] = (f"jump mark-for-masquerade {comment}", f"goto {service_chain}")
         else:
             rules = []
-            if config.cluster_cidrs:
-                # Pods reaching an external address are treated like a trip out to the load
-                # balancer and back: every endpoint, no masquerade.
-                rules.append(f'{a} saddr {_cidrs(config)} goto {service_chain} '
-                             f'comment "short-circuit pod traffic"')
+            # Pods reaching an external address are treated like a trip out to the load
+            # balancer and back: every endpoint, no masquerade. A comparison per pod network,
+            # never a set (see _masquerade_unless_pod).
+            rules += [f'{a} saddr {cidr} goto {service_chain} comment "short-circuit pod traffic"'
+                      for cidr in config.cluster_cidrs]
             rules += [
                 # The node itself: its source address would be the VIP or a node IP, which the
                 # endpoint cannot answer directly, so masquerade, and use every endpoint.
@@ -322,15 +327,18 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
     return NftFragment(chains=chains, sets=sets, elements=elements)
 
 
-POD_CIDRS = "pod-cidrs"
+MASQ_UNLESS_POD = "mark-for-masquerade-unless-pod"
+"""With several --cluster-cidr: returns for a source in any of them, else marks for masquerade."""
 
 
-def _cidrs(config: ProxyConfig) -> str:
-    """The pod network in a rule: one CIDR inline (nft makes it a plain comparison); several
-    as the named set ``pod-cidrs``, since an inline set of two is an anonymous set per rule and
-    every set a table holds lengthens the kernel's walk over set names (quadratic at 10k)."""
+def _masquerade_unless_pod(config: ProxyConfig) -> str:
+    """The rule's end that marks traffic from outside the pod network for masquerade. One CIDR
+    is a plain comparison (``!= { C }``, which nft writes as one); several jump to a shared
+    chain with a comparison each. Never a set: an interval set made by a full sync cannot be
+    searched until its commit has finished, after the rules went live (see
+    pyproxy.render.slots), so for a few milliseconds pod traffic would be masqueraded; and an
+    inline set of several would be an anonymous set in every service chain (10k sets, and the
+    kernel's walk over set names is quadratic)."""
     if len(config.cluster_cidrs) == 1:
-        return f"{{ {config.cluster_cidrs[0]} }}"
-    return f"@{POD_CIDRS}"
-
-
+        return f"{table_family(config.family)} saddr != {{ {config.cluster_cidrs[0]} }} jump mark-for-masquerade"
+    return f"jump {MASQ_UNLESS_POD}"

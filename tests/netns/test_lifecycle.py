@@ -236,44 +236,60 @@ def _fillers(count: int, endpoints: int) -> list[dict]:
 
 def test_full_syncs_over_a_large_live_table_answer_every_first_syn(topo: Topology, tmp_path: Path):
     """A restart (or the hourly full sync) replaces a large table under load; every new
-    connection must be answered on its first SYN. The client's timeout (0.9 s) is below the
-    SYN retransmission (1 s), so a SYN dropped or refused while the new table goes live is a
-    failure here, where a 2 s timeout would hide it as a slow connect."""
+    connection must be answered on its first SYN, with the same source address as always. The
+    clients' timeout (0.9 s) is below the SYN retransmission (1 s), so a SYN dropped or
+    refused while the new table goes live is a failure here, where a 2 s timeout would hide it
+    as a slow connect. What a full sync creates and a lookup needs at once: the endpoint maps
+    (pod3 to a ClusterIP), the pod networks (two --cluster-cidr: pod3 must keep its address)
+    and a LoadBalancer's two source ranges (an allowed external client)."""
+    from tests.netns.test_external import LB_IP, _objects
+
     assert topo.pyproxy("cleanup").returncode == 0
+    allowed = topo.client_sources[0]
     # JSON, as kubectl writes it: read at JSON speed (a YAML dump of 4,000 objects takes 20 s).
     path = tmp_path / "cluster.json"
-    path.write_text(json.dumps({"kind": "List", "items": base_objects(topo) + _fillers(2000, 10)}))
-    prog = Programmed(topo, "nftables", path)
+    objects = _objects(topo, ranges=[f"{allowed}/32", "203.0.113.0/24"]) + _fillers(2000, 10)
+    path.write_text(json.dumps({"kind": "List", "items": objects}))
+    argv = ["run", "--once", "--source-file", str(path), "--hostname-override", NODE,
+            "--cluster-cidr", f"{topo.cluster_cidr},172.16.0.0/12", "--ip-families", "4", *mode_flags("nftables")]
 
     def full_sync() -> None:
-        proc = topo.pyproxy("run", "--once", *prog.flags())
+        proc = topo.pyproxy(*argv)
         assert proc.returncode == 0, proc.stderr
+
+    def client(ns: str, target: str, report: Path, *extra: str) -> subprocess.Popen[str]:
+        # The report goes to a file: it is larger than a pipe holds.
+        with open(report, "w") as out:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "lab.client", "--target", target,
+                 "--count", "200000", "--timeout", "0.9", "--interval", "0", "--reset-close", "--deadline", "120",
+                 *extra], stdout=out, text=True)
 
     try:
         full_sync()
-        # The report goes to a file: it is larger than a pipe holds.
-        report = tmp_path / "client.json"
-        with open(report, "w") as out:
-            client = subprocess.Popen(
-                ["ip", "netns", "exec", topo.pod("pod3").ns, sys.executable, "-m", "lab.client",
-                 "--target", f"{WEB_IP}:80", "--count", "200000", "--timeout", "0.9", "--interval", "0",
-                 "--reset-close", "--deadline", "120"],
-                stdout=out, text=True,
-            )
+        reports = {"pod": tmp_path / "pod.json", "ext": tmp_path / "ext.json"}
+        clients = [client(topo.pod("pod3").ns, f"{WEB_IP}:80", reports["pod"]),
+                   client(topo.client_ns, f"{LB_IP}:80", reports["ext"], "--source", allowed)]
         try:
             time.sleep(0.5)
             for _ in range(5):
                 full_sync()
-            client.send_signal(signal.SIGTERM)
-            client.wait(timeout=60)
         finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
-        data = json.loads(report.read_text())
-        assert len(data["answers"]) > 500, data["errors"]
-        assert data["errors"] == {}, data["failures"]
-        assert max(data["durations"]) < 0.9
+            for c in clients:
+                c.send_signal(signal.SIGTERM)
+            for c in clients:
+                try:
+                    c.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    c.kill()
+                    c.wait()
+        for name, report in reports.items():
+            data = json.loads(report.read_text())
+            assert len(data["answers"]) > 200, (name, data["errors"])
+            assert data["errors"] == {}, (name, data["failures"])
+            assert max(data["durations"]) < 0.9, name
+            if name == "pod":
+                assert {seen for _, seen, _ in data["answers"]} == {topo.pod("pod3").ip}
     finally:
         assert topo.pyproxy("cleanup").returncode == 0
         ns_exec(topo.node_ns, ["conntrack", "-F"])

@@ -1,6 +1,6 @@
-"""Several --cluster-cidr: the pod network is one named interval set (``pod-cidrs``), real
-traffic decides by it: a pod in any of the CIDRs keeps its address, a source outside them is
-masqueraded (real kernel, real packets)."""
+"""Several --cluster-cidr: the pod network is a comparison per CIDR in one shared chain
+(``mark-for-masquerade-unless-pod``), real traffic decides by it: a pod in any of the CIDRs
+keeps its address, a source outside them is masqueraded (real kernel, real packets)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ def test_several_pod_cidrs_keep_pod_sources_and_masquerade_the_rest(topo: Topolo
     builder.replace_all(base_objects(topo))
     try:
         proxier.sync(builder.build(nodeport_ips=(topo.node_ip,)))
-        listing = ns_exec(topo.node_ns, ["nft", "list", "set", "ip", "pyproxy", "pod-cidrs"]).stdout
-        assert all(c.split("/")[0] in listing for c in cidrs), listing
+        listing = ns_exec(topo.node_ns, ["nft", "list", "chain", "ip", "pyproxy",
+                                          "mark-for-masquerade-unless-pod"]).stdout
+        assert all(f"ip saddr {c} return" in listing for c in cidrs), listing
         pod3 = topo.pod("pod3")
-        # A pod inside one of the CIDRs keeps its address (a set that matched nothing would
-        # masquerade it to the bridge address).
+        # A pod inside one of the CIDRs keeps its address (a comparison that matched nothing
+        # would masquerade it to the bridge address).
         inside = topo.probe(pod3.ns, f"{WEB_IP}:80", count=20)
         assert inside.errors == {} and inside.seen_ips == {pod3.ip}
         # The external client is outside every CIDR: masqueraded to the node's bridge address (a
-        # set that matched everything would let the backend see the client's own address).
+        # comparison that matched everything would let the backend see the client's own address).
         outside = topo.probe(topo.client_ns, f"{WEB_IP}:80", count=20)
         assert outside.errors == {} and outside.seen_ips == {topo.bridge_ip}
     finally:

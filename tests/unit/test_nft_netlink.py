@@ -163,26 +163,3 @@ def test_the_nft_cli_uses_nft_for_anything_but_elements():
     tx = Transaction(set_specs=r.sets_for(4))
     tx.add_chain("service-x")
     assert cli._run_netlink(tx) is False and cli._sock is None
-
-
-def test_an_address_interval_set_takes_cidrs_as_start_and_end():
-    """The pod CIDRs (several --cluster-cidr) are an interval set of addresses: a CIDR is its
-    first address and, flagged as the end, the address after its last; the last range of the
-    address space has no end. The netns test checks the kernel lists them as nft's would."""
-    spec = 'type ipv4_addr ; flags interval ; comment "--cluster-cidr" ;'
-    assert nl.codec(spec).prefixes
-    tx = Transaction(set_specs={"pod-cidrs": spec})
-    for cidr in ("10.244.0.0/16", "10.7.7.7", "255.255.255.0/24"):
-        tx.add_element("pod-cidrs", cidr)
-    (msg,) = nl.messages(tx)
-    keys = [_key(e).hex() for e in msg.elements]
-    assert keys == ["0af40000", "0af50000", "0a070707", "0a070708", "ffffff00"]
-    flags = [dict(_attrs(_attrs(e)[0][1])).get(nl.NFTA_SET_ELEM_FLAGS) for e in msg.elements]
-    assert [f is not None for f in flags] == [False, True, False, True, False]
-    six = Transaction(set_specs={"pod-cidrs": spec.replace("ipv4", "ipv6")})
-    six.add_element("pod-cidrs", "fd00:244::/32")
-    assert [_key(e).hex() for e in nl.messages(six)[0].elements] == ["fd000244" + "0" * 24, "fd000245" + "0" * 24]
-    with pytest.raises(nl.Unsupported):
-        bad = Transaction(set_specs={"pod-cidrs": spec})
-        bad.add_element("pod-cidrs", "fd00::/8")  # the other family
-        nl.messages(bad)

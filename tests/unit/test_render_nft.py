@@ -176,8 +176,8 @@ def test_no_affinity_no_affinity_sets():
     [
         (ProxyConfig(cluster_cidrs=("10.244.0.0/16",)),
          "ip daddr 10.96.0.10 tcp dport 80 ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"),
-        (ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16")),  # the named set: see below
-         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != @pod-cidrs jump mark-for-masquerade"),
+        (ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16")),  # a shared chain: see below
+         "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade-unless-pod"),
         (ProxyConfig(masquerade_all=True),
          "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"),
         (ProxyConfig(masquerade_all=True, cluster_cidrs=("10.244.0.0/16",)),
@@ -378,14 +378,19 @@ def test_cascade_is_exactly_uniform(n):
     assert all(p == Fraction(1, n) for p in probs.values()), probs
 
 
-def test_several_pod_cidrs_are_one_named_set_not_a_set_per_rule():
+def test_several_pod_cidrs_are_comparisons_in_one_shared_chain_never_a_set():
     """Two or more --cluster-cidr: an inline set would be an anonymous set in every service
-    chain (10k sets, and the kernel's set-name walk is quadratic); one named set instead."""
+    chain (10k sets, and the kernel's set-name walk is quadratic), and any interval set made by
+    a full sync answers no lookup until its commit ends (pod traffic masqueraded meanwhile): a
+    shared chain compares the source with each CIDR instead."""
     cfg = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16"))
     base = r.render_base(cfg, DesiredState())
-    assert base.sets["pod-cidrs"].startswith("type ipv4_addr ; flags interval ;")
-    assert {k for (s, k) in base.elements if s == "pod-cidrs"} == {"10.244.0.0/16", "10.245.0.0/16"}
-    frag = r.render_service(cfg, sps(THREE))
+    assert base.chains[r.MASQ_UNLESS_POD] == ("ip saddr 10.244.0.0/16 return", "ip saddr 10.245.0.0/16 return",
+                                             "goto mark-for-masquerade")
+    assert not any("interval" in spec for name, spec in base.sets.items() if not name.startswith("endpoints-"))
+    frag = r.render_service(cfg, sps(THREE, node_port=30080))
     assert all("{" not in rule for rules in frag.chains.values() for rule in rules)
     one = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
-    assert "pod-cidrs" not in r.render_base(one, DesiredState()).sets  # one CIDR: a comparison
+    assert r.MASQ_UNLESS_POD not in r.render_base(one, DesiredState()).chains  # one CIDR: a comparison
+    assert r.MASQ_UNLESS_POD not in r.render_base(ProxyConfig(cluster_cidrs=cfg.cluster_cidrs, masquerade_all=True),
+                                                  DesiredState()).chains
