@@ -5,8 +5,10 @@ conntrack entry alive, and with it the NAT decision made when the entry was crea
 a UDP service's backend goes away (or the service had no endpoints, so packets were not
 DNATed at all), the client keeps talking to nothing until it goes quiet for the UDP timeout.
 After a sync, delete every UDP entry whose original destination is a service IP and port (or a
-NodePort) and whose reply source is not a serving endpoint of that service: the next packet
-creates a fresh entry that goes through the new rules.
+NodePort) and whose reply source, address and port, is not a serving endpoint of that service:
+the next packet creates a fresh entry that goes through the new rules. The port matters: a
+Service whose targetPort changes keeps the same endpoint IPs, and its old flows still go to the
+old port (upstream's e2e spec "cleanup conntrack entries when UDP service target port changes").
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ DURATION = Histogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
                      "ReconcileConntrackFlowsLatency latency in seconds",
                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
 
-Serving = dict[tuple[str, int], frozenset[str]]
-"""(service IP, port) or ("nodeport", port) → the IPs of serving endpoints."""
+Serving = dict[tuple[str, int], frozenset[tuple[str, int]]]
+"""(service IP, port) or ("nodeport", port) → the (IP, port) of serving endpoints."""
 
 
 CLEANED = {"udp": socket.IPPROTO_UDP, "sctp": 132}
@@ -45,12 +47,12 @@ def udp_serving(state: DesiredState, protocol: str = "udp") -> Serving:
     Serving endpoints, whatever the traffic policy or topology, as upstream does: an entry to
     an endpoint that still serves is left alone even if it is no longer the preferred one.
     """
-    out: dict[tuple[str, int], set[str]] = {}
+    out: dict[tuple[str, int], set[tuple[str, int]]] = {}
     for sps in state.services.values():
         svc = sps.service
         if svc.name.protocol != protocol:
             continue
-        ips = {e.ip for e in sps.endpoints if e.serving}
+        ips = {(e.ip, e.port) for e in sps.endpoints if e.serving}
         for vip in (svc.cluster_ip, *svc.external_vips):
             out.setdefault((vip, svc.port), set()).update(ips)
         if svc.node_port:
@@ -58,16 +60,16 @@ def udp_serving(state: DesiredState, protocol: str = "udp") -> Serving:
     return {k: frozenset(v) for k, v in out.items()}
 
 
-def stale(entries: list[tuple[str, int, str]], serving: Serving) -> list[int]:
-    """Indexes of entries to delete; each entry is (orig dst IP, orig dst port, reply src IP)."""
+def stale(entries: list[tuple[str, int, str, int]], serving: Serving) -> list[int]:
+    """Indexes of entries to delete; each is (orig dst IP, orig dst port, reply src IP, reply src port)."""
     doomed = []
-    for i, (dst, port, reply_src) in enumerate(entries):
+    for i, (dst, port, reply_src, reply_port) in enumerate(entries):
         allowed = serving.get((dst, port))
         if allowed is None:
             allowed = serving.get(("nodeport", port))
             if allowed is None:
                 continue  # not service traffic
-        if reply_src not in allowed:
+        if (reply_src, reply_port) not in allowed:
             doomed.append(i)
     return doomed
 
@@ -86,8 +88,8 @@ def clean(serving: Serving, *, family: Family = 4, protocol: str = "udp") -> int
         af = socket.AF_INET6 if family == 6 else socket.AF_INET
         entries = [e for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=CLEANED[protocol]))
                    if (":" in (e.tuple_orig.daddr or "")) == (family == 6)]
-        keys = [(_canonical(e.tuple_orig.daddr), e.tuple_orig.dport, _canonical(e.tuple_reply.saddr))
-                for e in entries]
+        keys = [(_canonical(e.tuple_orig.daddr), e.tuple_orig.dport, _canonical(e.tuple_reply.saddr),
+                 e.tuple_reply.sport) for e in entries]
         for i in stale(keys, serving):
             try:
                 ct.delete(entries[i])

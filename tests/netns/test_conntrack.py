@@ -119,3 +119,33 @@ def test_a_netlink_error_mid_cleanup_keeps_the_daemon_and_the_next_change_cleans
     # entry is stale); after the next change's cleanup it moves to the new backend.
     assert stuck and set(stuck) == {"pod0"}, stuck
     assert after and set(after) == {"pod2"}, after
+
+
+def test_udp_client_follows_a_target_port_change_to_the_same_pod(nftables: Programmed):
+    """Upstream's e2e spec "cleanup conntrack entries when UDP service target port changes": the
+    Service's targetPort moves, the endpoint IPs stay. The flow was DNATed to pod0's old port (no
+    listener: ICMP unreachable); its entry must go although pod0's IP still serves."""
+    topo = nftables.topo
+    pod0 = topo.pod("pod0").ip
+
+    def on_port(port: int) -> list[dict]:
+        objects = _with_dns_backends(base_objects(topo), [pod0])
+        for obj in objects:
+            if obj["metadata"]["name"] == "dns-a":
+                obj["ports"][0]["port"] = port
+        return objects
+
+    nftables.apply(on_port(9999))  # nothing listens on 9999 in the pods
+    stream = _udp_stream(topo, seconds=6)
+    try:
+        time.sleep(1.5)
+        nftables.apply(on_port(8080))  # the echo's UDP port: sync + conntrack cleanup
+        switched_at = time.monotonic()
+    finally:
+        replies = _replies(stream)
+    before = [r["pod"] for r in replies if r["t"] < switched_at - 1.0]
+    after = [r["pod"] for r in replies if r["t"] > switched_at + 0.2]
+    assert before and set(before) == {None}, before
+    # Keyed on the endpoint IP alone, the cleanup kept the entry to pod0:9999 and the client
+    # heard nothing for as long as it kept sending.
+    assert after and set(after) == {"pod0"}, after

@@ -21,8 +21,8 @@ def _state(ips, *, node_port=None, conditions=None):
 
 def test_serving_endpoints_per_udp_service_address():
     serving = udp_serving(_state(["10.244.1.1", "10.244.1.2"], node_port=30053))
-    assert serving == {("10.96.0.53", 53): frozenset({"10.244.1.1", "10.244.1.2"}),
-                       ("nodeport", 30053): frozenset({"10.244.1.1", "10.244.1.2"})}
+    backends = frozenset({("10.244.1.1", 5353), ("10.244.1.2", 5353)})
+    assert serving == {("10.96.0.53", 53): backends, ("nodeport", 30053): backends}
 
 
 def test_tcp_services_are_not_cleaned():
@@ -31,7 +31,7 @@ def test_tcp_services_are_not_cleaned():
 
 def test_serving_terminating_endpoints_still_count():
     serving = udp_serving(_state(["10.244.1.1"], conditions={"ready": False, "serving": True, "terminating": True}))
-    assert serving[("10.96.0.53", 53)] == {"10.244.1.1"}
+    assert serving[("10.96.0.53", 53)] == {("10.244.1.1", 5353)}
     gone = udp_serving(_state(["10.244.1.1"], conditions={"ready": False, "serving": False, "terminating": True}))
     assert gone[("10.96.0.53", 53)] == frozenset()
 
@@ -39,15 +39,17 @@ def test_serving_terminating_endpoints_still_count():
 def test_stale_entries():
     serving = udp_serving(_state(["10.244.1.2"], node_port=30053))
     entries = [
-        ("10.96.0.53", 53, "10.244.1.1"),    # to a backend that is gone: stale
-        ("10.96.0.53", 53, "10.244.1.2"),    # to the live backend: kept
-        ("10.96.0.53", 53, "10.96.0.53"),    # made while there were no endpoints (not DNATed): stale
-        ("10.96.0.53", 54, "10.244.1.1"),    # another port of that IP: not a service port, kept
-        ("192.168.1.1", 30053, "10.244.1.1"),  # NodePort to a gone backend: stale
-        ("192.168.1.1", 30053, "10.244.1.2"),  # NodePort to the live backend: kept
-        ("8.8.8.8", 53, "8.8.8.8"),          # not service traffic: kept
+        ("10.96.0.53", 53, "10.244.1.1", 5353),    # to a backend that is gone: stale
+        ("10.96.0.53", 53, "10.244.1.2", 5353),    # to the live backend: kept
+        ("10.96.0.53", 53, "10.96.0.53", 53),      # made while there were no endpoints (not DNATed): stale
+        ("10.96.0.53", 54, "10.244.1.1", 5353),    # another port of that IP: not a service port, kept
+        ("192.168.1.1", 30053, "10.244.1.1", 5353),  # NodePort to a gone backend: stale
+        ("192.168.1.1", 30053, "10.244.1.2", 5353),  # NodePort to the live backend: kept
+        ("8.8.8.8", 53, "8.8.8.8", 53),            # not service traffic: kept
+        ("10.96.0.53", 53, "10.244.1.2", 8053),    # live backend IP, but its old targetPort: stale
+        ("192.168.1.1", 30053, "10.244.1.2", 8053),  # the same through the NodePort: stale
     ]
-    assert stale(entries, serving) == [0, 2, 4]
+    assert stale(entries, serving) == [0, 2, 4, 7, 8]
 
 
 def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
@@ -58,7 +60,7 @@ def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
     cleaner.after_sync(_state(["10.244.1.1"]))
     assert len(calls) == 1
     cleaner.after_sync(_state(["10.244.1.2"]))
-    assert len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {"10.244.1.2"}
+    assert len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {("10.244.1.2", 5353)}
 
 
 def test_sctp_flows_are_cleaned_like_udp(monkeypatch):
@@ -68,7 +70,7 @@ def test_sctp_flows_are_cleaned_like_udp(monkeypatch):
     state = build([sc.service("s", "10.96.0.50", [sc.port(80, name="s", protocol="SCTP")]),
                    sc.endpoint_slice("s", ["10.244.1.3"], [sc.port(8080, name="s", protocol="SCTP")])])
     ConntrackCleaner().after_sync(state)
-    assert calls == [("sctp", {("10.96.0.50", 80): frozenset({"10.244.1.3"})})]
+    assert calls == [("sctp", {("10.96.0.50", 80): frozenset({("10.244.1.3", 8080)})})]
 
 
 def test_an_entry_gone_between_dump_and_delete_does_not_stop_the_cleanup(monkeypatch):
@@ -83,7 +85,7 @@ def test_an_entry_gone_between_dump_and_delete_does_not_stop_the_cleanup(monkeyp
 
     def entry(dst, port, reply_src):
         return SimpleNamespace(tuple_orig=SimpleNamespace(daddr=dst, dport=port),
-                               tuple_reply=SimpleNamespace(saddr=reply_src))
+                               tuple_reply=SimpleNamespace(saddr=reply_src, sport=5353))
 
     entries = [entry("10.96.0.53", 53, "10.244.9.9"), entry("10.96.0.53", 53, "10.244.9.8")]
     deleted = []
@@ -133,4 +135,4 @@ def test_a_tcp_only_change_skips_the_walk_over_every_service(monkeypatch):
     assert walks == [] and len(calls) == 1
     builder.upsert(sc.endpoint_slice("dns", ["10.244.1.2"], UDP))
     cleaner.after_sync(builder.build())
-    assert walks and len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {"10.244.1.2"}
+    assert walks and len(calls) == 2 and calls[-1][("10.96.0.53", 53)] == {("10.244.1.2", 5353)}
