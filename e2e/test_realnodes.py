@@ -95,8 +95,8 @@ def mode(request: pytest.FixtureRequest, rlab: ClusterLab) -> Iterator[str]:
     client, pid = _clients(rlab)[0]
     prober = Prober(pid, f"{cluster_ip(rlab, 'web')}:80", seconds=600)
     try:
-        # iptables mode with localhost NodePorts: the chart adds its privileged init container
-        # (route_localnet=1); pyproxy itself stays unprivileged.
+        # iptables mode with localhost NodePorts: the chart's privileged init container also
+        # sets route_localnet=1; pyproxy itself stays unprivileged.
         extra = ("--set", "config.localhostNodePorts=true") if request.param == "iptables" else ()
         took = install_chart(rlab, mode=request.param, extra=extra)
         FIGURES[f"real nodes: helm upgrade to {request.param}, rolled out"] = f"{took:.1f} s"
@@ -180,7 +180,8 @@ def test_clusterip_from_the_nodes_and_nodeport_from_outside(rlab: ClusterLab, mo
 def test_localhost_nodeports_only_where_the_chart_turns_them_on(rlab: ClusterLab, mode: str) -> None:
     """iptables mode with ``config.localhostNodePorts``: the init container (the only privileged
     one) set route_localnet=1 in the node's namespace and 127.0.0.1:NodePort answers from the
-    node; nftables mode has no localhost NodePorts (as upstream): refused there."""
+    node; nftables mode has no localhost NodePorts (as upstream): refused there. In both modes
+    the init container set kube-proxy's conntrack timeouts in the node's namespace."""
     port = _node_port(rlab, "web")
     for i in range(1, NODES + 1):
         sysctl = ns_run(rlab.node_ns(i), ["cat", "/proc/sys/net/ipv4/conf/all/route_localnet"]).stdout.strip()
@@ -189,10 +190,12 @@ def test_localhost_nodeports_only_where_the_chart_turns_them_on(rlab: ClusterLab
             assert sysctl == "1" and answer.startswith("echo-"), answer
         else:
             assert not answer.startswith("echo-"), answer
-    if mode == "iptables":
-        spec = proxy_pods(rlab)[rlab.node_name(1)]["spec"]
-        assert [c["securityContext"].get("privileged") for c in spec["initContainers"]] == [True]
-        assert spec["containers"][0]["securityContext"]["privileged"] is False
+        timeouts = [ns_run(rlab.node_ns(i), ["cat", f"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_{t}"]).stdout.strip()
+                    for t in ("close_wait", "established")]
+        assert timeouts == ["3600", "86400"], timeouts
+    spec = proxy_pods(rlab)[rlab.node_name(1)]["spec"]
+    assert [c["securityContext"].get("privileged") for c in spec["initContainers"]] == [True]
+    assert spec["containers"][0]["securityContext"]["privileged"] is False
 
 
 def test_client_ip_affinity_sticks(rlab: ClusterLab, mode: str) -> None:

@@ -160,7 +160,8 @@ def debian_rootfs(packages: list[str], out: Path, *, hooks: list[str] = ()) -> N
     debian:SUITE-slim holds, plus the packages); ``hooks`` are its --customize-hook commands."""
     if not shutil.which("mmdebstrap"):
         raise SystemExit("images: mmdebstrap not found: run scripts/setup.sh (it installs it)")
-    cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet", f"--include={','.join(packages)}",
+    cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",
+           *([f"--include={','.join(packages)}"] if packages else []),
            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
            "--dpkgopt=path-exclude=/usr/share/locale/*",
            *(f"--customize-hook={h}" for h in hooks),
@@ -252,9 +253,14 @@ E2E_PAUSE_VERSION = "3.10.2"
 """Its pause tag (pause pods of the Service specs)."""
 COREDNS_VERSION = "1.15.0"
 """The cluster DNS of the e2e specs' lab (lab/clusterdns.py); lab/build-e2e.sh builds it."""
-AGNHOST_PACKAGES = ("bash", "curl", "netcat-openbsd", "iproute2", "dnsutils", "socat", "iputils-ping",
+AGNHOST_PACKAGES = ("bash", "curl", "wget", "netcat-openbsd", "iproute2", "dnsutils", "socat", "iputils-ping",
                     "procps", "ca-certificates")
-"""What upstream's agnhost image installs for the specs to exec (its Dockerfile, from Alpine)."""
+"""What upstream's agnhost image installs for the specs to exec (its Dockerfile, from Alpine;
+wget is busybox's there: the Service specs' exec pods fetch with it)."""
+E2E_TAGS = {"busybox": "1.37.0-2", "distroless-iptables": "v0.9.9", "regression-issue-74839": "1.5"}
+"""The other images' tags in the e2e framework of Kubernetes 1.37 (test/utils/image/manifest.go)."""
+IPTABLES_PACKAGES = ("iptables", "nftables", "conntrack")
+"""What the privileged host-network exec pod of the kube-proxy specs runs (conntrack -L)."""
 
 
 def _e2e_binary(name: str) -> Path:
@@ -268,6 +274,31 @@ def build_agnhost(tmp: Path) -> tuple[Image, bytes]:
     debian_rootfs(list(AGNHOST_PACKAGES), rootfs, hooks=[f'cp {_e2e_binary("agnhost")} "$1/agnhost"'])
     return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/agnhost:{AGNHOST_VERSION}", entrypoint=("/agnhost",)), \
         normalise_layer(rootfs)
+
+
+def build_busybox(tmp: Path) -> tuple[Image, bytes]:
+    """The conntrack specs run ``sh -c 'echo ... && sleep 15'`` (an init container) and
+    ``sh -c 'while true; do sleep 2; nc boom-server 9000& done'`` in it: Debian's essential set
+    (dash, coreutils) and an nc that resolves through the cluster DNS (glibc's search path)."""
+    rootfs = tmp / "rootfs.tar"
+    debian_rootfs(["netcat-openbsd"], rootfs)
+    return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/busybox:{E2E_TAGS['busybox']}", cmd=("sh",)), \
+        normalise_layer(rootfs)
+
+
+def build_distroless_iptables(tmp: Path) -> tuple[Image, bytes]:
+    rootfs = tmp / "rootfs.tar"
+    debian_rootfs(list(IPTABLES_PACKAGES), rootfs)
+    ref = f"{E2E_REGISTRY}/build-image/distroless-iptables:{E2E_TAGS['distroless-iptables']}"
+    return Image(ref=ref, entrypoint=()), normalise_layer(rootfs)
+
+
+def build_regression_74839(tmp: Path) -> tuple[Image, bytes]:
+    rootfs = tmp / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:  # static (CGO off), raw sockets only
+        tar.add(_e2e_binary("regression-issue-74839"), arcname="regression-issue-74839")
+    ref = f"{E2E_REGISTRY}/e2e-test-images/regression-issue-74839:{E2E_TAGS['regression-issue-74839']}"
+    return Image(ref=ref, entrypoint=("/regression-issue-74839",)), normalise_layer(rootfs)
 
 
 def build_e2e_pause(tmp: Path) -> tuple[Image, bytes]:
@@ -285,7 +316,9 @@ def build_coredns(tmp: Path) -> tuple[Image, bytes]:
 
 
 BUILDERS = {"pyproxy": build_pyproxy, "pause": build_pause, "tools": build_tools,
-            "agnhost": build_agnhost, "e2e-pause": build_e2e_pause, "coredns": build_coredns}
+            "agnhost": build_agnhost, "e2e-pause": build_e2e_pause, "coredns": build_coredns,
+            "busybox": build_busybox, "distroless-iptables": build_distroless_iptables,
+            "regression-issue-74839": build_regression_74839}
 DEFAULT = ("pyproxy", "pause", "tools")
 """What ``python -m lab.images`` builds with no name (the e2e specs' images build on demand)."""
 
@@ -297,7 +330,10 @@ def build(name: str) -> Path:
              "pause": lambda: [_pause_binary()],
              "agnhost": lambda: [_e2e_binary("agnhost")],
              "coredns": lambda: [_e2e_binary("coredns")],
-             "e2e-pause": lambda: [_pause_binary()]}[name]()
+             "e2e-pause": lambda: [_pause_binary()],
+             "busybox": lambda: [],
+             "distroless-iptables": lambda: [],
+             "regression-issue-74839": lambda: [_e2e_binary("regression-issue-74839")]}[name]()
     out = CACHE / f"{name}-{_key(name, SUITE, EPOCH, files=files)}.oci.tar"
     if out.exists():
         return out

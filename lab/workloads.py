@@ -31,7 +31,11 @@ def install_chart(lab: ClusterLab, *, mode: str = "nftables", extra: tuple[str, 
     t0 = time.monotonic()
     proc = lab.helm("upgrade", "--install", "pyproxy", str(REPO / "charts" / "pyproxy"), "-n", SA_NAMESPACE,
                 "--set", f"apiServer.host={CP_IP}", "--set", f"config.clusterCIDR={CLUSTER_CIDR}\\,{CLUSTER_CIDR6}",
-                "--set", f"config.proxyMode={mode}", *extra, "--wait", "--timeout", f"{int(timeout)}s")
+                "--set", f"config.proxyMode={mode}",
+                # nf_conntrack_max is the host's, read-only in a node's network namespace: the
+                # init container sets the timeouts (the namespace's own) and leaves it alone.
+                "--set", "config.conntrack.maxPerCore=0",
+                *extra, "--wait", "--timeout", f"{int(timeout)}s")
     if proc.returncode != 0:
         raise RuntimeError(f"helm upgrade --install: {proc.stderr.strip()}\n{daemonset_report(lab)}")
     wait_rolled_out(lab, timeout=timeout)

@@ -15,7 +15,7 @@ from pyproxy.ipt.executor import IptablesError
 from pyproxy.literals import BackendChoice, Family
 from pyproxy.model.ipaddr import BadAddress, canonical_cidr
 from pyproxy.proxier.base import SyncFailed
-from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, Settings, SetupError
+from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, ConntrackSettings, Settings, SetupError
 from pyproxy.snapshot import FileSource, api_snapshot, file_sources
 from pyproxy.sources.file import SourceError
 from pyproxy.sources.kube import KubeError
@@ -131,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "stuck proxy (default %(default)g; pyproxy's own flag)")
     run.add_argument("--retries", type=int, default=3, metavar="N",
                      help="with --once: attempts before giving up on a refused ruleset (default 3)")
+    run.add_argument("--init-only", action="store_true",
+                     help="set the sysctls that need full root privileges (the conntrack ones; "
+                     "route_localnet with localhost NodePorts) and exit: for a privileged init "
+                     "container, so that pyproxy itself runs unprivileged (exit 1 if one cannot be set)")
+    ct = DEFAULTS.conntrack
+    run.add_argument("--conntrack-max-per-core", type=int, default=ct.max_per_core, metavar="N",
+                     help="raise nf_conntrack_max to N x CPUs (at least --conntrack-min, at most 1048576) "
+                     "and the hash table to a quarter of it; never lowers them; 0 leaves them to the "
+                     "host (default %(default)s)")
+    run.add_argument("--conntrack-min", type=int, default=ct.min, metavar="N",
+                     help="the floor of nf_conntrack_max (default %(default)s)")
+    run.add_argument("--conntrack-tcp-timeout-established", type=_seconds, default=ct.tcp_established_timeout,
+                     metavar="DURATION", help="idle timeout of established TCP entries, like 24h or "
+                     "86400 (default 24h; 0 leaves the kernel's)")
+    run.add_argument("--conntrack-tcp-timeout-close-wait", type=_seconds, default=ct.tcp_close_wait_timeout,
+                     metavar="DURATION", help="timeout of TCP entries in CLOSE_WAIT (default 1h; 0 "
+                     "leaves the kernel's 60 s)")
+    run.add_argument("--conntrack-tcp-be-liberal", action=argparse.BooleanOptionalAction,
+                     default=ct.tcp_be_liberal,
+                     help="accept out-of-window TCP packets rather than mark them INVALID (default off)")
+    run.add_argument("--conntrack-udp-timeout", type=_seconds, default=ct.udp_timeout, metavar="DURATION",
+                     help="timeout of unreplied UDP entries (default 0: the kernel's 30 s)")
+    run.add_argument("--conntrack-udp-timeout-stream", type=_seconds, default=ct.udp_stream_timeout,
+                     metavar="DURATION", help="timeout of UDP entries that saw replies (default 0: the "
+                     "kernel's 120 s)")
 
     explain = sub.add_parser("explain", help="say what this node does with a packet, from the model")
     common(explain, api=True)
@@ -142,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("-v", "--v", dest="verbosity", type=int, default=1, metavar="N",
                          help="log verbosity: 0 warnings, 1 info (default), 2 debug")
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A duration flag: Go's syntax (24h, 1h30m, 500ms) or plain seconds."""
+    from pyproxy.kpconfig import parse_duration
+
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = parse_duration(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a duration cannot be negative (0 leaves the kernel's value)")
+    return value
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -224,6 +265,8 @@ def require_capabilities(*, raw: bool = False) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.init_only:
+        return _init_only(args, config)
     require_capabilities()
     if args.source_file and args.once:
         return _run_once(args, config)
@@ -243,7 +286,36 @@ def _settings(args: argparse.Namespace, backend: BackendChoice) -> Settings:
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
         watch_idle_timeout=args.watch_idle_timeout,
+        conntrack=_conntrack(args),
     )
+
+
+def _conntrack(args: argparse.Namespace) -> ConntrackSettings:
+    return ConntrackSettings(
+        max_per_core=args.conntrack_max_per_core, min=args.conntrack_min,
+        tcp_established_timeout=args.conntrack_tcp_timeout_established,
+        tcp_close_wait_timeout=args.conntrack_tcp_timeout_close_wait,
+        tcp_be_liberal=args.conntrack_tcp_be_liberal, udp_timeout=args.conntrack_udp_timeout,
+        udp_stream_timeout=args.conntrack_udp_timeout_stream)
+
+
+def _init_only(args: argparse.Namespace, config: ProxyConfig) -> int:
+    """``--init-only``: the privileged part of the start, then exit (upstream's flag)."""
+    from pyproxy import sysctls
+
+    writes = sysctls.wanted(_conntrack(args), cpus=sysctls.cpu_count())
+    if config.localhost_nodeports_active:
+        writes.append(sysctls.Write("/proc/sys/net/ipv4/conf/all/route_localnet", 1))
+    problems = sysctls.apply(writes)
+    for p in problems:
+        print(f"pyproxy: {p}", file=sys.stderr)
+    if problems:
+        print("pyproxy: --init-only needs root with a writable /proc/sys in the host's network "
+              "namespace (a privileged container with hostNetwork); or set the flags named above "
+              "to leave those values to the host", file=sys.stderr)
+        return 1
+    log.info("init-only: sysctls in place")
+    return 0
 
 
 def _run_once(args: argparse.Namespace, config: ProxyConfig) -> int:
@@ -282,6 +354,10 @@ def _run_daemon(args: argparse.Namespace, config: ProxyConfig) -> int:
         raise UsageError("--once works with --source-file; with the API pyproxy keeps running")
     backend = resolve_backend(config, args.iptables_backend)
     require_capabilities(raw=backend == "legacy")
+    from pyproxy import sysctls
+
+    # As kube-proxy at start; a value it cannot write is a warning (see pyproxy.sysctls).
+    sysctls.apply(sysctls.wanted(_conntrack(args), cpus=sysctls.cpu_count()))
     code = 0
     try:
         code = asyncio.run(serve(config, _settings(args, backend), make_proxier=make_proxier))
@@ -374,6 +450,8 @@ def expand_config(argv: list[str]) -> list[str]:
                   file=sys.stderr)
     flags: list[str] = []
     for key, value in data.items():
+        if key.startswith("conntrack-") and rest[:1] != ["run"]:
+            continue  # the daemon's start; render and explain have no such flags
         if isinstance(value, bool):
             flags += [f"--{key}"] if value else []
         elif value is not None and value != "":

@@ -65,10 +65,20 @@ FIELDS: list[tuple[str, str, str]] = [
     ("iptables.syncPeriod", "sync-period", "duration"),
     ("healthzBindAddress", "healthz-bind-address", "str"),
     ("metricsBindAddress", "metrics-bind-address", "str"),
+    # v1alpha1 has conntrack at the top, v1alpha2 under linux.
+    *((f"{base}{field}", flag, conv) for base in ("conntrack.", "linux.conntrack.") for field, flag, conv in (
+        ("maxPerCore", "conntrack-max-per-core", "int"),
+        ("min", "conntrack-min", "int"),
+        ("tcpEstablishedTimeout", "conntrack-tcp-timeout-established", "duration"),
+        ("tcpCloseWaitTimeout", "conntrack-tcp-timeout-close-wait", "duration"),
+        ("tcpBeLiberal", "conntrack-tcp-be-liberal", "bool"),
+        ("udpTimeout", "conntrack-udp-timeout", "duration"),
+        ("udpStreamTimeout", "conntrack-udp-timeout-stream", "duration"),
+    )),
 ]
 KNOWN_TOP = {"apiVersion", "kind", "mode", "hostnameOverride", "clusterCIDR", "nodePortAddresses",
              "clientConnection", "linux", "nftables", "iptables", "minSyncPeriod", "syncPeriod",
-             "healthzBindAddress", "metricsBindAddress"}
+             "healthzBindAddress", "metricsBindAddress", "conntrack"}
 
 
 def to_flags(doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -121,4 +131,13 @@ def from_settings(settings: dict[str, Any]) -> dict[str, Any]:
         doc[section]["minSyncPeriod"] = dur(settings["min_sync_period"])
     if settings.get("sync_period") is not None:
         doc[section]["syncPeriod"] = dur(settings["sync_period"])
+    if "conntrack_max_per_core" in settings:  # run's flags (render has none)
+        doc["conntrack"] = {
+            "maxPerCore": settings["conntrack_max_per_core"], "min": settings["conntrack_min"],
+            "tcpEstablishedTimeout": dur(settings["conntrack_tcp_timeout_established"]),
+            "tcpCloseWaitTimeout": dur(settings["conntrack_tcp_timeout_close_wait"]),
+            "tcpBeLiberal": bool(settings["conntrack_tcp_be_liberal"]),
+            "udpTimeout": dur(settings["conntrack_udp_timeout"]),
+            "udpStreamTimeout": dur(settings["conntrack_udp_timeout_stream"]),
+        }
     return doc

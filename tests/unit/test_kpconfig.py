@@ -31,8 +31,30 @@ def test_fields_map_to_flags_and_unknown_ones_are_reported():
     })
     assert flags == {"proxy-mode": "nftables", "cluster-cidr": "10.244.0.0/16",
                      "nodeport-addresses": "192.168.0.0/16,10.0.0.0/8", "kubeconfig": "/k",
-                     "masquerade-all": True, "iptables-masquerade-bit": 13, "min-sync-period": 1.0}
-    assert ignored == ["conntrack", "oomScoreAdj"]
+                     "masquerade-all": True, "iptables-masquerade-bit": 13, "min-sync-period": 1.0,
+                     "conntrack-max-per-core": 0}
+    assert ignored == ["oomScoreAdj"]
+
+
+def test_conntrack_fields_of_either_version_become_flags_render_ignores(tmp_path, capsys):
+    v1alpha1 = {"conntrack": {"maxPerCore": 0, "min": 5, "tcpEstablishedTimeout": "1h",
+                              "tcpCloseWaitTimeout": "0s", "tcpBeLiberal": True, "udpTimeout": "45s",
+                              "udpStreamTimeout": "2m"}}
+    expected = {"conntrack-max-per-core": 0, "conntrack-min": 5, "conntrack-tcp-timeout-established": 3600.0,
+                "conntrack-tcp-timeout-close-wait": 0.0, "conntrack-tcp-be-liberal": True,
+                "conntrack-udp-timeout": 45.0, "conntrack-udp-timeout-stream": 120.0}
+    assert to_flags(v1alpha1)[0] == expected
+    assert to_flags({"linux": v1alpha1})[0] == expected  # v1alpha2
+    path = tmp_path / "kp.yaml"
+    path.write_text(yaml.safe_dump({"kind": "KubeProxyConfiguration", **v1alpha1}))
+    out = tmp_path / "effective.yaml"
+    assert main(["run", "--config", str(path), "--write-config-to", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["conntrack"] == {
+        "maxPerCore": 0, "min": 5, "tcpEstablishedTimeout": "3600s", "tcpCloseWaitTimeout": "0s",
+        "tcpBeLiberal": True, "udpTimeout": "45s", "udpStreamTimeout": "120s"}
+    src = tmp_path / "cluster.yaml"
+    src.write_text("")
+    assert main(["render", "--config", str(path), "--source-file", str(src)]) == 0
 
 
 def test_bad_field_value_is_a_clear_error(tmp_path, capsys):
