@@ -83,6 +83,8 @@ class Image:
 
     ref: str
     """The name containerd lists it under (``docker.io/library/NAME:TAG``)."""
+    aliases: tuple[str, ...] = ()
+    """Other names for the same image."""
     cmd: tuple[str, ...] = ()
     entrypoint: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=lambda: {
@@ -143,11 +145,13 @@ def write_archive(image: Image, layer: bytes, out: Path) -> str:
                     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                                 "digest": layer_digest, "size": layer_size}]}
         manifest_digest, manifest_size = _blob(tar, json.dumps(manifest, sort_keys=True).encode())
+        # One descriptor per name: containerd's import makes an image of each.
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
                                 "digest": manifest_digest, "size": manifest_size,
-                                "annotations": {"io.containerd.image.name": image.ref,
-                                                "org.opencontainers.image.ref.name": image.ref.rsplit(":", 1)[1]}}]}
+                                "annotations": {"io.containerd.image.name": ref,
+                                                "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1]}}
+                               for ref in (image.ref, *image.aliases)]}
         _add(tar, "index.json", json.dumps(index, sort_keys=True).encode())
     tmp.rename(out)
     return manifest_digest
@@ -272,7 +276,10 @@ def _e2e_binary(name: str) -> Path:
 def build_agnhost(tmp: Path) -> tuple[Image, bytes]:
     rootfs = tmp / "rootfs.tar"
     debian_rootfs(list(AGNHOST_PACKAGES), rootfs, hooks=[f'cp {_e2e_binary("agnhost")} "$1/agnhost"'])
-    return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/agnhost:{AGNHOST_VERSION}", entrypoint=("/agnhost",)), \
+    # kube_proxy.go names agnhost in a package variable, set before the repo list is read:
+    # that spec asks for the upstream name, which the lab's nodes must hold too.
+    return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/agnhost:{AGNHOST_VERSION}", entrypoint=("/agnhost",),
+                 aliases=(f"registry.k8s.io/e2e-test-images/agnhost:{AGNHOST_VERSION}",)), \
         normalise_layer(rootfs)
 
 
