@@ -177,7 +177,7 @@ def test_clusterip_from_the_nodes_and_nodeport_from_outside(rlab: ClusterLab, mo
         assert answer[1] != EXT_IP  # eTP Cluster: masqueraded (the backend may be on the other node)
 
 
-def test_localhost_nodeports_only_where_the_chart_turns_them_on(rlab: ClusterLab, mode: str) -> None:
+def test_init_container_sets_sysctls_and_localhost_nodeports_only_where_turned_on(rlab: ClusterLab, mode: str) -> None:
     """iptables mode with ``config.localhostNodePorts``: the init container (the only privileged
     one) set route_localnet=1 in the node's namespace and 127.0.0.1:NodePort answers from the
     node; nftables mode has no localhost NodePorts (as upstream): refused there. In both modes
