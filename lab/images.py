@@ -121,8 +121,8 @@ def normalise_layer(rootfs_tar: Path) -> bytes:
     return buf.getvalue()
 
 
-def write_archive(image: Image, layer: bytes, out: Path) -> str:
-    """Write ``out`` as an OCI image layout in a tar (one layer); return the manifest digest."""
+def oci_image(image: Image, layer: bytes) -> tuple[str, bytes, dict[str, bytes]]:
+    """An image's manifest (digest, bytes) and its blobs by digest (config, gzipped layer)."""
     gz = io.BytesIO()
     with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=6) as z:
         z.write(layer)
@@ -134,27 +134,54 @@ def write_archive(image: Image, layer: bytes, out: Path) -> str:
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
         "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "lab/images.py"}],
     }
+    blobs = {}
+    for data in (gz.getvalue(), json.dumps(config, sort_keys=True).encode()):
+        blobs["sha256:" + hashlib.sha256(data).hexdigest()] = data
+    (layer_digest, layer_blob), (config_digest, config_blob) = blobs.items()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config_blob)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest,
+                    "size": len(layer_blob)}]}, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(manifest).hexdigest(), manifest, blobs
+
+
+def write_archive(image: Image, layer: bytes, out: Path) -> str:
+    """Write ``out`` as an OCI image layout in a tar (one layer); return the manifest digest."""
+    manifest_digest, manifest, blobs = oci_image(image, layer)
     tmp = out.with_suffix(".tmp")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         _add(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        layer_digest, layer_size = _blob(tar, gz.getvalue())
-        config_digest, config_size = _blob(tar, json.dumps(config, sort_keys=True).encode())
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                               "digest": config_digest, "size": config_size},
-                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                "digest": layer_digest, "size": layer_size}]}
-        manifest_digest, manifest_size = _blob(tar, json.dumps(manifest, sort_keys=True).encode())
+        for data in (*blobs.values(), manifest):
+            _blob(tar, data)
         # One descriptor per name: containerd's import makes an image of each.
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                                "digest": manifest_digest, "size": manifest_size,
+                                "digest": manifest_digest, "size": len(manifest),
                                 "annotations": {"io.containerd.image.name": ref,
                                                 "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1]}}
                                for ref in (image.ref, *image.aliases)]}
         _add(tar, "index.json", json.dumps(index, sort_keys=True).encode())
     tmp.rename(out)
     return manifest_digest
+
+
+def fake_registry(dest: Path, *, name: str, tag: str, image: Image, layer: bytes) -> None:
+    """One image laid out as agnhost's fake-registry-server serves it from /var/registry:
+    NAME/manifests/TAG holds the digest; manifests and blobs under sha256/XX/HASH/data."""
+    manifest_digest, manifest, blobs = oci_image(image, layer)
+
+    def put(kind: str, digest: str, data: bytes) -> None:
+        h = digest.split(":", 1)[1]
+        path = dest / name / kind / "sha256" / h[:2] / h / "data"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    put("manifests", manifest_digest, manifest)
+    for digest, data in blobs.items():
+        put("blobs", digest, data)
+    (dest / name / "manifests" / tag).write_text(manifest_digest)
 
 
 # -- root filesystems --------------------------------------------------------------------------
@@ -242,10 +269,7 @@ def _pause_binary() -> Path:
 
 
 def build_pause(tmp: Path) -> tuple[Image, bytes]:
-    rootfs = tmp / "rootfs.tar"
-    with tarfile.open(rootfs, "w") as tar:
-        tar.add(_pause_binary(), arcname="pause")
-    return Image(ref="docker.io/library/pause:lab", entrypoint=("/pause",)), normalise_layer(rootfs)
+    return Image(ref="docker.io/library/pause:lab", entrypoint=("/pause",)), _pause_layer(tmp)
 
 
 E2E_REGISTRY = "lab.local"
@@ -273,9 +297,22 @@ def _e2e_binary(name: str) -> Path:
     return Path(e2e_bin.splitlines()[-1]) / name
 
 
+def _pause_layer(tmp: Path) -> bytes:
+    rootfs = tmp / "pause-rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add(_pause_binary(), arcname="pause")
+    return normalise_layer(rootfs)
+
+
 def build_agnhost(tmp: Path) -> tuple[Image, bytes]:
     rootfs = tmp / "rootfs.tar"
-    debian_rootfs(list(AGNHOST_PACKAGES), rootfs, hooks=[f'cp {_e2e_binary("agnhost")} "$1/agnhost"'])
+    # fake-registry-server serves /var/registry (upstream's image fills it with crane): the
+    # LocalhostNodePorts spec pulls pause:testing from it through a localhost NodePort.
+    registry = tmp / "registry"
+    fake_registry(registry, name="pause", tag="testing", layer=_pause_layer(tmp),
+                  image=Image(ref="pause:testing", entrypoint=("/pause",)))
+    debian_rootfs(list(AGNHOST_PACKAGES), rootfs, hooks=[f'cp {_e2e_binary("agnhost")} "$1/agnhost"',
+                                                         f'mkdir -p "$1/var" && cp -r {registry} "$1/var/registry"'])
     # kube_proxy.go names agnhost in a package variable, set before the repo list is read:
     # that spec asks for the upstream name, which the lab's nodes must hold too.
     return Image(ref=f"{E2E_REGISTRY}/e2e-test-images/agnhost:{AGNHOST_VERSION}", entrypoint=("/agnhost",),
@@ -309,10 +346,7 @@ def build_regression_74839(tmp: Path) -> tuple[Image, bytes]:
 
 
 def build_e2e_pause(tmp: Path) -> tuple[Image, bytes]:
-    rootfs = tmp / "rootfs.tar"
-    with tarfile.open(rootfs, "w") as tar:
-        tar.add(_pause_binary(), arcname="pause")
-    return Image(ref=f"{E2E_REGISTRY}/pause:{E2E_PAUSE_VERSION}", entrypoint=("/pause",)), normalise_layer(rootfs)
+    return Image(ref=f"{E2E_REGISTRY}/pause:{E2E_PAUSE_VERSION}", entrypoint=("/pause",)), _pause_layer(tmp)
 
 
 def build_coredns(tmp: Path) -> tuple[Image, bytes]:

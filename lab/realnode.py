@@ -125,12 +125,14 @@ state = "{d}/containerd/state"
         """The bridge the lab's host-gw routes lead to: ``cbr0`` holds the gateway of each
         podCIDR; no masquerade (pod traffic leaves with the pod's own address, and what must
         be masqueraded is the proxy's decision); hairpin so a pod reaches itself through a
-        Service."""
+        Service. Then portmap, for pods' ``hostPort`` (as kind's CNI chain has it; upstream's
+        CLOSE_WAIT spec serves on one)."""
         ranges = [[{"subnet": c, "gateway": _first_host(c)}] for c in self.pod_cidrs]
         routes = [{"dst": "0.0.0.0/0" if ":" not in c else "::/0"} for c in self.pod_cidrs]
         return {"cniVersion": "1.0.0", "name": "lab", "plugins": [
             {"type": "bridge", "bridge": "cbr0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": ranges, "routes": routes, "dataDir": f"{self.dir}/ipam"}}]}
+             "ipam": {"type": "host-local", "ranges": ranges, "routes": routes, "dataDir": f"{self.dir}/ipam"}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}
 
     def kubelet_config(self) -> dict[str, object]:
         sock = f"unix://{self.sock}"

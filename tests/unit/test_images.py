@@ -91,3 +91,24 @@ def test_the_same_root_filesystem_gives_the_same_digest(tmp_path: Path) -> None:
                              tmp_path / "b.oci")
     assert a == b
     assert (tmp_path / "a.oci").read_bytes() == (tmp_path / "b.oci").read_bytes()
+
+
+def test_an_image_has_one_name_per_alias_and_the_fake_registry_serves_the_same_manifest(tmp_path: Path) -> None:
+
+    image = images.Image(ref="lab.local/x:1", aliases=("registry.k8s.io/x:1",), entrypoint=("/pause",))
+    layer = b"layer" * 100
+    digest = images.write_archive(image, layer, tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == \
+        ["lab.local/x:1", "registry.k8s.io/x:1"]
+    assert {m["digest"] for m in index["manifests"]} == {digest}
+    # agnhost's fake-registry-server: the tag file names the manifest, every blob under its hash.
+    images.fake_registry(tmp_path / "reg", name="pause", tag="testing", image=image, layer=layer)
+    assert (tmp_path / "reg/pause/manifests/testing").read_text() == digest
+    h = digest.split(":")[1]
+    manifest = json.loads((tmp_path / f"reg/pause/manifests/sha256/{h[:2]}/{h}/data").read_bytes())
+    for blob in [manifest["config"], *manifest["layers"]]:
+        b = blob["digest"].split(":")[1]
+        data = (tmp_path / f"reg/pause/blobs/sha256/{b[:2]}/{b}/data").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == b and len(data) == blob["size"]
