@@ -305,7 +305,7 @@ def _init_only(args: argparse.Namespace, config: ProxyConfig) -> int:
 
     writes = sysctls.wanted(_conntrack(args), cpus=sysctls.cpu_count())
     if config.localhost_nodeports_active:
-        writes.append(sysctls.Write("/proc/sys/net/ipv4/conf/all/route_localnet", 1))
+        writes.append(sysctls.ROUTE_LOCALNET)
     problems = sysctls.apply(writes)
     for p in problems:
         print(f"pyproxy: {p}", file=sys.stderr)
@@ -356,11 +356,12 @@ def _run_daemon(args: argparse.Namespace, config: ProxyConfig) -> int:
     require_capabilities(raw=backend == "legacy")
     from pyproxy import sysctls
 
+    settings = _settings(args, backend)
     # As kube-proxy at start; a value it cannot write is a warning (see pyproxy.sysctls).
-    sysctls.apply(sysctls.wanted(_conntrack(args), cpus=sysctls.cpu_count()))
+    sysctls.apply(sysctls.wanted(settings.conntrack, cpus=sysctls.cpu_count()))
     code = 0
     try:
-        code = asyncio.run(serve(config, _settings(args, backend), make_proxier=make_proxier))
+        code = asyncio.run(serve(config, settings, make_proxier=make_proxier))
     except KeyboardInterrupt:
         pass
     log.info("stopped; rules stay in place (use 'pyproxy cleanup' to remove them)")
@@ -416,11 +417,22 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-def expand_config(argv: list[str]) -> list[str]:
+def _subcommand_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    """The long flags (without dashes) that ``command`` accepts."""
+    for action in parser._actions:  # noqa: SLF001 - argparse lists subparsers nowhere else
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:  # noqa: SLF001
+            return {o[2:] for a in action.choices[command]._actions for o in a.option_strings  # noqa: SLF001
+                    if o.startswith("--")}
+    return set()
+
+
+def expand_config(argv: list[str], parser: argparse.ArgumentParser | None = None) -> list[str]:
     """Replace ``--config FILE`` by the flags it holds, placed first so command-line flags win.
 
     The file is a YAML mapping of long flag names (without dashes) to values, e.g.
     ``proxy-mode: iptables``; ``true`` turns a switch on, ``false`` or empty leaves it off.
+    A KubeProxyConfiguration holds ``run``'s settings: with ``parser``, the fields of flags the
+    subcommand does not have (``render`` has no sync periods) are left out, not refused.
     """
     for i, arg in enumerate(argv):
         if arg == "--config" or arg.startswith("--config="):
@@ -448,10 +460,11 @@ def expand_config(argv: list[str]) -> list[str]:
         if ignored:
             print(f"pyproxy: --config {path}: ignoring fields pyproxy does not use: {', '.join(ignored)}",
                   file=sys.stderr)
+        if parser is not None and rest[:1]:
+            accepted = _subcommand_flags(parser, rest[0])
+            data = {k: v for k, v in data.items() if k in accepted}
     flags: list[str] = []
     for key, value in data.items():
-        if key.startswith("conntrack-") and rest[:1] != ["run"]:
-            continue  # the daemon's start; render and explain have no such flags
         if isinstance(value, bool):
             flags += [f"--{key}"] if value else []
         elif value is not None and value != "":
@@ -464,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
-        raw = expand_config(raw)
+        raw = expand_config(raw, parser)
     except UsageError as err:
         print(f"pyproxy: {err}", file=sys.stderr)
         return 2

@@ -42,17 +42,15 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: BackendChoice = "auto
         backend = detect_backend(netns=netns) if iptables_backend == "auto" else iptables_backend
         log.info("iptables backend: %s", backend)
         if config.localhost_nodeports_active and netns is None:
-            from pyproxy.hostnet import set_sysctl
+            from pyproxy import sysctls
 
-            # Without it the kernel drops packets to 127.0.0.0/8 once DNAT sends them out.
-            try:
-                set_sysctl("net.ipv4.conf.all.route_localnet", "1")
-            except OSError as err:
+            problems = sysctls.apply([sysctls.ROUTE_LOCALNET])
+            if problems:
                 raise SetupError(
                     f"--iptables-localhost-nodeports needs net.ipv4.conf.all.route_localnet=1 and it "
-                    f"cannot be set here ({err.strerror}: /proc/sys is read-only in an unprivileged "
+                    f"cannot be set here ({problems[0]}: /proc/sys is read-only in an unprivileged "
                     "container): set it before pyproxy starts (the Helm chart's init container does "
-                    "when config.localhostNodePorts is on), or turn the flag off") from None
+                    "when config.localhostNodePorts is on), or turn the flag off")
         return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
                                                               family=config.family))
     from pyproxy.nft.executor import NftCli

@@ -32,15 +32,3 @@ def missing_capabilities(names: tuple[str, ...], *, status: str = "/proc/self/st
     except (OSError, IndexError, ValueError):
         return []
     return [n for n in names if not effective >> CAPABILITY_BITS[n] & 1]
-
-
-def set_sysctl(name: str, value: str) -> None:
-    """Make ``/proc/sys/<name with dots as slashes>`` hold ``value``; a value already set is
-    left alone (an unprivileged container, whose /proc/sys is read-only, may find it set by
-    an init container). Raises OSError when it must be written and cannot be."""
-    path = "/proc/sys/" + name.replace(".", "/")
-    with open(path, encoding="ascii") as fh:
-        if fh.read().strip() == value:
-            return
-    with open(path, "w", encoding="ascii") as fh:
-        fh.write(value)

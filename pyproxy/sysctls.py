@@ -1,7 +1,7 @@
 """The conntrack sysctls kube-proxy sets at start (its ``conntrack`` section), and route_localnet.
 
-``wanted`` is pure: which values to write, given the settings, the CPU count and what the host
-has. ``apply`` reads and writes ``/proc/sys`` (and the hash size under ``/sys/module``): the
+``wanted`` is pure: which values to write, given the settings and the CPU count. ``apply``
+reads what the host has and writes ``/proc/sys`` (and the hash size under ``/sys/module``): the
 only code here that touches the host. The timeouts are per network namespace, so a hostNetwork
 pod sets its node's; ``nf_conntrack_max`` and the hash size are global and writable only from
 the host's namespace. In an unprivileged container ``/proc/sys`` is read-only: the Helm chart
@@ -37,6 +37,11 @@ class Write:
     value: int
     only_raise: bool = False
     """Write only if the current value is lower (the table sizes: never shrink the host's)."""
+
+
+ROUTE_LOCALNET = Write("/proc/sys/net/ipv4/conf/all/route_localnet", 1)
+"""What localhost NodePorts need: without it the kernel drops packets to 127.0.0.0/8 once DNAT
+sends them out."""
 
 
 def conntrack_max(settings: ConntrackSettings, *, cpus: int) -> int:
@@ -96,7 +101,8 @@ def _leave_alone_flag(name: str) -> str:
             "nf_conntrack_tcp_timeout_close_wait": "--conntrack-tcp-timeout-close-wait=0",
             "nf_conntrack_udp_timeout": "--conntrack-udp-timeout=0",
             "nf_conntrack_udp_timeout_stream": "--conntrack-udp-timeout-stream=0",
-            "nf_conntrack_tcp_be_liberal": "--no-conntrack-tcp-be-liberal"}.get(name, "the matching flag")
+            "nf_conntrack_tcp_be_liberal": "--no-conntrack-tcp-be-liberal",
+            "route_localnet": "--no-iptables-localhost-nodeports"}.get(name, "the matching flag")
 
 
 def cpu_count() -> int:

@@ -79,3 +79,21 @@ def test_command_line_overrides_the_file_and_write_config_round_trips(tmp_path, 
     again = tmp_path / "again.yaml"
     assert main(["run", "--config", str(out), "--write-config-to", str(again)]) == 0
     assert yaml.safe_load(again.read_text()) == written
+
+
+def test_render_takes_the_fields_it_has_from_runs_configuration(tmp_path, capsys):
+    """The chart's KubeProxyConfiguration holds run's settings (sync periods, bind addresses,
+    conntrack): render and explain leave those out; a plain flag file's unknown flag is still an
+    error (a typo must not pass silently)."""
+    path = tmp_path / "kp.yaml"
+    path.write_text(yaml.safe_dump({"kind": "KubeProxyConfiguration", "mode": "nftables",
+                                    "nftables": {"minSyncPeriod": "1s", "masqueradeAll": True},
+                                    "healthzBindAddress": "0.0.0.0:10256"}))
+    src = tmp_path / "cluster.yaml"
+    src.write_text("")
+    assert main(["render", "--config", str(path), "--source-file", str(src), "--hostname-override", "n"]) == 0
+    plain = tmp_path / "flags.yaml"
+    plain.write_text("min-sync-period: 1\n")
+    with pytest.raises(SystemExit):
+        main(["render", "--config", str(plain), "--source-file", str(src)])
+    assert "unrecognized arguments: --min-sync-period" in capsys.readouterr().err
