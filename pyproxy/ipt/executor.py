@@ -10,7 +10,7 @@ from typing import Protocol
 
 from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
 from pyproxy.literals import Family, IptablesBackend
-from pyproxy.runcmd import netns_prefix
+from pyproxy.runcmd import netns_prefix, run_captured
 
 BACKENDS = ("nft", "legacy")
 WAIT_SECONDS = "5"  # the xtables lock wait, as kube-proxy passes it
@@ -77,8 +77,7 @@ class IptablesCli:
                 f"{argv[0]}: command not found; install the iptables package (apt-get install iptables)"
             )
         try:
-            proc = subprocess.run([*netns_prefix(self.netns), *argv], input=stdin, capture_output=True,
-                                  check=False)
+            proc = run_captured([*netns_prefix(self.netns), *argv], stdin=stdin)
         except OSError as err:  # fork or exec failed (no memory, too many processes...)
             raise IptablesError(f"cannot run {argv[0]}: {err}") from err
         return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),

@@ -8,12 +8,14 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from pyproxy import metrics
-from pyproxy.nft.netlink import NetlinkError, NetlinkSocket, Unsupported, messages
+from pyproxy.nft.netlink import Message, NetlinkError, NetlinkSocket, Unsupported, messages
 from pyproxy.nft.transaction import Op, Transaction
-from pyproxy.runcmd import netns_prefix
+from pyproxy.runcmd import netns_prefix, run_captured
 
 
 log = logging.getLogger("pyproxy.nft")
@@ -26,6 +28,10 @@ class NftError(RuntimeError):
 class NftExecutor(Protocol):
     def run(self, tx: Transaction) -> None:
         """Apply ``tx`` atomically or raise NftError and change nothing."""
+
+    def run_in_order(self, parts: Sequence[Transaction]) -> None:
+        """Apply ``parts`` one after the other, each atomically, stopping at the first that is
+        refused (NftError). Not atomic as a whole: only for a table nothing uses yet."""
 
     def table_exists(self, family: str, table: str) -> bool: ...
 
@@ -54,12 +60,7 @@ class NftCli:
                 "(apt-get install nftables) or use --proxy-mode iptables"
             )
         try:
-            return subprocess.run(
-                [*netns_prefix(self.netns), self.binary, *args],
-                input=stdin,
-                capture_output=True,
-                check=False,
-            )
+            return run_captured([*netns_prefix(self.netns), self.binary, *args], stdin=stdin)
         except OSError as err:  # fork or exec failed (no memory, too many processes...)
             raise NftError(f"cannot run {self.binary}: {err}") from err
 
@@ -68,24 +69,66 @@ class NftCli:
             raise NftError(f"transaction not run: {tx.error}")
         if not tx.ops:
             return
-        if self.netlink and self._run_netlink(tx):
+        batch = self._encode(tx)
+        if batch is not None and self._send(tx, batch):
             return
+        self._run_nft(tx)
+
+    def run_in_order(self, parts: Sequence[Transaction]) -> None:
+        """As :meth:`NftExecutor.run_in_order`; while ``nft`` parses one part (a cold start's
+        chains and rules, ~1 s at 10k services), the next element-only part is encoded for
+        netlink on this thread (~2 s): the nft process runs on the other CPU meanwhile."""
+        running: threading.Thread | None = None
+        failed: list[BaseException] = []
+
+        def wait() -> None:
+            if running is not None:
+                running.join()
+            if failed:
+                raise failed[0]
+
+        def nft_in_background(tx: Transaction) -> None:
+            try:
+                self._run_nft(tx)
+            except BaseException as err:  # noqa: BLE001 - raised on the caller's thread by wait()
+                failed.append(err)
+
+        for tx in parts:
+            if tx.error:
+                wait()
+                raise NftError(f"transaction not run: {tx.error}")
+            if not tx.ops:
+                continue
+            batch = self._encode(tx)
+            wait()
+            running = None
+            if batch is not None and self._send(tx, batch):
+                continue
+            running = threading.Thread(target=nft_in_background, args=(tx,), name="nft-f")
+            running.start()
+        wait()
+
+    def _run_nft(self, tx: Transaction) -> None:
         proc = self._nft("-f", "-", stdin=tx.render_bytes())
         if proc.returncode != 0:
             raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
         self.paths["nft"] += 1
         metrics.NFT_TRANSACTIONS.labels(path="nft").inc()
 
-    def _run_netlink(self, tx: Transaction) -> bool:
-        """Apply an element-only ``tx`` over netlink: True if done, False to use nft instead;
-        NftError if the kernel refused it (nothing applied)."""
-        if any(op.kind != "element" for op in tx.ops):
-            return False
+    def _encode(self, tx: Transaction) -> list[Message] | None:
+        """``tx`` as netlink messages, or None when it must go through nft (it changes more
+        than elements, or holds something the codec does not encode, or netlink is off)."""
+        if not self.netlink or any(op.kind != "element" for op in tx.ops):
+            return None
         try:
-            batch = messages(tx)
+            return messages(tx)
         except Unsupported as why:
             log.debug("nft -f for this transaction: %s", why)
-            return False
+            return None
+
+    def _send(self, tx: Transaction, batch: list[Message]) -> bool:
+        """Apply an encoded element-only ``tx`` over netlink: True if done, False to use nft
+        instead (no socket); NftError if the kernel refused it (nothing applied)."""
         try:
             if self._sock is None:
                 self._sock = NetlinkSocket(netns=self.netns)
@@ -170,6 +213,10 @@ class FakeNft:
             self._apply(tables, (tx.family, tx.table), op)
         self.tables = tables
         self.transactions.append(tx)
+
+    def run_in_order(self, parts: Sequence[Transaction]) -> None:
+        for tx in parts:
+            self.run(tx)
 
     @staticmethod
     def _refs(t: FakeTable) -> tuple[set[str], set[str]]:

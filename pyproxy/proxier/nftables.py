@@ -133,9 +133,7 @@ class NftProxier:
                     # ~2.7 s). Services appear all at once with their dispatch elements.
                     # Over an existing table (a restart) the one transaction keeps the old
                     # rules serving until the new ones are complete.
-                    for part in tx.split_elements():
-                        if part.ops:
-                            self.executor.run(part)
+                    self.executor.run_in_order(tx.split_elements())
                 else:
                     self.executor.run(tx)
             except NftError as err:

@@ -162,4 +162,55 @@ def test_the_nft_cli_uses_nft_for_anything_but_elements():
     cli = NftCli(binary="/nonexistent/nft-never-run")
     tx = Transaction(set_specs=r.sets_for(4))
     tx.add_chain("service-x")
-    assert cli._run_netlink(tx) is False and cli._sock is None
+    assert cli._encode(tx) is None and cli._sock is None
+
+
+def _fake_nft(tmp_path, script: str):
+    path = tmp_path / "nft"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _cold_start_parts():
+    tx = Transaction(set_specs=r.sets_for(4))
+    tx.add_chain("service-x")
+    tx.add_element("service-ips", "10.9.9.9 . tcp . 443", "goto service-x")
+    return tx.split_elements()
+
+
+def test_a_cold_start_sends_the_elements_only_after_nft_took_the_chains(tmp_path, monkeypatch):
+    """run_in_order encodes the elements while nft runs, but sends them after nft is done:
+    the element batch refers to chains only that script declares."""
+    from pyproxy.nft.executor import NftCli
+
+    marker = tmp_path / "nft-done"
+    cli = NftCli(binary=_fake_nft(tmp_path, f"cat > /dev/null; sleep 0.3; touch {marker}\n"))
+    sent = []
+    monkeypatch.setattr(cli, "_send", lambda tx, batch: sent.append((marker.exists(), len(batch))) or True)
+    cli.run_in_order(_cold_start_parts())
+    assert sent == [(True, 1)] and cli.paths["nft"] == 1
+
+
+def test_a_cold_start_whose_chains_are_refused_sends_no_element(tmp_path, monkeypatch):
+    from pyproxy.nft.executor import NftCli, NftError
+
+    cli = NftCli(binary=_fake_nft(tmp_path, "cat > /dev/null; echo 'Error: no such chain' >&2; exit 1\n"))
+    sent = []
+    monkeypatch.setattr(cli, "_send", lambda tx, batch: sent.append(batch) or True)
+    with pytest.raises(NftError, match="no such chain"):
+        cli.run_in_order(_cold_start_parts())
+    assert sent == []
+
+
+def test_nft_reads_its_whole_script(tmp_path):
+    """The script reaches nft through a memory file (pyproxy.runcmd): all of it, byte for byte."""
+    from pyproxy.nft.executor import NftCli
+
+    copy = tmp_path / "script"
+    cli = NftCli(binary=_fake_nft(tmp_path, f"cat > {copy}\n"), netlink=False)
+    tx = Transaction(set_specs=r.sets_for(4))
+    for k in range(20000):
+        tx.add_element("service-ips", f"10.{k // 250 % 250}.{k % 250}.1 . tcp . {1 + k % 60000}", "goto service-x")
+    cli.run(tx)
+    assert copy.read_bytes() == tx.render_bytes() and len(tx.render_bytes()) > 500_000
