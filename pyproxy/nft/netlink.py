@@ -29,12 +29,21 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pyproxy.nfnetlink import (
+    NLA_F_NESTED,
+    NLH,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    message,
+    nest,
+    nla,
+    socket_in,
+    string,
+)
 from pyproxy.nft.transaction import Op, Transaction
 
-NETLINK_NETFILTER = 12
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -52,10 +61,6 @@ PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 MAX_ELEMENTS_BYTES = 60_000
 """One message's elements are one attribute, whose length is 16 bits: stay well below."""
 
-_NLH = struct.Struct("=IHHII")  # nlmsghdr, host byte order
-_NFGEN = struct.Struct("!BBH")  # nfgenmsg: family, version, resource id (big-endian)
-_NLA = struct.Struct("=HH")
-
 
 class Unsupported(ValueError):
     """The transaction holds something this path does not encode: use ``nft -f``."""
@@ -63,19 +68,6 @@ class Unsupported(ValueError):
 
 class NetlinkError(OSError):
     """The kernel refused the batch (nothing of it was applied), or its answer was lost."""
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    size = _NLA.size + len(payload)
-    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def _nest(kind: int, *children: bytes) -> bytes:
-    return _nla(kind | NLA_F_NESTED, b"".join(children))
-
-
-def _string(kind: int, text: str) -> bytes:
-    return _nla(kind, text.encode() + b"\0")
 
 
 # -- values ------------------------------------------------------------------------------
@@ -177,10 +169,10 @@ def _verdict(text: str) -> bytes:
     code = VERDICTS.get(word)
     if code is None or bool(chain) != (word in ("jump", "goto")):
         raise Unsupported(f"verdict {text!r}")
-    inner = _nla(NFTA_VERDICT_CODE, struct.pack("!i", code))
+    inner = nla(NFTA_VERDICT_CODE, struct.pack("!i", code))
     if chain:
-        inner += _string(NFTA_VERDICT_CHAIN, chain.strip())
-    return _nest(NFTA_DATA_VERDICT, inner)
+        inner += string(NFTA_VERDICT_CHAIN, chain.strip())
+    return nest(NFTA_DATA_VERDICT, inner)
 
 
 _ELEMENT_LAYOUTS: dict[tuple[int, int, bool], struct.Struct] = {}
@@ -200,11 +192,11 @@ def _layout(klen: int, dlen: int, flagged: bool) -> struct.Struct:
 def _element(key: bytes, *, data: bytes | None = None, flags: int = 0) -> bytes:
     klen, dlen = len(key), len(data) if data is not None else 0
     if klen % 4 or dlen % 4:  # not a layout of ours (keys and data are whole registers)
-        parts = [_nla(NFTA_SET_ELEM_FLAGS, struct.pack("!I", flags))] if flags else []
-        parts.append(_nest(NFTA_SET_ELEM_KEY, _nla(NFTA_DATA_VALUE, key)))
+        parts = [nla(NFTA_SET_ELEM_FLAGS, struct.pack("!I", flags))] if flags else []
+        parts.append(nest(NFTA_SET_ELEM_KEY, nla(NFTA_DATA_VALUE, key)))
         if data is not None:
-            parts.append(_nest(NFTA_SET_ELEM_DATA, data))
-        return _nest(NFTA_LIST_ELEM, *parts)
+            parts.append(nest(NFTA_SET_ELEM_DATA, data))
+        return nest(NFTA_LIST_ELEM, *parts)
     layout = _layout(klen, dlen, bool(flags))
     head: tuple[int | bytes, ...] = (layout.size, NFTA_LIST_ELEM | NLA_F_NESTED)
     if flags:
@@ -225,7 +217,7 @@ def elements(op: Op, c: Codec) -> list[bytes]:
     add = op.verb == "add"
     data: bytes | None = None
     if add and c.data is not None:
-        data = _verdict(op.value) if c.data == ("verdict",) else _nla(NFTA_DATA_VALUE, c.value(c.data, op.value))
+        data = _verdict(op.value) if c.data == ("verdict",) else nla(NFTA_DATA_VALUE, c.value(c.data, op.value))
     if c.interval:
         lo_text, sep, hi_text = op.body.partition("-")
         try:
@@ -300,42 +292,12 @@ def messages(tx: Transaction) -> list[Message]:
     return out
 
 
-def _socket_in(netns: str | None) -> socket.socket:
-    """A netfilter netlink socket of the named network namespace (``ip netns`` name), or of
-    ours. A socket belongs to the namespace it was made in for good, so a short-lived thread
-    enters the namespace (setns changes only the calling thread) and makes it there."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    import ctypes
-    import threading
-
-    made: list[socket.socket | BaseException] = []
-
-    def enter_and_make() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/run/netns/{netns}", "rb") as fh:
-                if libc.setns(fh.fileno(), 0x4000_0000) != 0:  # CLONE_NEWNET
-                    code = ctypes.get_errno()
-                    raise OSError(code, f"setns {netns}: {os.strerror(code)}")
-            made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            made.append(err)
-
-    worker = threading.Thread(target=enter_and_make, name=f"netns-{netns}")
-    worker.start()
-    worker.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
-
-
 class NetlinkSocket:
     """A netfilter netlink socket, kept open: in this process's network namespace, or in the
     named one."""
 
     def __init__(self, *, netns: str | None = None, timeout: float = 10.0, buffer: int = 8 << 20) -> None:
-        self.sock = _socket_in(netns)
+        self.sock = socket_in(netns)
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acks without the request echoed
         # The batch must fit one send, and every acknowledgement arrives at once: a bigger
         # buffer than the default (the FORCE options pass net.core.*mem_max with NET_ADMIN).
@@ -357,8 +319,7 @@ class NetlinkSocket:
 
     def _header(self, kind: int, flags: int, family: int, body: bytes, res_id: int = 0) -> tuple[int, bytes]:
         self.seq = (self.seq + 1) & 0xFFFF_FFFF
-        payload = _NFGEN.pack(family, 0, res_id) + body
-        return self.seq, _NLH.pack(_NLH.size + len(payload), kind, flags, self.seq, 0) + payload
+        return self.seq, message(kind, flags, self.seq, body, family=family, res_id=res_id)
 
     def apply(self, *, family: str, table: str, batch: list[Message]) -> None:
         """Send ``batch`` as one transaction; NetlinkError (nothing applied) if the kernel
@@ -373,8 +334,8 @@ class NetlinkSocket:
         for msg in batch:
             kind = NFT_MSG_NEWSETELEM if msg.verb == "add" else NFT_MSG_DELSETELEM
             flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if msg.verb == "add" else 0)
-            body = (_string(NFTA_SET_ELEM_LIST_TABLE, table) + _string(NFTA_SET_ELEM_LIST_SET, msg.set_name)
-                    + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, msg.payload))
+            body = (string(NFTA_SET_ELEM_LIST_TABLE, table) + string(NFTA_SET_ELEM_LIST_SET, msg.set_name)
+                    + nest(NFTA_SET_ELEM_LIST_ELEMENTS, msg.payload))
             seq, data = self._header((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, nfproto, body)
             waiting[seq] = msg
             parts.append(data)
@@ -400,12 +361,12 @@ class NetlinkSocket:
         while waiting:
             data = self.sock.recv(1 << 20)
             offset = 0
-            while offset + _NLH.size <= len(data):
-                size, kind, _, seq, _ = _NLH.unpack_from(data, offset)
-                if size < _NLH.size:
+            while offset + NLH.size <= len(data):
+                size, kind, _, seq, _ = NLH.unpack_from(data, offset)
+                if size < NLH.size:
                     break
                 if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + _NLH.size)
+                    (code,) = struct.unpack_from("=i", data, offset + NLH.size)
                     if seq == begin_seq:  # the batch as a whole was refused
                         waiting.clear()
                         yield -code, None
