@@ -51,8 +51,16 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: BackendChoice = "auto
                     f"cannot be set here ({problems[0]}: /proc/sys is read-only in an unprivileged "
                     "container): set it before pyproxy starts (the Helm chart's init container does "
                     "when config.localhostNodePorts is on), or turn the flag off")
+        # Connections to localhost NodePorts are counted in an nfacct object of the same
+        # namespace as the rules (kube-proxy's localhost NodePort metric).
+        nfacct = None
+        if config.localhost_nodeports_active:
+            from pyproxy.ipt.nfacct import Nfacct
+
+            nfacct = Nfacct(netns=netns)
         return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
-                                                              family=config.family))
+                                                              family=config.family),
+                          nfacct=nfacct)
     from pyproxy.nft.executor import NftCli
     from pyproxy.proxier.nftables import NftProxier
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+
+log = logging.getLogger("pyproxy.metrics")
 
 _SYNC_BUCKETS = tuple(0.001 * 2**k for k in range(15))  # kube-proxy's exponential buckets
 
@@ -53,3 +59,48 @@ SYNC_OPERATIONS = Histogram(
     "Commands (nft) or lines (iptables-restore) sent to the kernel per sync",
     buckets=(0, 1, 10, 100, 1000, 10000, 100000, 1000000),
 )
+
+
+class KernelCounter:
+    """A counter the kernel keeps (an nfacct object), read when ``/metrics`` is scraped. The
+    code that programs the rules counting into it says how to read it (``read_with``); until
+    then, or when the read gives None or fails, the metric is left out of the scrape, as
+    upstream leaves out a counter it cannot read."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._read: Callable[[], int | None] | None = None
+        self._failed = False
+
+    def read_with(self, read: Callable[[], int | None] | None) -> None:
+        """Export the value ``read()`` returns from now on; None: export nothing."""
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        read = self._read
+        if read is None:
+            return
+        try:
+            value = read()
+        except Exception:  # noqa: BLE001 - one unreadable counter must not break the scrape
+            # Logged in full once; a counter that stays unreadable would fill the log.
+            log.log(logging.DEBUG if self._failed else logging.WARNING, "cannot read %s",
+                    self.name, exc_info=True)
+            self._failed = True
+            return
+        if value is not None:
+            yield CounterMetricFamily(self.name, self.documentation, value=value)
+
+
+LOCALHOST_NODEPORTS_ACCEPTED = KernelCounter(
+    "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+    "Number of packets accepted on nodeports of loopback interface",
+)
+"""iptables mode with localhost NodePorts: new connections to 127.0.0.1:<NodePort> (the nat
+table sees a connection's first packet only), counted by the nfacct object
+``localhost_nps_accepted_pkts`` as upstream counts them."""
+REGISTRY.register(LOCALHOST_NODEPORTS_ACCEPTED)

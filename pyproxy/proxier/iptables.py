@@ -13,6 +13,7 @@ import time
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import IptablesError, IptExecutor
+from pyproxy.ipt.nfacct import NfacctClient, NfacctError
 from pyproxy.ipt.restore import TABLES, PayloadError, RestorePayload
 from pyproxy.literals import IptablesBackend, Mode
 from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
@@ -25,15 +26,28 @@ log = logging.getLogger("pyproxy.iptables")
 
 Chains = dict[tuple[str, str], tuple[str, ...]]
 
+MATCH_PROBE = IPT_PREFIX + "NFACCT-CHECK"
+"""A nat chain of ours that nothing jumps to, made for a moment to see whether iptables takes
+the nfacct match."""
+
 
 class IptProxier:
     """Programs our ``PYPROXY-*`` chains in the filter and nat tables of one backend."""
 
     mode: Mode = "iptables"
 
-    def __init__(self, *, config: ProxyConfig, executor: IptExecutor) -> None:
+    def __init__(self, *, config: ProxyConfig, executor: IptExecutor,
+                 nfacct: NfacctClient | None = None) -> None:
         self.config = config
         self.executor = executor
+        self.nfacct = nfacct
+        """Where localhost NodePort connections are counted (None: not counted)."""
+        self._counter: str | None = None
+        """The nfacct object the rules count in: set on a full sync that could create it."""
+        self._match_works = False
+        """iptables took the nfacct match once (a kernel keeps its match modules)."""
+        self._told: set[str] = set()
+        """What was logged about the counter already (each once)."""
         self._applied: dict[ServicePortName, ServicePortState] = {}
         """Inputs of what the kernel holds. Service chains are not kept: a changed service's old
         chains are rendered again to diff against (cheap, and ~100 MB less at 10k services)."""
@@ -61,12 +75,86 @@ class IptProxier:
         chains.update(base.chains)
         return chains
 
+    def _render_service(self, sps: ServicePortState) -> IptFragment:
+        return render.render_service(self.config, sps, localhost_counter=self._counter)
+
+    def _prepare_counter(self) -> None:
+        """Before a full sync: the localhost NodePort counter, created if missing (its count
+        kept), as upstream ensures its nfacct objects on each full sync. Without it the rules
+        go without the match and the metric is not exported; the sync goes on, and the next
+        full sync tries again."""
+        if self.nfacct is None or not self.config.localhost_nodeports_active:
+            self._count_in(None)
+            return
+        name = render.LOCALHOST_NODEPORTS_COUNTER
+        try:
+            self.nfacct.ensure(name)
+        except NfacctError as err:
+            self._count_in(None)
+            self._log_once(
+                "ensure", logging.WARNING,
+                f"cannot create the nfacct object {name} ({err}): connections to localhost "
+                "NodePorts are not counted and kubeproxy_iptables_localhost_nodeports_accepted_"
+                "packets_total is not exported. The kernel needs nfnetlink_acct and xt_nfacct "
+                "(CONFIG_NETFILTER_NETLINK_ACCT, CONFIG_NETFILTER_XT_MATCH_NFACCT; modprobe "
+                "nfnetlink_acct xt_nfacct) and pyproxy NET_ADMIN; tried again on each full sync")
+            return
+        if not self._match_works:
+            # A kernel can have nfnetlink_acct without the xt_nfacct match: try the match
+            # alone, in a chain of ours nothing jumps to (the full sync deletes it), so that
+            # a refusal cannot be taken for the ruleset's.
+            probe = RestorePayload()
+            probe.rewrite[("nat", MATCH_PROBE)] = (f"-m nfacct --nfacct-name {name}",)
+            try:
+                self.executor.restore(probe)
+            except IptablesError as err:
+                self._count_in(None)
+                self._log_once(
+                    "match", logging.WARNING,
+                    f"iptables refused the nfacct match (-m nfacct --nfacct-name {name}: {err}): "
+                    "connections to localhost NodePorts are not counted and kubeproxy_iptables_"
+                    "localhost_nodeports_accepted_packets_total is not exported. The kernel needs "
+                    "xt_nfacct (CONFIG_NETFILTER_XT_MATCH_NFACCT; modprobe xt_nfacct); tried "
+                    "again on each full sync")
+                return
+            self._match_works = True
+        self._count_in(name)
+        self._log_once("counting", logging.INFO,
+                       f"connections to localhost NodePorts are counted in the nfacct object "
+                       f"{name} (kubeproxy_iptables_localhost_nodeports_accepted_packets_total)")
+
+    def _count_in(self, name: str | None) -> None:
+        """Count in ``name`` from this sync on (None: not at all), and export it. Only the
+        proxier that counts touches the metric: the other family's never does."""
+        counted, self._counter = self._counter, name
+        if name:
+            metrics.LOCALHOST_NODEPORTS_ACCEPTED.read_with(self._read_counter)
+        elif counted:
+            metrics.LOCALHOST_NODEPORTS_ACCEPTED.read_with(None)
+
+    def _read_counter(self) -> int | None:
+        """The counter's packets, at scrape time; None (not exported) when it cannot be read."""
+        name, client = self._counter, self.nfacct
+        if name is None or client is None:
+            return None
+        try:
+            counter = client.get(name)
+        except NfacctError as err:
+            log.debug("cannot read the nfacct object %s: %s", name, err)
+            return None
+        return counter.packets if counter is not None else None
+
+    def _log_once(self, key: str, level: int, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            log.log(level, "%s", message)
+
     def render_text(self, state: DesiredState) -> str:
         base = render.render_base(self.config, state)
         payload = RestorePayload()
         tops = {}
         for name, sps in state.services.items():
-            frag = render.render_service(self.config, sps)
+            frag = self._render_service(sps)
             payload.rewrite.update(frag.chains)
             tops[name] = frag.top_rules
         payload.rewrite.update(self._shared_chains(base, tops))
@@ -76,6 +164,11 @@ class IptProxier:
             raise SyncFailed(f"cannot render the ruleset: {err}") from None
 
     def sync(self, state: DesiredState) -> SyncResult:
+        if self.needs_full:
+            self._prepare_counter()
+        return self._sync(state)
+
+    def _sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
         full = self.needs_full
         base = render.render_base(self.config, state)
@@ -88,13 +181,13 @@ class IptProxier:
             new_applied[name] = sps
             if not full and old is not None and (old is sps or old == sps):
                 continue
-            frag = render.render_service(self.config, sps)
+            frag = self._render_service(sps)
             tops[name] = frag.top_rules
             changed += 1
             if full or old is None:
                 payload.rewrite.update(frag.chains)
                 continue
-            old_frag = render.render_service(self.config, old)
+            old_frag = self._render_service(old)
             for key, rules in frag.chains.items():
                 if old_frag.chains.get(key) != rules:
                     payload.rewrite[key] = rules
@@ -102,7 +195,7 @@ class IptProxier:
         if not full:
             for name, old in self._applied.items():
                 if name not in state.services:
-                    payload.delete.update(render.render_service(self.config, old).chains)
+                    payload.delete.update(self._render_service(old).chains)
                     tops.pop(name, None)
                     changed += 1
         shared = self._shared_chains(base, tops)

@@ -31,6 +31,10 @@ FORWARD = P + "FORWARD"
 PROXY_FIREWALL = P + "PROXY-FIREWALL"
 LOCALNET_FIREWALL = P + "FIREWALL"
 
+LOCALHOST_NODEPORTS_COUNTER = "localhost_nps_accepted_pkts"
+"""The nfacct object the localhost NodePort rules count in (upstream's name, so its metric,
+``kubeproxy_iptables_localhost_nodeports_accepted_packets_total``, reads the same object)."""
+
 # (table, chain) of the chains every sync owns; service chains come and go.
 TOP_CHAINS = (
     ("filter", SERVICES),
@@ -127,7 +131,11 @@ def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
                                                  ("filter", EXTERNAL_SERVICES): tuple(filter_tail)})
 
 
-def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
+def render_service(config: ProxyConfig, sps: ServicePortState, *,
+                   localhost_counter: str | None = None) -> IptFragment:
+    """One Service port's chains and its rules in the top-level chains. ``localhost_counter``:
+    the nfacct object (it must exist) that NodePort connections to 127.0.0.0/8 are counted in,
+    when localhost NodePorts are on; None: not counted."""
     svc = sps.service
     spn = svc.name
     proto = svc.name.protocol
@@ -220,7 +228,13 @@ def render_service(config: ProxyConfig, sps: ServicePortState) -> IptFragment:
                 f"{ipt_comment(f'other traffic to {spn} will be dropped by {PROXY_FIREWALL}')}",
             )
         if svc.node_port:
-            top[("nat", NODEPORTS)] = [f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext_chain}"]
+            nodeports = top[("nat", NODEPORTS)] = []
+            if localhost_counter and config.localhost_nodeports_active:
+                # As upstream: the same jump, first, for 127.0.0.0/8 only, through the nfacct
+                # match, which counts every packet it sees (nat sees a connection's first).
+                nodeports.append(f"{c} {_proto(proto)} -d 127.0.0.0/8 --dport {svc.node_port} "
+                                 f"-m nfacct --nfacct-name {localhost_counter} -j {ext_chain}")
+            nodeports.append(f"{c} {_proto(proto)} --dport {svc.node_port} -j {ext_chain}")
         if not policy.external_local:
             chains[("nat", ext_chain)] = (
                 f"{ipt_comment(f'masquerade traffic for {spn} external destinations')} -j {MARK_MASQ}",
