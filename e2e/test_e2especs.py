@@ -15,7 +15,7 @@ from lab import e2especs
 def test_upstreams_quick_service_specs_pass_against_pyproxy(tmp_path: Path) -> None:
     require_real_nodes("upstream's e2e specs")
     run = e2especs.run_one("pyproxy", "nftables", focus=e2especs.QUICK, out=tmp_path, timeout_minutes=20,
-                           images=e2especs.QUICK_IMAGES)
+                           images=e2especs.QUICK_IMAGES, nodes=2)
     FIGURES["upstream e2e specs (quick subset), pyproxy nftables"] = \
         f"{sum(s.state == 'passed' for s in run.specs.values())} of {len(run.specs)} passed in {run.seconds:.0f} s"
     assert not run.error, run.error

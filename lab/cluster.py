@@ -58,6 +58,11 @@ def node_ip(i: int) -> str:
     return f"192.168.60.{10 + i}"
 
 
+def zone(i: int) -> str:
+    """Node i's topology.kubernetes.io/zone: one zone per node (zone-a, zone-b, ...)."""
+    return f"zone-{chr(ord('a') + (i - 1) % 26)}"
+
+
 def pod_cidr(i: int) -> str:
     return f"10.244.{i}.0/24"
 
@@ -408,9 +413,10 @@ class ClusterLab:
                 f"--authorization-kubeconfig={self.admin_kubeconfig}", "--leader-elect=false", "--v=1"])
 
     def _register_nodes(self) -> None:
+        # A zone per node: upstream's Traffic Distribution specs need three.
         for i in range(1, self.nodes + 1):
             self.register_node(self.node_name(i), labels={"kubernetes.io/hostname": self.node_name(i),
-                                                          "topology.kubernetes.io/zone": f"zone-{'a' if i % 2 else 'b'}"},
+                                                          "topology.kubernetes.io/zone": zone(i)},
                                addresses=(node_ip(i), node_ip6(i)), pod_cidrs=(pod_cidr(i), pod_cidr6(i)),
                                message="lab kubelet")
 

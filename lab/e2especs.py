@@ -5,8 +5,8 @@
     python3 -m lab.e2especs --full --proxies pyproxy:nftables,pyproxy:iptables,kube-proxy:nftables,kube-proxy:iptables
     python3 -m lab.e2especs --focus 'session affinity'      # a regex of your own (with the usual skips)
 
-For each proxy (and mode) a fresh real-node lab comes up (two nodes: containerd and the real
-kubelet; ``lab.cluster``), with the e2e specs' images imported into every node (agnhost, pause,
+For each proxy (and mode) a fresh real-node lab comes up (three nodes in three zones, two for
+the quick subset: containerd and the real kubelet; ``lab.cluster``), with the e2e specs' images imported into every node (agnhost, pause,
 busybox, distroless-iptables, regression-issue-74839, built here: ``lab/images.py``). pyproxy is installed by its Helm chart, as a user would;
 upstream kube-proxy (built from the same Kubernetes version) runs as a process in each node's
 network namespace, with the same cluster CIDRs and mode. Then upstream's ``e2e.test``
@@ -255,11 +255,11 @@ invalid-state server, kube-proxy's CLOSE_WAIT spec's host exec pod (distroless-i
 
 
 def run_one(proxy: str, mode: str, *, focus: list[str], out: Path, timeout_minutes: int,
-            images: tuple[str, ...] = IMAGES) -> Run:
+            images: tuple[str, ...] = IMAGES, nodes: int = 3) -> Run:
     run = Run(proxy=proxy, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    lab = ClusterLab.up(name=f"e2es{os.getpid()}", nodes=2, real_nodes=True, extra_images=images, dns=True)
+    lab = ClusterLab.up(name=f"e2es{os.getpid()}", nodes=nodes, real_nodes=True, extra_images=images, dns=True)
     try:
         with proxy_running(lab, proxy=proxy, mode=mode):
             run.specs = run_specs(lab, focus=focus, mode=mode, out=out, timeout_minutes=timeout_minutes,
@@ -267,7 +267,7 @@ def run_one(proxy: str, mode: str, *, focus: list[str], out: Path, timeout_minut
     except Exception as err:  # noqa: BLE001 - reported in the table, the other proxies still run
         run.error = f"{type(err).__name__}: {str(err)[:2000]}"
     finally:
-        for name in ("kube-proxy-1.log", "kube-proxy-2.log"):
+        for name in (f"kube-proxy-{i}.log" for i in range(1, lab.nodes + 1)):
             if (lab.path / name).exists():
                 (out / name).write_bytes((lab.path / name).read_bytes())
         lab.down()
@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--focus", action="append", default=[], help="a regex of your own (repeatable)")
     p.add_argument("--out", default="", help="directory for the reports and logs (default: a new one in /tmp)")
     p.add_argument("--timeout-minutes", type=int, default=240, help="for e2e.test, per proxy")
+    p.add_argument("--nodes", type=int, default=0,
+                   help="real nodes in each lab (default 3, one zone each, which the Traffic Distribution "
+                        "and 'ETP changes' specs need; 2 for the quick subset)")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("e2especs: needs root (the lab's namespaces, containerd and kubelets)", file=sys.stderr)
@@ -339,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy, mode = item.split(":")
         print(f"e2especs: {proxy} {mode}: lab up, proxy installed, e2e.test ...", file=sys.stderr, flush=True)
         run = run_one(proxy, mode, focus=focus, out=out / f"{proxy}-{mode}", timeout_minutes=a.timeout_minutes,
-                      images=QUICK_IMAGES if focus is QUICK else IMAGES)
+                      images=QUICK_IMAGES if focus is QUICK else IMAGES,
+                      nodes=a.nodes or (2 if focus is QUICK else 3))
         print(f"e2especs: {proxy} {mode}: {sum(s.state == 'passed' for s in run.specs.values())} passed, "
               f"{sum(s.state == 'failed' for s in run.specs.values())} failed in {run.seconds / 60:.1f} min"
               + (f"; {run.error}" if run.error else ""), file=sys.stderr, flush=True)
