@@ -58,9 +58,10 @@ def node_ip(i: int) -> str:
     return f"192.168.60.{10 + i}"
 
 
-def zone(i: int) -> str:
-    """Node i's topology.kubernetes.io/zone: one zone per node (zone-a, zone-b, ...)."""
-    return f"zone-{chr(ord('a') + (i - 1) % 26)}"
+def zone(i: int, zones: int = 0) -> str:
+    """Node i's topology.kubernetes.io/zone: zone-a, zone-b, ... round robin over ``zones``
+    zones (0: one per node)."""
+    return f"zone-{chr(ord('a') + (i - 1) % (zones or 26))}"
 
 
 def pod_cidr(i: int) -> str:
@@ -122,6 +123,8 @@ class ClusterLab:
     images: list[str] = field(default_factory=list)
     """The OCI archives every real node imports, resolved once at start (every node gets the
     same images even if the sources change meanwhile)."""
+    zones: int = 0
+    """How many zones the nodes are spread over, round robin (0: a zone per node)."""
     dns: bool = False
     """Real nodes only: run cluster DNS (CoreDNS, ``lab.clusterdns``) at DNS_IP, the kubelets'
     clusterDNS, so pods resolve Service names (Kubernetes' own e2e specs do)."""
@@ -194,7 +197,7 @@ class ClusterLab:
     @classmethod
     def up(cls, *, name: str = "lab", nodes: int = 2, bin_dir: str | None = None,
            owned: bool = True, real_nodes: bool = False, extra_images: tuple[str, ...] = (),
-           dns: bool = False) -> ClusterLab:
+           dns: bool = False, zones: int = 0) -> ClusterLab:
         """A lab in namespaces of its own; ``extra_images`` (lab.images names) are imported into
         every real node's containerd beside the lab's own (the e2e specs' agnhost, ...); ``dns``
         (real nodes only) runs CoreDNS as the cluster's DNS (``lab.clusterdns``)."""
@@ -209,7 +212,7 @@ class ClusterLab:
                   bin_dir=bin_dir or str(build_binaries()), dir=str(STATE_ROOT / name),
                   admin_token=secrets.token_hex(16), owner_pid=os.getpid() if owned else 0,
                   real_nodes=real_nodes, node_bin_dir=str(build_binaries("build-node.sh")) if real_nodes else "",
-                  dns=dns)
+                  dns=dns, zones=zones)
         if real_nodes:  # built (or found in the cache) before anything starts
             lab.images = [str(p) for p in lab_images(extra_images)]
         lab.path.mkdir(parents=True, exist_ok=True)
@@ -416,7 +419,7 @@ class ClusterLab:
         # A zone per node: upstream's Traffic Distribution specs need three.
         for i in range(1, self.nodes + 1):
             self.register_node(self.node_name(i), labels={"kubernetes.io/hostname": self.node_name(i),
-                                                          "topology.kubernetes.io/zone": zone(i)},
+                                                          "topology.kubernetes.io/zone": zone(i, self.zones)},
                                addresses=(node_ip(i), node_ip6(i)), pod_cidrs=(pod_cidr(i), pod_cidr6(i)),
                                message="lab kubelet")
 

@@ -255,11 +255,12 @@ invalid-state server, kube-proxy's CLOSE_WAIT spec's host exec pod (distroless-i
 
 
 def run_one(proxy: str, mode: str, *, focus: list[str], out: Path, timeout_minutes: int,
-            images: tuple[str, ...] = IMAGES, nodes: int = 3) -> Run:
+            images: tuple[str, ...] = IMAGES, nodes: int = 3, zones: int = 0) -> Run:
     run = Run(proxy=proxy, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    lab = ClusterLab.up(name=f"e2es{os.getpid()}", nodes=nodes, real_nodes=True, extra_images=images, dns=True)
+    lab = ClusterLab.up(name=f"e2es{os.getpid()}", nodes=nodes, real_nodes=True, extra_images=images, dns=True,
+                        zones=zones)
     try:
         with proxy_running(lab, proxy=proxy, mode=mode):
             run.specs = run_specs(lab, focus=focus, mode=mode, out=out, timeout_minutes=timeout_minutes,
@@ -327,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=0,
                    help="real nodes in each lab (default 3, one zone each, which the Traffic Distribution "
                         "and 'ETP changes' specs need; 2 for the quick subset)")
+    p.add_argument("--zones", type=int, default=0,
+                   help="zones the nodes are spread over, round robin (default: one per node); three "
+                        "Traffic Distribution specs need 3 zones of 2 nodes: --nodes 6 --zones 3")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("e2especs: needs root (the lab's namespaces, containerd and kubelets)", file=sys.stderr)
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"e2especs: {proxy} {mode}: lab up, proxy installed, e2e.test ...", file=sys.stderr, flush=True)
         run = run_one(proxy, mode, focus=focus, out=out / f"{proxy}-{mode}", timeout_minutes=a.timeout_minutes,
                       images=QUICK_IMAGES if focus is QUICK else IMAGES,
-                      nodes=a.nodes or (2 if focus is QUICK else 3))
+                      nodes=a.nodes or (2 if focus is QUICK else 3), zones=a.zones)
         print(f"e2especs: {proxy} {mode}: {sum(s.state == 'passed' for s in run.specs.values())} passed, "
               f"{sum(s.state == 'failed' for s in run.specs.values())} failed in {run.seconds / 60:.1f} min"
               + (f"; {run.error}" if run.error else ""), file=sys.stderr, flush=True)
