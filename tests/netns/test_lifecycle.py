@@ -173,8 +173,8 @@ def test_failed_apply_keeps_previous_rules_then_full_resync(topo: Topology, mode
 
             real_ipt = ipt_render.render_service
 
-            def bad_ipt(config, sps):
-                frag = real_ipt(config, sps)
+            def bad_ipt(config, sps, **kw):
+                frag = real_ipt(config, sps, **kw)
                 if sps.service.name.name != "new":
                     return frag
                 return type(frag)(chains={k: (*v, "-j NO-SUCH-TARGET-X") for k, v in frag.chains.items()},
