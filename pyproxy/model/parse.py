@@ -317,21 +317,19 @@ _NO_CONDITIONS: dict[str, Any] = {}
 
 
 def _condition(cond: dict[str, Any], key: str, i: int, *, default: bool) -> bool:
+    """``_bool`` with the field's name formatted only when the value is bad."""
     value = cond.get(key)
-    if value is None:
-        return default
-    if value is True or value is False:
-        return value
-    raise Invalid(f"endpoints[{i}].conditions.{key} must be true or false, got {value!r}")
+    if value is None or value is True or value is False:
+        return default if value is None else value
+    return _bool(value, f"endpoints[{i}].conditions.{key}", default=default)
 
 
 def _endpoint_name(value: Any, i: int, key: str, problem: Callable[[str], str | None]) -> str:
-    if isinstance(value, str) and value:
-        why = problem(value)
-        if why is None:
-            return value
-        raise Invalid(f"endpoints[{i}].{key} {why}")
-    raise Invalid(f"endpoints[{i}].{key} must be a non-empty string, got {value!r}")
+    """``_named(_str(...))`` with the field's name formatted only when the value is bad."""
+    if isinstance(value, str) and value and problem(value) is None:
+        return value
+    what = f"endpoints[{i}].{key}"
+    return _named(_str(value, what), what, problem)
 
 
 def _endpoint(item: Any, i: int, *, family: Family, port: int, seen: set[str]) -> Endpoint:
