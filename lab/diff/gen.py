@@ -261,7 +261,8 @@ def ambiguous(cluster: Cluster) -> bool:
 FAMILY = {4: "IPv4", 6: "IPv6"}
 
 
-def service_object(svc: Svc) -> dict[str, Any]:
+def service_object(svc: Svc, *, health_node_port: int = 0) -> dict[str, Any]:
+    """The Service; ``health_node_port`` is its healthCheckNodePort (LoadBalancer, Local only)."""
     meta = {"name": svc.name, "namespace": "default", "labels": {LABEL: "1"}}
     if svc.type == "ExternalName":
         return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
@@ -289,6 +290,8 @@ def service_object(svc: Svc) -> dict[str, Any]:
         spec["allocateLoadBalancerNodePorts"] = svc.lb_node_ports
         if svc.source_ranges:
             spec["loadBalancerSourceRanges"] = list(svc.source_ranges)
+        if health_node_port:
+            spec["healthCheckNodePort"] = health_node_port
     if svc.affinity_timeout:
         spec["sessionAffinity"] = "ClientIP"
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout}}
@@ -345,9 +348,27 @@ def slice_objects(svc: Svc) -> list[dict[str, Any]]:
     return out
 
 
+def health_node_ports(cluster: Cluster) -> dict[str, int]:
+    """A healthCheckNodePort for each LoadBalancer Service with externalTrafficPolicy Local, chosen
+    here from the top of the range down, past every NodePort of the cluster. Left to the API
+    server, it is drawn at random and can take a NodePort a later Service of the same cluster
+    names, which the API server then refuses for good ("provided port is already allocated")."""
+    taken = {p.node_port for s in cluster.services for p in s.ports if p.node_port}
+    out: dict[str, int] = {}
+    candidate = 32766  # 32767 is the probes' "unallocated nodePort"
+    for svc in cluster.services:
+        if svc.type == "LoadBalancer" and svc.external_policy == "Local":
+            while candidate in taken:
+                candidate -= 1
+            out[svc.name] = candidate
+            taken.add(candidate)
+    return out
+
+
 def objects(cluster: Cluster) -> list[dict[str, Any]]:
     """Services then EndpointSlices (LoadBalancer status is separate: :func:`lb_status`)."""
-    return ([service_object(s) for s in cluster.services]
+    health = health_node_ports(cluster)
+    return ([service_object(s, health_node_port=health.get(s.name, 0)) for s in cluster.services]
             + [o for s in cluster.services for o in slice_objects(s)])
 
 

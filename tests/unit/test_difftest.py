@@ -39,6 +39,25 @@ def test_generated_addresses_are_unique_and_in_their_ranges():
                 assert all(p.name for p in s.ports) and len({p.name for p in s.ports}) == len(s.ports)
 
 
+def test_every_node_port_of_a_cluster_is_named_and_distinct_health_checks_included():
+    """The API server draws an unnamed healthCheckNodePort at random, which can take a NodePort a
+    later Service names (a CI run failed on it): every port is chosen here, none twice."""
+    with_health = 0
+    for seed in range(300):
+        objs = [o for o in gen.objects(gen.generate(seed)) if o["kind"] == "Service"]
+        ports = [p["nodePort"] for o in objs for p in o["spec"].get("ports", []) if "nodePort" in p]
+        for o in objs:
+            spec = o["spec"]
+            local_lb = spec["type"] == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
+            assert ("healthCheckNodePort" in spec) == local_lb, (seed, o["metadata"]["name"])
+            if local_lb:
+                ports.append(spec["healthCheckNodePort"])
+                with_health += 1
+        assert len(ports) == len(set(ports)), seed
+        assert all(30000 <= p <= 32766 for p in ports), seed
+    assert with_health > 20
+
+
 def test_objects_carry_the_label_the_harness_deletes_by():
     objs = gen.objects(gen.generate(3))
     assert objs and all(o["metadata"]["labels"][gen.LABEL] == "1" for o in objs)
