@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from pyproxy import __version__
+from pyproxy import __version__, gcpolicy
 from pyproxy.config import PROXY_MODES, ProxyConfig
 from pyproxy.factory import make_proxier, resolve_backend
 from pyproxy.ipt.executor import IptablesError
@@ -488,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(args.verbosity)
+    gcpolicy.configure()
     if getattr(args, "write_config_to", None):
         return _write_config(args)
     try:

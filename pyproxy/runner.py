@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from pyproxy import gcpolicy
 from pyproxy.backoff import Backoff
 from pyproxy.config import ProxyConfig
 from pyproxy.conntrack import ConntrackCleaner
@@ -154,6 +155,8 @@ class SyncRunner:
     def _sync_and_clean(self, state: DesiredState) -> SyncResult:
         """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
         result = self.proxier.sync(state)
+        if result.full:
+            gcpolicy.settle()
         if self.cleaner is not None:
             self.cleaner.after_sync(state)
         return result

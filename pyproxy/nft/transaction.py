@@ -137,6 +137,24 @@ class Transaction:
     def add_element(self, set_name: str, key: str, value: str = "") -> None:
         self._push(Op("add", "element", set_name, key, value))
 
+    def add_elements(self, items: list[tuple[str, str, str]]) -> None:
+        """``add_element`` for each (set, key, value), in order. One check for the whole run: a
+        full sync at 10k services adds 230k elements, and checking each on its own was a fifth
+        of the render. Should any fail, they go one by one, which names the first bad one."""
+        if self.error is not None or not items:
+            return
+        names = {name for name, _, _ in items}
+        keys = [key for _, key, _ in items]
+        if (all(keys) and all(n in self._good_names or _NAME.fullmatch(n) for n in names)
+                and _FORBIDDEN.search("\0".join(keys)) is None
+                and _FORBIDDEN.search("\0".join([value for _, _, value in items])) is None):
+            self._good_names.update(names)
+            make = Op._make
+            self.ops.extend([make(("add", "element", name, key, value, ())) for name, key, value in items])
+            return
+        for name, key, value in items:
+            self.add_element(name, key, value)
+
     def delete_element(self, set_name: str, key: str) -> None:
         self._push(Op("delete", "element", set_name, key))
 

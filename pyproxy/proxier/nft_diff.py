@@ -157,8 +157,7 @@ class Phases:
                 tx.flush_chain(name)
             if rules:
                 tx.add_chain(name, rules=rules)
-        for set_name, key, value in sorted(self.add_elements, key=lambda e: e[0]):
-            tx.add_element(set_name, key, value)
+        tx.add_elements(sorted(self.add_elements, key=lambda e: e[0]))
         declared = {name for name, _ in self.declare_chains}
         for name in self.gone_chains:
             if name not in declared:  # gone from one fragment, wanted by another: keep it

@@ -214,3 +214,48 @@ def test_nft_reads_its_whole_script(tmp_path):
         tx.add_element("service-ips", f"10.{k // 250 % 250}.{k % 250}.1 . tcp . {1 + k % 60000}", "goto service-x")
     cli.run(tx)
     assert copy.read_bytes() == tx.render_bytes() and len(tx.render_bytes()) > 500_000
+
+
+def _general(op, c):
+    try:
+        return b"".join(nl.elements(op, c))
+    except nl.Unsupported as err:
+        return f"Unsupported: {err}"
+
+
+def _fast(op, c):
+    try:
+        return nl.encoder(c, op.verb)(op)
+    except nl.Unsupported as err:
+        return f"Unsupported: {err}"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_fast_encoders_give_the_general_paths_bytes_or_its_error(family):
+    """Every set pyproxy declares, both verbs, good values and odd ones: the closure a set gets
+    (made for speed) encodes exactly what the general path encodes, or fails with its error."""
+    from pyproxy.nft.transaction import Op
+
+    good4 = ["10.0.0.1", "255.255.255.255", "0.0.0.0"]
+    odd = ["10.1", "010.0.0.1", "0x0a.0.0.1", "10.0.0.256", "", "10.0.0.1 .", "1.2.3.4 . 5.6.7.8 . 9",
+           "::1", "fd00::1", "a", "10.0.0.1 . 65536", "10.0.0.1 . -1", "10.0.0.1 . ²", "10.0.0.1 . 80"]
+    endpoints = ["10.0.0.1 . 80", "10.0.0.1 . 0", "10.0.0.1 . 65535", "fd00::1 . 80"] + odd
+    keys = good4 + ["fd00::1", "10.0.0.1 . 10.0.0.2", "10.0.0.1 . tcp . 80", "fd00::1 . udp . 53",
+                    "0", "7", "4294967295", "4294967296", "-1", "0-1225223", "5-4", "0-4294967295",
+                    "3-4294967294", "x-y"] + odd
+    specs = dict(r.sets_for(family))
+    for protocol in ("tcp", "udp", "sctp"):
+        specs[f"emap-{protocol}"] = r.endpoint_map_spec(family, protocol)
+        specs[f"first-{protocol}"] = r.first_map_spec(family, protocol)
+    compared = 0
+    for name, spec in specs.items():
+        c = nl.codec(spec)
+        for verb in ("add", "delete"):
+            for key in keys:
+                for value in (endpoints if verb == "add" and c.data not in (None, ("verdict",))
+                              else ["goto service-X", "jump a/b", "drop", "goto", "bogus"]
+                              if verb == "add" and c.data == ("verdict",) else [""]):
+                    op = Op(verb, "element", name, key, value)
+                    assert _fast(op, c) == _general(op, c), (name, verb, key, value)
+                    compared += 1
+    assert compared > 500

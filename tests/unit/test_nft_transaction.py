@@ -246,6 +246,10 @@ def test_chunk_size_is_read_at_render_time(monkeypatch):
         lambda t: t.add_element("s", "1.1.1.1 # comment"),
         lambda t: t.add_element("m", "1.1.1.1", "goto x; flush ruleset"),
         lambda t: t.delete_element("s", "{1.1.1.1}"),
+        lambda t: t.add_elements([("bad set", "1.1.1.1", "")]),
+        lambda t: t.add_elements([("s", "1.1.1.1 # comment", "")]),
+        lambda t: t.add_elements([("m", "1.1.1.1", "goto x; flush ruleset")]),
+        lambda t: t.add_elements([("s", "", "")]),
     ],
 )
 def test_invalid_op_sets_error_and_later_ops_are_ignored(build):
@@ -258,6 +262,24 @@ def test_invalid_op_sets_error_and_later_ops_are_ignored(build):
     tx.add_rule("fine", "accept")
     assert len(tx) == 1  # ignored after the first error
     assert tx.render() == f"add table {W}\n"
+
+
+@pytest.mark.parametrize("bad", [None, ("bad set", "1.1.1.1", ""), ("s", "1.1.1.9;", ""),
+                                 ("m", "1.1.1.1", "goto {x}"), ("s", "", "")])
+def test_bulk_element_additions_are_the_one_by_one_ones(bad):
+    """add_elements checks a run at once; what it leaves (operations, first error) is what
+    add_element would leave for each item in turn."""
+    items = [("s", f"10.0.0.{i}", "") for i in range(5)] + [("m", "10.0.0.1 . tcp . 80", "goto svc-a")]
+    if bad is not None:
+        items.insert(3, bad)
+    bulk, one = Transaction(), Transaction()
+    bulk.add_elements(items)
+    for item in items:
+        one.add_element(*item)
+    assert bulk.ops == one.ops and bulk.error == one.error
+    assert (bulk.error is None) == (bad is None)
+    if bad is not None:
+        assert len(bulk.ops) == 3  # the items before the bad one, as one by one
 
 
 def test_first_error_is_kept():

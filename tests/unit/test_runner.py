@@ -245,6 +245,35 @@ def test_full_sync_period_forces_a_full_rewrite() -> None:
     run(main)
 
 
+def test_a_full_sync_moves_the_state_out_of_the_collectors_sight_a_small_one_does_not() -> None:
+    """gcpolicy: the model a full sync leaves is frozen (later full collections skip it); an
+    incremental sync freezes nothing."""
+    import gc
+
+    async def main() -> None:
+        gc.unfreeze()
+        rig = Rig(Periods(min_sync=0.01, sync=60, full_sync=3600))
+        rig.feed_all()
+        task, _ = await rig.start()
+        await until(lambda: len(rig.results) >= 1, "the first sync", timeout=2)
+        frozen = gc.get_freeze_count()
+        assert rig.results[0].full and frozen > 0
+        # the state the sync built is frozen: no generation the collector walks holds it
+        applied = rig.proxier._applied
+        assert gc.is_tracked(applied) and not any(o is applied for o in gc.get_objects())
+        gc.unfreeze()
+        rig.runner.on_event("MODIFIED", "EndpointSlice", web_slice(["10.244.1.6"]))
+        await until(lambda: len(rig.results) >= 2, "the second sync", timeout=2)
+        await stop(task)
+        assert not rig.results[1].full and rig.dnat_targets() == {"10.244.1.6:8080"}
+        assert gc.get_freeze_count() == 0
+
+    try:
+        run(main)
+    finally:
+        gc.unfreeze()
+
+
 # -- store updates reach the kernel ---------------------------------------------------------------
 
 def test_events_and_relists_reach_the_kernel() -> None:
