@@ -64,6 +64,9 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
 
             proxier = IptProxier(config=config, executor=IptablesCli(backend=backend, netns=topo.node_ns))
         full = proxier.sync(state)
+        from pyproxy import gcpolicy
+
+        gcpolicy.settle()  # as the daemon's runner does after a full sync
         out.update(full_render_s=full.render_seconds, full_apply_s=full.apply_seconds,
                    full_ops=full.operations)
 
@@ -166,6 +169,9 @@ def main() -> int:
     parser.add_argument("--one", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        from pyproxy import gcpolicy
+
+        gcpolicy.configure()  # as the product's command line does, before anything is built
         row = _one(args.one[0], int(args.one[1]), args.endpoints, args.samples,
                    args.iptables_backend, args.changes)
         if not args.no_once:
