@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from collections.abc import Iterable
 
 from pyproxy.config import ProxyConfig
 from pyproxy.ipt.executor import BACKENDS, IptablesCli, IptablesError
+from pyproxy.ipt.nfacct import Nfacct, NfacctClient, NfacctError
 from pyproxy.literals import Family, IptablesBackend, Mode
 from pyproxy.nft.executor import NftCli, NftError
 from pyproxy.proxier.iptables import IptProxier
+from pyproxy.render.iptables import LOCALHOST_NODEPORTS_COUNTER
 from pyproxy.render.nftables import TABLE_NAME, table_family
 
 log = logging.getLogger("pyproxy.cleanup")
@@ -50,6 +53,27 @@ def _clean_iptables(backends: Iterable[str], netns: str | None) -> list[str]:
     return removed
 
 
+def _clean_nfacct(netns: str | None, client: NfacctClient | None = None) -> list[str]:
+    """The localhost NodePort counter (iptables mode), once no rule uses it. It has
+    kube-proxy's name: while upstream's rules still count in it, the kernel refuses (EBUSY)
+    and it stays, for them."""
+    nfacct = client if client is not None else Nfacct(netns=netns)
+    try:
+        if nfacct.delete(LOCALHOST_NODEPORTS_COUNTER):
+            return [f"nfacct object {LOCALHOST_NODEPORTS_COUNTER}"]
+    except NfacctError as err:
+        if err.errno == errno.EBUSY:
+            log.info("nfacct object %s kept: another program's rule uses it", LOCALHOST_NODEPORTS_COUNTER)
+        elif err.errno in (errno.EPERM, errno.EACCES):
+            log.warning("could not delete nfacct object %s: %s", LOCALHOST_NODEPORTS_COUNTER, err)
+        else:  # most likely a kernel without nfacct, so without the object: nothing to say
+            log.debug("could not delete nfacct object %s: %s", LOCALHOST_NODEPORTS_COUNTER, err)
+    finally:
+        if client is None and isinstance(nfacct, Nfacct):
+            nfacct.close()
+    return []
+
+
 def cleanup_other_modes(*, mode: Mode, iptables_backend: IptablesBackend | None = None,
                         netns: str | None = None) -> list[str]:
     """At start-up, remove what another mode (or the other iptables backend) left behind.
@@ -60,14 +84,17 @@ def cleanup_other_modes(*, mode: Mode, iptables_backend: IptablesBackend | None 
     removed = _clean_nft(netns) if mode == "iptables" else []
     others = [b for b in BACKENDS if not (mode == "iptables" and b == iptables_backend)]
     removed += _clean_iptables(others, netns)
+    if mode != "iptables":
+        removed += _clean_nfacct(netns)
     if removed:
         log.info("removed leftovers of another proxy mode: %s", ", ".join(removed))
     return removed
 
 
 def cleanup_all(*, netns: str | None = None) -> list[str]:
-    """Delete our nft tables and our iptables chains and jumps; return what was removed.
+    """Delete our nft tables, our iptables chains and jumps, and the localhost NodePort
+    counter (after the rules that used it); return what was removed.
 
     Idempotent: a second run finds nothing and succeeds.
     """
-    return _clean_nft(netns) + _clean_iptables(BACKENDS, netns)
+    return _clean_nft(netns) + _clean_iptables(BACKENDS, netns) + _clean_nfacct(netns)

@@ -7,7 +7,8 @@ The protocol (``include/uapi/linux/netfilter/nfnetlink_acct.h``): subsystem
 (1) reads one, each naming it in ``NFACCT_NAME`` (1, NUL-terminated, 31 characters at most).
 The kernel answers a GET with a NEW-type message holding ``NFACCT_PKTS`` (2) and
 ``NFACCT_BYTES`` (3), 64-bit big-endian, and ``NFACCT_USE`` (4: the object's reference
-count, 1 plus one per rule that uses it).
+count, 1 plus one per rule that uses it). ``NFNL_MSG_ACCT_DEL`` (3) deletes one: refused with
+EBUSY while a rule uses it, ENOENT when there is none.
 A NEW for a name that exists is refused with EBUSY and changes nothing (with
 ``NLM_F_REPLACE`` it would zero the counters: never sent here); a GET for a missing name with
 ENOENT.
@@ -38,7 +39,7 @@ from pyproxy.nfnetlink import (
 )
 
 NFNL_SUBSYS_ACCT = 7
-NFNL_MSG_ACCT_NEW, NFNL_MSG_ACCT_GET = 0, 1
+NFNL_MSG_ACCT_NEW, NFNL_MSG_ACCT_GET, NFNL_MSG_ACCT_DEL = 0, 1, 3
 NFACCT_NAME, NFACCT_PKTS, NFACCT_BYTES, NFACCT_USE = 1, 2, 3, 4
 NFACCT_NAME_MAX = 32
 """The kernel's buffer for a name, its NUL included."""
@@ -70,7 +71,7 @@ def check_name(name: str) -> bytes:
 
 
 def request(command: int, name: str, *, seq: int) -> bytes:
-    """The message for ``command`` (NEW or GET) on the object ``name``, asking for an
+    """The message for ``command`` (NEW, GET or DEL) on the object ``name``, asking for an
     acknowledgement; NEW also carries NLM_F_CREATE (never NLM_F_REPLACE or NLM_F_EXCL)."""
     check_name(name)
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if command == NFNL_MSG_ACCT_NEW else 0)
@@ -102,6 +103,10 @@ class NfacctClient(Protocol):
     def get(self, name: str) -> Counter | None:
         """The object ``name``; None when there is none; NfacctError on any other failure."""
 
+    def delete(self, name: str) -> bool:
+        """Delete the object ``name``: True if it was deleted, False if there is none;
+        NfacctError with EBUSY while a rule (ours or another program's) still uses it."""
+
 
 class Nfacct:
     """nfacct over a netfilter netlink socket of one network namespace (ours, or the named
@@ -122,6 +127,15 @@ class Nfacct:
         except NfacctError as err:
             if err.errno != errno.EBUSY:  # EBUSY: it exists, counts untouched
                 raise
+
+    def delete(self, name: str) -> bool:
+        try:
+            self._exchange(NFNL_MSG_ACCT_DEL, name)
+        except NfacctError as err:
+            if err.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
     def get(self, name: str) -> Counter | None:
         try:
@@ -190,6 +204,8 @@ class FakeNfacct:
     fail: int | None = None
     """errno every request fails with (e.g. EPROTONOSUPPORT: a kernel without nfacct)."""
     requests: list[tuple[str, str]] = field(default_factory=list)
+    in_use: set[str] = field(default_factory=set)
+    """Objects a rule of another program uses: a delete is refused with EBUSY."""
 
     def ensure(self, name: str) -> None:
         self.requests.append(("ensure", name))
@@ -197,6 +213,14 @@ class FakeNfacct:
         if self.fail is not None:
             raise NfacctError(self.fail, f"nfacct {name}: {os.strerror(self.fail)}")
         self.packets.setdefault(name, 0)
+
+    def delete(self, name: str) -> bool:
+        self.requests.append(("delete", name))
+        if self.fail is not None:
+            raise NfacctError(self.fail, f"nfacct {name}: {os.strerror(self.fail)}")
+        if name in self.in_use:
+            raise NfacctError(errno.EBUSY, f"nfacct {name}: {os.strerror(errno.EBUSY)}")
+        return self.packets.pop(name, None) is not None
 
     def get(self, name: str) -> Counter | None:
         self.requests.append(("get", name))

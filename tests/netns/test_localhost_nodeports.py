@@ -7,9 +7,11 @@ the hole); with pyproxy's localnet firewall it does not.
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,18 +101,26 @@ def test_localhost_nodeport_connections_are_counted(kernel: Programmed):
     """Upstream's e2e spec "should update metric for tracking accepted packets destined for
     localhost nodeports": the daemon (iptables mode, localhost NodePorts on) exports the nfacct
     counter, which grows with each connection to 127.0.0.1:<NodePort> and with nothing else.
-    nftables mode has no localhost NodePorts and exports nothing, even with the object there."""
-    from pyproxy.ipt.nfacct import Nfacct
+    nftables mode has no localhost NodePorts and exports nothing; it removes an object an
+    iptables run left, as it removes that run's chains; `cleanup` removes it after the rules
+    that count in it (the kernel refuses before: EBUSY)."""
+    from pyproxy.cleanup import cleanup_all
+    from pyproxy.ipt.nfacct import Nfacct, NfacctError
 
     prog, topo = kernel, kernel.topo
     prog.background = True  # the metric is the daemon's: `pyproxy run` follows the file
     try:
         if prog.mode == "nftables":
-            # The object exists in the namespace (a previous iptables run would leave it):
-            # nftables mode still exports nothing.
+            # The object exists in the namespace (a previous iptables run left it): nftables
+            # mode exports nothing and removes it at start, with the other mode's leftovers.
             Nfacct(netns=topo.node_ns).ensure("localhost_nps_accepted_pkts")
             prog.apply(base_objects(topo), FLAG, "--metrics-bind-address", METRICS_ADDRESS)
             assert _scrape(topo) is None
+            # Removed once the first sync is in (the old mode's rules serve until then).
+            deadline = time.monotonic() + 10
+            while Nfacct(netns=topo.node_ns).get("localhost_nps_accepted_pkts") is not None:
+                assert time.monotonic() < deadline, "nftables mode kept iptables mode's nfacct object"
+                time.sleep(0.1)
             return
         prog.apply(base_objects(topo), FLAG, "--metrics-bind-address", METRICS_ADDRESS)
         backend = prog.mode.split("-", 1)[1]
@@ -128,6 +138,14 @@ def test_localhost_nodeport_connections_are_counted(kernel: Programmed):
         assert probe.errors == {} and len(probe.answers) == connections
         after = _scrape(topo)
         assert after is not None and after - before >= connections, (before, after)
+        prog.stop()  # the rules stay (never removed on exit), and use the object
+        nfacct = Nfacct(netns=topo.node_ns)
+        with pytest.raises(NfacctError) as busy:
+            nfacct.delete("localhost_nps_accepted_pkts")
+        assert busy.value.errno == errno.EBUSY
+        removed = cleanup_all(netns=topo.node_ns)
+        assert "nfacct object localhost_nps_accepted_pkts" in removed, removed
+        assert nfacct.get("localhost_nps_accepted_pkts") is None
     finally:
         prog.stop()
         ns_exec(topo.node_ns, ["sh", "-c", f"echo 0 > {ROUTE_LOCALNET}"])

@@ -227,6 +227,44 @@ def test_an_acknowledged_get_without_an_object_is_an_error(monkeypatch):
         client.get(NAME)
 
 
+def test_delete_is_the_kernels_del_true_false_or_busy(monkeypatch):
+    """DEL (3) carries the name and asks for an acknowledgement: ENOENT is "none there",
+    EBUSY (a rule still uses it) an error the caller decides about."""
+    data = na.request(na.NFNL_MSG_ACCT_DEL, NAME, seq=5)
+    _, kind, flags, _, _ = struct.unpack_from("=IHHII", data)
+    assert (kind, flags) == (7 << 8 | 3, 0x1 | 0x4) and data[20:] == _attr(1, NAME.encode() + b"\0")
+    objects = {NAME: 1}
+    busy = {"busy"}
+
+    def kernel(seq, command):
+        assert command == na.NFNL_MSG_ACCT_DEL
+        return [_ack(seq, errno.EBUSY if busy else 0 if objects.pop(NAME, None) else errno.ENOENT)]
+
+    client, _ = _client(monkeypatch, kernel)
+    with pytest.raises(na.NfacctError) as err:
+        client.delete(NAME)
+    assert err.value.errno == errno.EBUSY and objects
+    busy.clear()
+    assert client.delete(NAME) is True and not objects
+    assert client.delete(NAME) is False
+
+
+def test_cleanup_deletes_the_counter_unless_another_programs_rule_uses_it(caplog):
+    from pyproxy.cleanup import _clean_nfacct
+
+    fake = na.FakeNfacct(packets={NAME: 9})
+    assert _clean_nfacct(None, fake) == [f"nfacct object {NAME}"] and fake.packets == {}
+    assert _clean_nfacct(None, fake) == []  # idempotent
+    fake = na.FakeNfacct(packets={NAME: 9}, in_use={NAME})
+    with caplog.at_level("INFO", logger="pyproxy.cleanup"):
+        assert _clean_nfacct(None, fake) == []
+    assert fake.packets == {NAME: 9} and "another program's rule uses it" in caplog.text
+    # a kernel without nfacct: nothing to remove, nothing to warn about
+    caplog.clear()
+    assert _clean_nfacct(None, na.FakeNfacct(fail=errno.EPROTONOSUPPORT)) == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 # -- the rule ----------------------------------------------------------------------------
 
 def _nodeports(cfg: ProxyConfig, st, counter: str | None = NAME) -> tuple[str, ...]:
