@@ -75,8 +75,10 @@ class IptProxier:
         chains.update(base.chains)
         return chains
 
-    def _render_service(self, sps: ServicePortState) -> IptFragment:
-        return render.render_service(self.config, sps, localhost_counter=self._counter)
+    def _render_service(self, sps: ServicePortState, *, counter: str | None = None) -> IptFragment:
+        """``counter``: the nfacct object to count localhost NodePort connections in; by
+        default the one the last full sync could use (None: no counting rule)."""
+        return render.render_service(self.config, sps, localhost_counter=counter or self._counter)
 
     def _prepare_counter(self) -> None:
         """Before a full sync: the localhost NodePort counter, created if missing (its count
@@ -150,11 +152,14 @@ class IptProxier:
             log.log(level, "%s", message)
 
     def render_text(self, state: DesiredState) -> str:
+        """The rules a sync writes, on a kernel that has nfacct (the counting rule included
+        when localhost NodePorts are on: nothing is asked of the kernel here)."""
+        counter = render.LOCALHOST_NODEPORTS_COUNTER if self.config.localhost_nodeports_active else None
         base = render.render_base(self.config, state)
         payload = RestorePayload()
         tops = {}
         for name, sps in state.services.items():
-            frag = self._render_service(sps)
+            frag = self._render_service(sps, counter=counter)
             payload.rewrite.update(frag.chains)
             tops[name] = frag.top_rules
         payload.rewrite.update(self._shared_chains(base, tops))

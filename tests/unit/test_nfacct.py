@@ -440,3 +440,20 @@ def test_the_factory_gives_the_iptables_proxier_an_nfacct_client_of_its_namespac
     assert on.nfacct.netns == "pyproxy-unit-never-made"
     off = make_proxier(ProxyConfig(mode="iptables"), iptables_backend="nft", netns="pyproxy-unit-never-made")
     assert isinstance(off, IptProxier) and off.nfacct is None
+
+
+@pytest.mark.parametrize("flag, rules", [("--iptables-localhost-nodeports", 1), ("--no-iptables-localhost-nodeports", 0)])
+def test_render_prints_the_counting_rule_a_sync_writes(flag, rules, capsys):
+    """`pyproxy render` asks no kernel for the object: it shows the rules a sync writes on a
+    kernel with nfacct (the counting rule when localhost NodePorts are on)."""
+    from pathlib import Path
+
+    from pyproxy.cli import main
+
+    demo = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+    assert main(["render", "--source-file", str(demo), "--proxy-mode", "iptables", "--ip-families", "4", flag]) == 0
+    out = capsys.readouterr().out
+    counting = [line for line in out.splitlines() if "-m nfacct" in line]
+    assert len(counting) == rules, out
+    if rules:
+        assert f"-d 127.0.0.0/8 --dport 30080 -m nfacct --nfacct-name {NAME} -j PYPROXY-EXT-" in counting[0]
