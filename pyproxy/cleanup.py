@@ -13,10 +13,13 @@ from pyproxy.ipt.nfacct import Nfacct, NfacctClient, NfacctError
 from pyproxy.literals import Family, IptablesBackend, Mode
 from pyproxy.nft.executor import NftCli, NftError
 from pyproxy.proxier.iptables import IptProxier
-from pyproxy.render.iptables import LOCALHOST_NODEPORTS_COUNTER
+from pyproxy.render.iptables import INVALID_DROPPED_COUNTER, LOCALHOST_NODEPORTS_COUNTER
 from pyproxy.render.nftables import TABLE_NAME, table_family
 
 log = logging.getLogger("pyproxy.cleanup")
+
+NFACCT_OBJECTS = (LOCALHOST_NODEPORTS_COUNTER, INVALID_DROPPED_COUNTER)
+"""The nfacct objects iptables mode may create."""
 
 NFT_TABLES = tuple((table_family(family), TABLE_NAME) for family in (4, 6))
 """The tables the nftables renderer names, one per family (and the userspace mode's guards)."""
@@ -54,24 +57,27 @@ def _clean_iptables(backends: Iterable[str], netns: str | None) -> list[str]:
 
 
 def _clean_nfacct(netns: str | None, client: NfacctClient | None = None) -> list[str]:
-    """The localhost NodePort counter (iptables mode), once no rule uses it. It has
-    kube-proxy's name: while upstream's rules still count in it, the kernel refuses (EBUSY)
+    """The nfacct objects iptables mode counts in, once no rule uses them. They have
+    kube-proxy's names: while upstream's rules still count in one, the kernel refuses (EBUSY)
     and it stays, for them."""
     nfacct = client if client is not None else Nfacct(netns=netns)
+    removed: list[str] = []
     try:
-        if nfacct.delete(LOCALHOST_NODEPORTS_COUNTER):
-            return [f"nfacct object {LOCALHOST_NODEPORTS_COUNTER}"]
-    except NfacctError as err:
-        if err.errno == errno.EBUSY:
-            log.info("nfacct object %s kept: another program's rule uses it", LOCALHOST_NODEPORTS_COUNTER)
-        elif err.errno in (errno.EPERM, errno.EACCES):
-            log.warning("could not delete nfacct object %s: %s", LOCALHOST_NODEPORTS_COUNTER, err)
-        else:  # most likely a kernel without nfacct, so without the object: nothing to say
-            log.debug("could not delete nfacct object %s: %s", LOCALHOST_NODEPORTS_COUNTER, err)
+        for name in NFACCT_OBJECTS:
+            try:
+                if nfacct.delete(name):
+                    removed.append(f"nfacct object {name}")
+            except NfacctError as err:
+                if err.errno == errno.EBUSY:
+                    log.info("nfacct object %s kept: another program's rule uses it", name)
+                elif err.errno in (errno.EPERM, errno.EACCES):
+                    log.warning("could not delete nfacct object %s: %s", name, err)
+                else:  # most likely a kernel without nfacct, so without the object
+                    log.debug("could not delete nfacct object %s: %s", name, err)
     finally:
         if client is None and isinstance(nfacct, Nfacct):
             nfacct.close()
-    return []
+    return removed
 
 
 def cleanup_other_modes(*, mode: Mode, iptables_backend: IptablesBackend | None = None,

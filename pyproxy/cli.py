@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "leaves the kernel's 60 s)")
     run.add_argument("--conntrack-tcp-be-liberal", action=argparse.BooleanOptionalAction,
                      default=ct.tcp_be_liberal,
-                     help="accept out-of-window TCP packets rather than mark them INVALID (default off)")
+                     help="accept out-of-window TCP packets rather than mark them INVALID (default "
+                     "off; when on, iptables mode adds no rule dropping INVALID packets, as upstream)")
     run.add_argument("--conntrack-udp-timeout", type=_seconds, default=ct.udp_timeout, metavar="DURATION",
                      help="timeout of unreplied UDP entries (default 0: the kernel's 30 s)")
     run.add_argument("--conntrack-udp-timeout-stream", type=_seconds, default=ct.udp_stream_timeout,
@@ -237,7 +238,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
             if fam.family == 6:
                 sys.stdout.write("# IPv6: ip6tables-restore input\n")
-            text = IptProxier(config=fam, executor=FakeIptables(family=fam.family)).render_text(state)
+            # As a sync writes them on a kernel whose conntrack is not liberal (the default):
+            # render asks no kernel anything.
+            text = IptProxier(config=fam, executor=FakeIptables(family=fam.family),
+                              drop_invalid=True).render_text(state)
         else:
             from pyproxy.nft.executor import FakeNft
             from pyproxy.proxier.nftables import NftProxier

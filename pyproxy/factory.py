@@ -37,13 +37,12 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: BackendChoice = "auto
         return UserspaceProxier(config=config, executor=NftCli(netns=netns))
     if config.mode == "iptables":
         from pyproxy.ipt.executor import IptablesCli, detect_backend
+        from pyproxy import sysctls
         from pyproxy.proxier.iptables import IptProxier
 
         backend = detect_backend(netns=netns) if iptables_backend == "auto" else iptables_backend
         log.info("iptables backend: %s", backend)
         if config.localhost_nodeports_active and netns is None:
-            from pyproxy import sysctls
-
             problems = sysctls.apply([sysctls.ROUTE_LOCALNET])
             if problems:
                 raise SetupError(
@@ -51,16 +50,22 @@ def make_proxier(config: ProxyConfig, *, iptables_backend: BackendChoice = "auto
                     f"cannot be set here ({problems[0]}: /proc/sys is read-only in an unprivileged "
                     "container): set it before pyproxy starts (the Helm chart's init container does "
                     "when config.localhostNodePorts is on), or turn the flag off")
-        # Connections to localhost NodePorts are counted in an nfacct object of the same
-        # namespace as the rules (kube-proxy's localhost NodePort metric).
+        # Forwarded packets conntrack holds INVALID are dropped unless conntrack is liberal
+        # (read as upstream reads it, after `run` set the conntrack sysctls; unreadable: drop).
+        liberal = sysctls.read(sysctls.TCP_BE_LIBERAL, netns=netns)
+        drop_invalid = not liberal
+        if not drop_invalid:
+            log.info("nf_conntrack_tcp_be_liberal is set: no rule drops INVALID packets")
+        # Connections to localhost NodePorts and INVALID drops are counted in nfacct objects
+        # of the same namespace as the rules (kube-proxy's metrics of the same names).
         nfacct = None
-        if config.localhost_nodeports_active:
+        if config.localhost_nodeports_active or drop_invalid:
             from pyproxy.ipt.nfacct import Nfacct
 
             nfacct = Nfacct(netns=netns)
         return IptProxier(config=config, executor=IptablesCli(backend=backend, netns=netns,
                                                               family=config.family),
-                          nfacct=nfacct)
+                          nfacct=nfacct, drop_invalid=drop_invalid)
     from pyproxy.nft.executor import NftCli
     from pyproxy.proxier.nftables import NftProxier
 

@@ -104,3 +104,10 @@ LOCALHOST_NODEPORTS_ACCEPTED = KernelCounter(
 table sees a connection's first packet only), counted by the nfacct object
 ``localhost_nps_accepted_pkts`` as upstream counts them."""
 REGISTRY.register(LOCALHOST_NODEPORTS_ACCEPTED)
+INVALID_DROPPED = KernelCounter(
+    "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+    "packets dropped by iptables to work around conntrack problems",
+)
+"""iptables mode, conntrack not liberal: forwarded packets conntrack holds INVALID, dropped and
+counted by the nfacct object ``ct_state_invalid_dropped_pkts`` as upstream counts them."""
+REGISTRY.register(INVALID_DROPPED)

@@ -15,12 +15,13 @@ import socket
 import struct
 from collections.abc import Iterator
 
+from pyproxy.netns import call_in
+
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 NLA_TYPE_MASK = 0xFFFF & ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
-CLONE_NEWNET = 0x4000_0000
 
 NLH = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NFGEN = struct.Struct("!BBH")  # nfgenmsg: family, version, resource id
@@ -79,29 +80,5 @@ def attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
 
 def socket_in(netns: str | None) -> socket.socket:
     """A netfilter netlink socket of the named network namespace (``ip netns`` name), or of
-    ours. A socket belongs to the namespace it was made in for good, so a short-lived thread
-    enters the namespace (setns changes only the calling thread) and makes it there."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    import ctypes
-    import threading
-
-    made: list[socket.socket | BaseException] = []
-
-    def enter_and_make() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/run/netns/{netns}", "rb") as fh:
-                if libc.setns(fh.fileno(), CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, f"setns {netns}: {os.strerror(code)}")
-            made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            made.append(err)
-
-    worker = threading.Thread(target=enter_and_make, name=f"netns-{netns}")
-    worker.start()
-    worker.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
+    ours (a socket belongs to the namespace it was made in for good)."""
+    return call_in(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
+from pyproxy.netns import call_in
 from pyproxy.settings import ConntrackSettings
 
 log = logging.getLogger("pyproxy.sysctls")
@@ -42,6 +43,23 @@ class Write:
 ROUTE_LOCALNET = Write("/proc/sys/net/ipv4/conf/all/route_localnet", 1)
 """What localhost NodePorts need: without it the kernel drops packets to 127.0.0.0/8 once DNAT
 sends them out."""
+
+
+TCP_BE_LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+"""Set (1): conntrack takes out-of-window TCP packets as valid, so none is INVALID and
+iptables mode needs no rule dropping INVALID ones (upstream reads the same)."""
+
+
+def read(path: str, *, netns: str | None = None) -> int | None:
+    """The integer in ``path`` as the namespace ``netns`` (None: ours) sees it; None when it
+    cannot be read (no conntrack module loaded, no such namespace)."""
+    def value() -> int:
+        with open(path, encoding="ascii") as fh:
+            return int(fh.read().split()[0])
+    try:
+        return call_in(netns, value)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def conntrack_max(settings: ConntrackSettings, *, cpus: int) -> int:

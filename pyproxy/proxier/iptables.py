@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
@@ -31,19 +32,39 @@ MATCH_PROBE = IPT_PREFIX + "NFACCT-CHECK"
 the nfacct match."""
 
 
+@dataclass(frozen=True)
+class KernelCount:
+    """A packet count the rules keep in an nfacct object, exported as upstream's metric."""
+
+    name: str
+    """The nfacct object (upstream's name)."""
+    metric: metrics.KernelCounter
+    what: str
+    """What it counts, for people."""
+
+
+LOCALHOST = KernelCount(render.LOCALHOST_NODEPORTS_COUNTER, metrics.LOCALHOST_NODEPORTS_ACCEPTED,
+                        "connections to localhost NodePorts")
+INVALID = KernelCount(render.INVALID_DROPPED_COUNTER, metrics.INVALID_DROPPED,
+                      "forwarded packets dropped as conntrack-INVALID")
+COUNTS = (LOCALHOST, INVALID)
+
+
 class IptProxier:
     """Programs our ``PYPROXY-*`` chains in the filter and nat tables of one backend."""
 
     mode: Mode = "iptables"
 
     def __init__(self, *, config: ProxyConfig, executor: IptExecutor,
-                 nfacct: NfacctClient | None = None) -> None:
+                 nfacct: NfacctClient | None = None, drop_invalid: bool = False) -> None:
         self.config = config
         self.executor = executor
         self.nfacct = nfacct
-        """Where localhost NodePort connections are counted (None: not counted)."""
-        self._counter: str | None = None
-        """The nfacct object the rules count in: set on a full sync that could create it."""
+        """Where localhost NodePort connections and INVALID drops are counted (None: not)."""
+        self.drop_invalid = drop_invalid
+        """Forwarded packets conntrack holds INVALID are dropped (see render_base)."""
+        self._counting: set[str] = set()
+        """The nfacct objects the rules count in: each set on a full sync that could create it."""
         self._match_works = False
         """iptables took the nfacct match once (a kernel keeps its match modules)."""
         self._told: set[str] = set()
@@ -78,66 +99,85 @@ class IptProxier:
     def _render_service(self, sps: ServicePortState, *, counter: str | None = None) -> IptFragment:
         """``counter``: the nfacct object to count localhost NodePort connections in; by
         default the one the last full sync could use (None: no counting rule)."""
-        return render.render_service(self.config, sps, localhost_counter=counter or self._counter)
+        counting = LOCALHOST.name if LOCALHOST.name in self._counting else None
+        return render.render_service(self.config, sps, localhost_counter=counter or counting)
 
-    def _prepare_counter(self) -> None:
-        """Before a full sync: the localhost NodePort counter, created if missing (its count
-        kept), as upstream ensures its nfacct objects on each full sync. Without it the rules
-        go without the match and the metric is not exported; the sync goes on, and the next
-        full sync tries again."""
-        if self.nfacct is None or not self.config.localhost_nodeports_active:
-            self._count_in(None)
-            return
-        name = render.LOCALHOST_NODEPORTS_COUNTER
-        try:
-            self.nfacct.ensure(name)
-        except NfacctError as err:
-            self._count_in(None)
-            self._log_once(
-                "ensure", logging.WARNING,
-                f"cannot create the nfacct object {name} ({err}): connections to localhost "
-                "NodePorts are not counted and kubeproxy_iptables_localhost_nodeports_accepted_"
-                "packets_total is not exported. The kernel needs nfnetlink_acct and xt_nfacct "
-                "(CONFIG_NETFILTER_NETLINK_ACCT, CONFIG_NETFILTER_XT_MATCH_NFACCT; modprobe "
-                "nfnetlink_acct xt_nfacct) and pyproxy NET_ADMIN; tried again on each full sync")
-            return
-        if not self._match_works:
+    def _render_base(self, state: DesiredState, *, everything: bool = False) -> IptFragment:
+        """The base chains; ``everything``: with the INVALID drop's counter whether or not the
+        kernel has nfacct (what ``render`` shows)."""
+        counted = everything or INVALID.name in self._counting
+        return render.render_base(self.config, state, drop_invalid=self.drop_invalid,
+                                  invalid_counter=INVALID.name if self.drop_invalid and counted else None)
+
+    def _wanted_counters(self) -> list[KernelCount]:
+        wanted = [LOCALHOST] if self.config.localhost_nodeports_active else []
+        return wanted + ([INVALID] if self.drop_invalid else [])
+
+    def _prepare_counters(self) -> None:
+        """Before a full sync: the nfacct objects the rules count in, each created if missing
+        (its count kept), as upstream ensures its nfacct objects on each full sync. Without
+        one, its rules go without the match and its metric is not exported; the sync goes on,
+        and the next full sync tries again."""
+        wanted = self._wanted_counters() if self.nfacct is not None else []
+        for kc in COUNTS:
+            if kc not in wanted:
+                self._count_in(kc, on=False)
+        made: list[KernelCount] = []
+        for kc in wanted:
+            assert self.nfacct is not None
+            try:
+                self.nfacct.ensure(kc.name)
+            except NfacctError as err:
+                self._count_in(kc, on=False)
+                self._log_once(
+                    f"ensure {kc.name}", logging.WARNING,
+                    f"cannot create the nfacct object {kc.name} ({err}): {kc.what} are not counted "
+                    f"and {kc.metric.name} is not exported. The kernel needs nfnetlink_acct and "
+                    "xt_nfacct (CONFIG_NETFILTER_NETLINK_ACCT, CONFIG_NETFILTER_XT_MATCH_NFACCT; "
+                    "modprobe nfnetlink_acct xt_nfacct) and pyproxy NET_ADMIN; tried again on each "
+                    "full sync")
+                continue
+            made.append(kc)
+        if made and not self._match_works:
             # A kernel can have nfnetlink_acct without the xt_nfacct match: try the match
             # alone, in a chain of ours nothing jumps to (the full sync deletes it), so that
             # a refusal cannot be taken for the ruleset's.
             probe = RestorePayload()
-            probe.rewrite[("nat", MATCH_PROBE)] = (f"-m nfacct --nfacct-name {name}",)
+            probe.rewrite[("nat", MATCH_PROBE)] = (f"-m nfacct --nfacct-name {made[0].name}",)
             try:
                 self.executor.restore(probe)
             except IptablesError as err:
-                self._count_in(None)
+                for kc in made:
+                    self._count_in(kc, on=False)
                 self._log_once(
                     "match", logging.WARNING,
-                    f"iptables refused the nfacct match (-m nfacct --nfacct-name {name}: {err}): "
-                    "connections to localhost NodePorts are not counted and kubeproxy_iptables_"
-                    "localhost_nodeports_accepted_packets_total is not exported. The kernel needs "
+                    f"iptables refused the nfacct match (-m nfacct --nfacct-name {made[0].name}: "
+                    f"{err}): {' and '.join(kc.what for kc in made)} are not counted and "
+                    f"{', '.join(kc.metric.name for kc in made)} not exported. The kernel needs "
                     "xt_nfacct (CONFIG_NETFILTER_XT_MATCH_NFACCT; modprobe xt_nfacct); tried "
                     "again on each full sync")
                 return
             self._match_works = True
-        self._count_in(name)
-        self._log_once("counting", logging.INFO,
-                       f"connections to localhost NodePorts are counted in the nfacct object "
-                       f"{name} (kubeproxy_iptables_localhost_nodeports_accepted_packets_total)")
+        for kc in made:
+            self._count_in(kc, on=True)
+            self._log_once(f"counting {kc.name}", logging.INFO,
+                           f"{kc.what} are counted in the nfacct object {kc.name} ({kc.metric.name})")
 
-    def _count_in(self, name: str | None) -> None:
-        """Count in ``name`` from this sync on (None: not at all), and export it. Only the
+    def _count_in(self, kc: KernelCount, *, on: bool) -> None:
+        """Count ``kc`` from this sync on (or not at all), and export it (or stop). Only a
         proxier that counts touches the metric: the other family's never does."""
-        counted, self._counter = self._counter, name
-        if name:
-            metrics.LOCALHOST_NODEPORTS_ACCEPTED.read_with(self._read_counter)
+        counted = kc.name in self._counting
+        if on:
+            self._counting.add(kc.name)
+            kc.metric.read_with(lambda: self._read_counter(kc.name))
         elif counted:
-            metrics.LOCALHOST_NODEPORTS_ACCEPTED.read_with(None)
+            self._counting.discard(kc.name)
+            kc.metric.read_with(None)
 
-    def _read_counter(self) -> int | None:
+    def _read_counter(self, name: str) -> int | None:
         """The counter's packets, at scrape time; None (not exported) when it cannot be read."""
-        name, client = self._counter, self.nfacct
-        if name is None or client is None:
+        client = self.nfacct
+        if name not in self._counting or client is None:
             return None
         try:
             counter = client.get(name)
@@ -155,7 +195,7 @@ class IptProxier:
         """The rules a sync writes, on a kernel that has nfacct (the counting rule included
         when localhost NodePorts are on: nothing is asked of the kernel here)."""
         counter = render.LOCALHOST_NODEPORTS_COUNTER if self.config.localhost_nodeports_active else None
-        base = render.render_base(self.config, state)
+        base = self._render_base(state, everything=True)
         payload = RestorePayload()
         tops = {}
         for name, sps in state.services.items():
@@ -170,13 +210,13 @@ class IptProxier:
 
     def sync(self, state: DesiredState) -> SyncResult:
         if self.needs_full:
-            self._prepare_counter()
+            self._prepare_counters()
         return self._sync(state)
 
     def _sync(self, state: DesiredState) -> SyncResult:
         t0 = time.perf_counter()
         full = self.needs_full
-        base = render.render_base(self.config, state)
+        base = self._render_base(state)
         payload = RestorePayload()
         new_applied: dict[ServicePortName, ServicePortState] = {}
         tops = {} if full else dict(self._top_rules)

@@ -35,6 +35,10 @@ LOCALHOST_NODEPORTS_COUNTER = "localhost_nps_accepted_pkts"
 """The nfacct object the localhost NodePort rules count in (upstream's name, so its metric,
 ``kubeproxy_iptables_localhost_nodeports_accepted_packets_total``, reads the same object)."""
 
+INVALID_DROPPED_COUNTER = "ct_state_invalid_dropped_pkts"
+"""The nfacct object the INVALID-drop rule counts in (upstream's name and metric,
+``kubeproxy_iptables_ct_state_invalid_dropped_packets_total``)."""
+
 # (table, chain) of the chains every sync owns; service chains come and go.
 TOP_CHAINS = (
     ("filter", SERVICES),
@@ -87,10 +91,23 @@ def _host(config: ProxyConfig) -> int:
     return 128 if config.family == 6 else 32
 
 
-def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
-    """Fixed rules of the top-level chains (services add theirs through ``top_rules``)."""
+def render_base(config: ProxyConfig, state: DesiredState, *, drop_invalid: bool = False,
+                invalid_counter: str | None = None) -> IptFragment:
+    """Fixed rules of the top-level chains (services add theirs through ``top_rules``).
+
+    ``drop_invalid``: forwarded packets conntrack holds INVALID are dropped first (counted in
+    the nfacct object ``invalid_counter``, if any). A TCP segment outside the window it
+    expects (a retransmission after a window probe, a late packet of a long transfer) is
+    INVALID: conntrack does not translate it, so the pod's answer would leave with the pod's
+    own address, and the client, not knowing that address, resets the connection (upstream
+    kubernetes#74839). Not needed when conntrack is liberal (nf_conntrack_tcp_be_liberal=1:
+    no segment is INVALID for its window), as upstream decides."""
     mark = config.masquerade_mark
     h = _host(config)
+    invalid: tuple[str, ...] = ()
+    if drop_invalid:
+        count = f" -m nfacct --nfacct-name {invalid_counter}" if invalid_counter else ""
+        invalid = (f"-m conntrack --ctstate INVALID{count} -j DROP",)
     chains: dict[tuple[str, str], tuple[str, ...]] = {
         ("nat", POSTROUTING): (
             f"-m mark ! --mark {mark}/{mark} -j RETURN",
@@ -100,6 +117,7 @@ def render_base(config: ProxyConfig, state: DesiredState) -> IptFragment:
         ),
         ("nat", MARK_MASQ): (f"-j MARK --or-mark {mark}",),
         ("filter", FORWARD): (
+            *invalid,
             # Hosts whose FORWARD policy is DROP still pass service traffic.
             f'-m comment --comment "pyproxy forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
             '-m comment --comment "pyproxy forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT',

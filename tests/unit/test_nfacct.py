@@ -38,6 +38,7 @@ def _no_reader_left():
     """The metric is process-wide: no test leaves its reader to the next."""
     yield
     metrics.LOCALHOST_NODEPORTS_ACCEPTED.read_with(None)
+    metrics.INVALID_DROPPED.read_with(None)
 
 
 def _scrape() -> str:
@@ -252,8 +253,9 @@ def test_delete_is_the_kernels_del_true_false_or_busy(monkeypatch):
 def test_cleanup_deletes_the_counter_unless_another_programs_rule_uses_it(caplog):
     from pyproxy.cleanup import _clean_nfacct
 
-    fake = na.FakeNfacct(packets={NAME: 9})
-    assert _clean_nfacct(None, fake) == [f"nfacct object {NAME}"] and fake.packets == {}
+    fake = na.FakeNfacct(packets={NAME: 9, "ct_state_invalid_dropped_pkts": 3, "someone-elses": 1})
+    assert _clean_nfacct(None, fake) == [f"nfacct object {NAME}", "nfacct object ct_state_invalid_dropped_pkts"]
+    assert fake.packets == {"someone-elses": 1}
     assert _clean_nfacct(None, fake) == []  # idempotent
     fake = na.FakeNfacct(packets={NAME: 9}, in_use={NAME})
     with caplog.at_level("INFO", logger="pyproxy.cleanup"):
@@ -432,14 +434,29 @@ def test_a_broken_reader_does_not_break_the_scrape():
     assert _metric_lines(text) == [] and "kubeproxy_sync_proxy_rules_duration_seconds" in text
 
 
-def test_the_factory_gives_the_iptables_proxier_an_nfacct_client_of_its_namespace():
+def test_the_factory_gives_the_iptables_proxier_an_nfacct_client_of_its_namespace(monkeypatch):
+    """A client for the localhost counter or the INVALID-drop counter; neither is wanted with
+    localhost NodePorts off and conntrack liberal (no INVALID drop then, as upstream)."""
+    from pyproxy import sysctls
     from pyproxy.factory import make_proxier
 
+    read: list[tuple[str, str | None]] = []
+    liberal = {"value": None}
+
+    def fake_read(path, *, netns=None):
+        read.append((path, netns))
+        return liberal["value"]
+
+    monkeypatch.setattr(sysctls, "read", fake_read)
     on = make_proxier(LOCALHOST, iptables_backend="nft", netns="pyproxy-unit-never-made")
-    assert isinstance(on, IptProxier) and isinstance(on.nfacct, na.Nfacct)
+    assert isinstance(on, IptProxier) and isinstance(on.nfacct, na.Nfacct) and on.drop_invalid
     assert on.nfacct.netns == "pyproxy-unit-never-made"
-    off = make_proxier(ProxyConfig(mode="iptables"), iptables_backend="nft", netns="pyproxy-unit-never-made")
-    assert isinstance(off, IptProxier) and off.nfacct is None
+    assert read == [(sysctls.TCP_BE_LIBERAL, "pyproxy-unit-never-made")]  # the rules' namespace
+    for value, drops in ((None, True), (0, True), (1, False)):
+        liberal["value"] = value
+        p = make_proxier(ProxyConfig(mode="iptables"), iptables_backend="nft", netns="pyproxy-unit-never-made")
+        assert isinstance(p, IptProxier) and p.drop_invalid == drops
+        assert (p.nfacct is not None) == drops
 
 
 @pytest.mark.parametrize("flag, rules", [("--iptables-localhost-nodeports", 1), ("--no-iptables-localhost-nodeports", 0)])
@@ -453,7 +470,53 @@ def test_render_prints_the_counting_rule_a_sync_writes(flag, rules, capsys):
     demo = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
     assert main(["render", "--source-file", str(demo), "--proxy-mode", "iptables", "--ip-families", "4", flag]) == 0
     out = capsys.readouterr().out
-    counting = [line for line in out.splitlines() if "-m nfacct" in line]
+    counting = [line for line in out.splitlines() if f"--nfacct-name {NAME}" in line]
     assert len(counting) == rules, out
     if rules:
         assert f"-d 127.0.0.0/8 --dport 30080 -m nfacct --nfacct-name {NAME} -j PYPROXY-EXT-" in counting[0]
+
+
+# -- INVALID drop -------------------------------------------------------------------------
+
+INVALID_NAME = "ct_state_invalid_dropped_pkts"
+INVALID_METRIC = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total"
+FORWARD = ("filter", "PYPROXY-FORWARD")
+
+
+def test_invalid_packets_are_dropped_first_in_forward_and_counted_as_upstream():
+    nfacct = na.FakeNfacct()
+    fake = KernelLikeIptables(nfacct)
+    proxier = IptProxier(config=ProxyConfig(mode="iptables"), executor=fake, nfacct=nfacct, drop_invalid=True)
+    assert proxier.sync(build(_objects())).full
+    assert fake.chains[FORWARD][0] == f"-m conntrack --ctstate INVALID -m nfacct --nfacct-name {INVALID_NAME} -j DROP"
+    assert nfacct.requests[0] == ("ensure", INVALID_NAME) and NAME not in nfacct.packets
+    nfacct.packets[INVALID_NAME] = 5
+    lines = [line for line in _scrape().splitlines() if INVALID_METRIC in line]
+    assert lines == [f"# HELP {INVALID_METRIC} packets dropped by iptables to work around conntrack problems",
+                     f"# TYPE {INVALID_METRIC} counter", f"{INVALID_METRIC} 5.0"]
+    assert _metric_lines(_scrape()) == []  # localhost NodePorts off: that one is not exported
+
+
+def test_both_counters_with_localhost_nodeports_on():
+    nfacct = na.FakeNfacct()
+    fake = KernelLikeIptables(nfacct)
+    IptProxier(config=LOCALHOST, executor=fake, nfacct=nfacct, drop_invalid=True).sync(build(_objects()))
+    assert {NAME, INVALID_NAME} <= set(nfacct.packets) and len(_counting_rules(fake)) == 2
+    text = _scrape()
+    assert f"{METRIC} 0.0" in text and f"{INVALID_METRIC} 0.0" in text
+
+
+def test_without_nfacct_invalid_packets_are_still_dropped_uncounted():
+    nfacct = na.FakeNfacct(fail=errno.EPROTONOSUPPORT)
+    fake = KernelLikeIptables(nfacct)
+    IptProxier(config=ProxyConfig(mode="iptables"), executor=fake, nfacct=nfacct, drop_invalid=True).sync(build(_objects()))
+    assert fake.chains[FORWARD][0] == "-m conntrack --ctstate INVALID -j DROP"
+    assert INVALID_METRIC not in _scrape()
+
+
+def test_liberal_conntrack_no_invalid_rule_no_counter():
+    nfacct = na.FakeNfacct()
+    fake = KernelLikeIptables(nfacct)
+    IptProxier(config=ProxyConfig(mode="iptables"), executor=fake, nfacct=nfacct).sync(build(_objects()))
+    assert not any("INVALID" in rule for rules in fake.chains.values() for rule in rules)
+    assert nfacct.requests == [] and INVALID_METRIC not in _scrape()
