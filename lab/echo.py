@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Sequence
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -96,7 +97,7 @@ async def serve(name: str, host: str | list[str], ports: list[int], http_ports: 
     await serve_until_stopped(servers)
 
 
-async def serve_until_stopped(servers: list[asyncio.AbstractServer]) -> None:
+async def serve_until_stopped(servers: Sequence[asyncio.AbstractServer]) -> None:
     """Say "ready" (the parent waits for it), serve until SIGTERM or SIGINT, then close."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def fake_registry(dest: Path, *, name: str, tag: str, image: Image, layer: bytes
 
 # -- root filesystems --------------------------------------------------------------------------
 
-def debian_rootfs(packages: list[str], out: Path, *, hooks: list[str] = ()) -> None:
+def debian_rootfs(packages: list[str], out: Path, *, hooks: Sequence[str] = ()) -> None:
     """A Debian root filesystem with ``packages`` as a tar, by mmdebstrap (minbase: what
     debian:SUITE-slim holds, plus the packages); ``hooks`` are its --customize-hook commands."""
     if not shutil.which("mmdebstrap"):
@@ -208,7 +209,7 @@ def _pyproxy_files() -> list[Path]:
                    *(p for p in (REPO / "pyproxy").rglob("*.py"))])
 
 
-def _key(*parts: object, files: list[Path] = ()) -> str:
+def _key(*parts: object, files: Sequence[Path] = ()) -> str:
     h = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -366,7 +367,8 @@ DEFAULT = ("pyproxy", "pause", "tools")
 
 def build(name: str) -> Path:
     """The archive for image ``name``, built unless the cache holds one for the same inputs."""
-    files = {"pyproxy": _pyproxy_files,
+    makers: dict[str, Callable[[], list[Path]]] = {
+             "pyproxy": _pyproxy_files,
              "tools": lambda: [REPO / "lab" / f for f in ("echo.py", "client.py")],
              "pause": lambda: [_pause_binary()],
              "agnhost": lambda: [_e2e_binary("agnhost")],
@@ -374,7 +376,8 @@ def build(name: str) -> Path:
              "e2e-pause": lambda: [_pause_binary()],
              "busybox": lambda: [],
              "distroless-iptables": lambda: [],
-             "regression-issue-74839": lambda: [_e2e_binary("regression-issue-74839")]}[name]()
+             "regression-issue-74839": lambda: [_e2e_binary("regression-issue-74839")]}
+    files = makers[name]()
     out = CACHE / f"{name}-{_key(name, SUITE, EPOCH, files=files)}.oci.tar"
     if out.exists():
         return out

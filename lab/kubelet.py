@@ -119,7 +119,8 @@ class Kubelet:
         uid, ns, name = meta["uid"], meta["namespace"], meta["name"]
         try:
             ip = self.free.pop(0)
-            ports, http_ports = [], []
+            ports: list[int] = []
+            http_ports: list[int] = []
             for c in pod["spec"].get("containers", []):
                 for p in c.get("ports") or []:
                     (http_ports if p.get("name", "").startswith("http") else ports).append(p["containerPort"])

@@ -55,7 +55,7 @@ def init_packet(*, sport: int, dport: int) -> bytes:
 
 def checksum_ok(packet: bytes) -> bool:
     (stored,) = struct.unpack("<I", packet[8:12])
-    return crc32c(packet[:8] + b"\0\0\0\0" + packet[12:]) == stored
+    return bool(crc32c(packet[:8] + b"\0\0\0\0" + packet[12:]) == stored)
 
 
 def send(target: tuple[str, int], count: int) -> None:

@@ -124,7 +124,8 @@ def probe(pid: int, target: str, *, count: int, http: bool = True, interval: flo
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=deadline + 30, cwd=REPO)
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"probe client failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout)
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
 
 
 class Prober:
@@ -140,7 +141,8 @@ class Prober:
         out, err = self.proc.communicate(timeout=timeout)
         if not out.strip():
             raise RuntimeError(f"probe client failed ({self.proc.returncode}): {err[-2000:]}")
-        return json.loads(out)
+        result: dict[str, Any] = json.loads(out)
+        return result
 
 
 def failures(result: dict[str, Any]) -> dict[str, int]:

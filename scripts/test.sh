@@ -9,11 +9,11 @@
 # instead of being skipped. `bash scripts/test.sh --unit` runs the unit tier alone, on purpose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The product's types, strictly (pyproject.toml [tool.mypy]); a type error fails the run, after
+# The product's and the lab's types, strictly (pyproject.toml [tool.mypy]); a type error fails the run, after
 # the tests have run, so one run shows both.
 typecheck() {
   if python3 -m mypy; then return 0; fi
-  echo "test.sh: mypy found type errors in pyproxy/ (above); fix them" >&2
+  echo "test.sh: mypy found type errors in pyproxy/ or lab/ (above); fix them" >&2
   return 1
 }
 if [ "${1:-}" = "--unit" ]; then

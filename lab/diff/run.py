@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def write_report(m: Mismatch, out: Path) -> str:
 
 
 def run(*, seeds: list[int] | None, minutes: float, mode: str, out: Path, shrink_budget: float,
-        max_services: int = 6, log=print) -> Tally:  # type: ignore[no-untyped-def]
+        max_services: int = 6, log: Callable[[str], None] = print) -> Tally:
     tally = Tally()
     start = time.monotonic()
     with Session(mode=mode) as session:

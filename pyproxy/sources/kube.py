@@ -34,7 +34,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from prometheus_client import Counter
@@ -134,7 +134,7 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    async def from_config(cls, *, kubeconfig: str | None) -> KubeClient:
+    async def from_config(cls, *, kubeconfig: str | None) -> Self:
         """From a kubeconfig file, or in-cluster (token + ``KUBERNETES_SERVICE_HOST``)."""
         from pyproxy.sources.credentials import (
             CredentialsError,
@@ -153,7 +153,7 @@ class KubeClient:
         return await cls._from_plugin_config(kubeconfig or "")
 
     @classmethod
-    async def _from_plugin_config(cls, kubeconfig: str) -> KubeClient:
+    async def _from_plugin_config(cls, kubeconfig: str) -> Self:
         """A kubeconfig whose user runs an exec or auth-provider plugin: kubernetes_asyncio's
         loader runs it (and runs it again when the token expires)."""
         from kubernetes_asyncio import config as kconfig
