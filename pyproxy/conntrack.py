@@ -5,10 +5,17 @@ conntrack entry alive, and with it the NAT decision made when the entry was crea
 a UDP service's backend goes away (or the service had no endpoints, so packets were not
 DNATed at all), the client keeps talking to nothing until it goes quiet for the UDP timeout.
 After a sync, delete every UDP entry whose original destination is a service IP and port (or a
-NodePort) and whose reply source, address and port, is not a serving endpoint of that service:
+NodePort on one of the node's NodePort addresses) and whose reply source, address and port, is
+not a serving endpoint of that service:
 the next packet creates a fresh entry that goes through the new rules. The port matters: a
 Service whose targetPort changes keeps the same endpoint IPs, and its old flows still go to the
 old port (upstream's e2e spec "cleanup conntrack entries when UDP service target port changes").
+
+NodePort flows are matched on the node's NodePort addresses and the port, never on the port
+alone. Upstream matches the port alone, so it must skip a NodePort whose Service has no serving
+endpoint (every UDP flow to that port number, to any host, would go), and so leaves the flows
+of a NodePort whose last endpoint went on the dead backend; and with endpoints it deletes a flow
+to an unrelated host that happens to use that port number. Here neither happens.
 """
 
 from __future__ import annotations
@@ -34,19 +41,22 @@ DURATION = Histogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
 
 Serving = dict[tuple[str, int], frozenset[tuple[str, int]]]
-"""(service IP, port) or ("nodeport", port) → the (IP, port) of serving endpoints."""
+"""(service IP, port), or (NodePort address, NodePort) → the (IP, port) of serving endpoints."""
 
 
 CLEANED = {"udp": socket.IPPROTO_UDP, "sctp": 132}
 """Protocols whose flows outlive a backend: no connection close tells the client to move on."""
 
 
-def udp_serving(state: DesiredState, protocol: str = "udp") -> Serving:
+def udp_serving(state: DesiredState, protocol: str = "udp", *,
+                localhost_nodeports: bool = False) -> Serving:
     """What a UDP (or SCTP) flow may legitimately be answered by, per service address.
 
     Serving endpoints, whatever the traffic policy or topology, as upstream does: an entry to
     an endpoint that still serves is left alone even if it is no longer the preferred one.
+    NodePorts on the state's NodePort addresses, and on 127.0.0.1 with ``localhost_nodeports``.
     """
+    node_addresses = (*state.nodeport_ips, *(("127.0.0.1",) if localhost_nodeports else ()))
     out: dict[tuple[str, int], set[tuple[str, int]]] = {}
     for sps in state.services.values():
         svc = sps.service
@@ -56,7 +66,8 @@ def udp_serving(state: DesiredState, protocol: str = "udp") -> Serving:
         for vip in (svc.cluster_ip, *svc.external_vips):
             out.setdefault((vip, svc.port), set()).update(ips)
         if svc.node_port:
-            out.setdefault(("nodeport", svc.node_port), set()).update(ips)
+            for address in node_addresses:
+                out.setdefault((address, svc.node_port), set()).update(ips)
     return {k: frozenset(v) for k, v in out.items()}
 
 
@@ -66,9 +77,7 @@ def stale(entries: list[tuple[str, int, str, int]], serving: Serving) -> list[in
     for i, (dst, port, reply_src, reply_port) in enumerate(entries):
         allowed = serving.get((dst, port))
         if allowed is None:
-            allowed = serving.get(("nodeport", port))
-            if allowed is None:
-                continue  # not service traffic
+            continue  # not service traffic
         if (reply_src, reply_port) not in allowed:
             doomed.append(i)
     return doomed
@@ -117,8 +126,10 @@ def _canonical(ip: str | None) -> str:
 class ConntrackCleaner:
     """Runs :func:`clean` after syncs that changed what UDP services may be answered by."""
 
-    def __init__(self, *, family: Family = 4) -> None:
+    def __init__(self, *, family: Family = 4, localhost_nodeports: bool = False) -> None:
         self.family = family
+        self.localhost_nodeports = localhost_nodeports
+        """NodePorts also answer on 127.0.0.1 (iptables mode's localhost NodePorts)."""
         self._last: dict[str, Serving] = {}
         self._generation: int | None = None
         """The state whose serving endpoints ``_last`` holds, when every protocol was cleaned."""
@@ -134,7 +145,7 @@ class ConntrackCleaner:
         deleted = 0
         complete = True
         for protocol in CLEANED:
-            serving = udp_serving(state, protocol)
+            serving = udp_serving(state, protocol, localhost_nodeports=self.localhost_nodeports)
             if not serving or serving == self._last.get(protocol):
                 continue  # no such service, or nothing changed since the last clean
             try:

@@ -104,7 +104,8 @@ class SyncRunner:
         self.read_interface_ips = read_interface_ips
         """Re-reads the node's addresses before each sync that uses them (NodePorts follow an
         address added after start-up within one sync period); None keeps ``interface_ips`` fixed."""
-        self.cleaner: ConntrackCleaner | None = ConntrackCleaner(family=config.family) if clean_conntrack else None
+        self.cleaner: ConntrackCleaner | None = ConntrackCleaner(
+            family=config.family, localhost_nodeports=config.localhost_nodeports_active) if clean_conntrack else None
         self._wake = asyncio.Event()
         self._pending_triggers: list[float] = []
         self._pending = {"Service": 0, "EndpointSlice": 0}

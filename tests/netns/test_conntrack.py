@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from lab.netns import ns_exec
 from tests.netns.conftest import DNS_IP, Programmed, _programmed, base_objects
 
 pytestmark = pytest.mark.netns
@@ -149,3 +150,48 @@ def test_udp_client_follows_a_target_port_change_to_the_same_pod(nftables: Progr
     # Keyed on the endpoint IP alone, the cleanup kept the entry to pod0:9999 and the client
     # heard nothing for as long as it kept sending.
     assert after and set(after) == {"pod0"}, after
+
+
+DNS_NODEPORT = 30053
+
+
+def _dns_nodeport(objects: list[dict], ips: list[str]) -> list[dict]:
+    """The dns Service as a NodePort (30053), with ``ips`` as its endpoints."""
+    for obj in objects:
+        if obj["kind"] == "Service" and obj["metadata"]["name"] == "dns":
+            obj["spec"]["type"] = "NodePort"
+            obj["spec"]["ports"][0]["nodePort"] = DNS_NODEPORT
+    return _with_dns_backends(objects, ips)
+
+
+def test_a_nodeport_flow_stops_when_its_last_endpoint_goes_and_other_hosts_flows_stay(nftables: Programmed):
+    """A client streaming UDP to the node's NodePort keeps reaching its backend, which still
+    runs, through the flow's old DNAT unless the entry goes; once the Service has no endpoint,
+    pyproxy deletes it (upstream skips a NodePort without endpoints), so the client is refused.
+    A flow of the node to another host's port 30053 is not a NodePort flow: it stays (upstream,
+    matching the port alone, takes it whenever the Service has endpoints)."""
+    topo = nftables.topo
+    nftables.apply(_dns_nodeport(base_objects(topo), [topo.pod("pod0").ip]))
+    # The unrelated flow: from the node, source port 41234, to the client's port 30053 (nothing
+    # listens there; the entry stays unreplied for the kernel's 30 s).
+    sent = ns_exec(topo.node_ns, [sys.executable, "-c",
+                                  "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                                  f"s.bind(('0.0.0.0', 41234)); s.sendto(b'x', ('{topo.client_ip}', {DNS_NODEPORT}))"])
+    assert sent.returncode == 0, sent.stderr
+    stream = subprocess.Popen(
+        ["ip", "netns", "exec", topo.client_ns, sys.executable, "-m", "lab.client",
+         "--target", f"{topo.node_ip}:{DNS_NODEPORT}", "--udp-stream", "6", "--interval", "0.05"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the flow is established, to pod0
+        nftables.apply(_dns_nodeport(base_objects(topo), []))  # no endpoint: sync + cleanup
+        switched_at = time.monotonic()
+    finally:
+        replies = _replies(stream)
+    before = [r["pod"] for r in replies if r["t"] < switched_at - 1.0]
+    after = [r["pod"] for r in replies if r["t"] > switched_at + 0.2]
+    assert set(before) - {None} == {"pod0"}, before  # (None: a reply later than 50 ms, on a busy CPU)
+    assert after and set(after) == {None}, after  # refused: the old DNAT is gone
+    kept = ns_exec(topo.node_ns, ["conntrack", "-L", "-p", "udp", "--orig-port-dst", str(DNS_NODEPORT),
+                                  "--orig-dst", topo.client_ip])
+    assert "sport=41234" in kept.stdout, (kept.stdout, kept.stderr)

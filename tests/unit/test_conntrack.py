@@ -9,20 +9,23 @@ from tests.unit.helpers import build
 UDP = [sc.port(5353, name="dns", protocol="UDP")]
 
 
-def _state(ips, *, node_port=None, conditions=None):
+def _state(ips, *, node_port=None, conditions=None, nodeport_ips=("192.168.1.1",)):
     return build([
         sc.service("dns", "10.96.0.53", [sc.port(53, name="dns", protocol="UDP", node_port=node_port)],
                    svc_type="NodePort" if node_port else "ClusterIP"),
         sc.endpoint_slice("dns", list(ips), UDP, conditions=conditions),
         sc.service("web", "10.96.0.80", [sc.port(80, name="http")]),
         sc.endpoint_slice("web", ["10.244.1.9"], [sc.port(8080, name="http")]),
-    ])
+    ], nodeport_ips=nodeport_ips)
 
 
 def test_serving_endpoints_per_udp_service_address():
     serving = udp_serving(_state(["10.244.1.1", "10.244.1.2"], node_port=30053))
     backends = frozenset({("10.244.1.1", 5353), ("10.244.1.2", 5353)})
-    assert serving == {("10.96.0.53", 53): backends, ("nodeport", 30053): backends}
+    assert serving == {("10.96.0.53", 53): backends, ("192.168.1.1", 30053): backends}
+    two = udp_serving(_state(["10.244.1.1"], node_port=30053, nodeport_ips=("192.168.1.1", "10.0.0.5")),
+                      localhost_nodeports=True)
+    assert {k for k in two if k[1] == 30053} == {("192.168.1.1", 30053), ("10.0.0.5", 30053), ("127.0.0.1", 30053)}
 
 
 def test_tcp_services_are_not_cleaned():
@@ -48,8 +51,22 @@ def test_stale_entries():
         ("8.8.8.8", 53, "8.8.8.8", 53),            # not service traffic: kept
         ("10.96.0.53", 53, "10.244.1.2", 8053),    # live backend IP, but its old targetPort: stale
         ("192.168.1.1", 30053, "10.244.1.2", 8053),  # the same through the NodePort: stale
+        ("203.0.113.7", 30053, "203.0.113.7", 30053),  # another host's port 30053: not ours, kept
+        ("127.0.0.1", 30053, "10.244.1.1", 5353),  # localhost NodePorts off: not a NodePort flow, kept
     ]
     assert stale(entries, serving) == [0, 2, 4, 7, 8]
+
+
+def test_a_nodeport_left_without_endpoints_drops_its_flows_and_only_those():
+    """Upstream skips this case (it matches NodePort flows on the port alone, which would take
+    every flow to that port number); matched on the node's addresses, it is safe to clean."""
+    serving = udp_serving(_state([], node_port=30053))
+    entries = [
+        ("192.168.1.1", 30053, "10.244.1.1", 5353),  # to the backend that went: stale
+        ("203.0.113.7", 30053, "203.0.113.7", 30053),  # an unrelated flow to that port number: kept
+        ("10.96.0.53", 53, "10.244.1.1", 5353),    # the ClusterIP's flow to it: stale
+    ]
+    assert stale(entries, serving) == [0, 2]
 
 
 def test_cleaner_runs_only_when_udp_backends_change(monkeypatch):
@@ -119,7 +136,7 @@ def test_a_tcp_only_change_skips_the_walk_over_every_service(monkeypatch):
     calls, walks = [], []
     monkeypatch.setattr("pyproxy.conntrack.clean", lambda serving, family=4, protocol="udp": calls.append(serving) or 0)
     real = udp_serving
-    monkeypatch.setattr("pyproxy.conntrack.udp_serving", lambda state, protocol="udp": walks.append(protocol) or real(state, protocol))
+    monkeypatch.setattr("pyproxy.conntrack.udp_serving", lambda state, protocol="udp", **kw: walks.append(protocol) or real(state, protocol, **kw))
     objs = [sc.service("dns", "10.96.0.53", [sc.port(53, name="dns", protocol="UDP")]),
             sc.endpoint_slice("dns", ["10.244.1.1"], UDP),
             sc.service("web", "10.96.0.80", [sc.port(80, name="http")]),
