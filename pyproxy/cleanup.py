@@ -12,13 +12,12 @@ from pyproxy.ipt.executor import BACKENDS, IptablesCli, IptablesError
 from pyproxy.ipt.nfacct import Nfacct, NfacctClient, NfacctError
 from pyproxy.literals import Family, IptablesBackend, Mode
 from pyproxy.nft.executor import NftCli, NftError
-from pyproxy.proxier.iptables import IptProxier
-from pyproxy.render.iptables import INVALID_DROPPED_COUNTER, LOCALHOST_NODEPORTS_COUNTER
+from pyproxy.proxier.iptables import COUNTS, IptProxier
 from pyproxy.render.nftables import TABLE_NAME, table_family
 
 log = logging.getLogger("pyproxy.cleanup")
 
-NFACCT_OBJECTS = (LOCALHOST_NODEPORTS_COUNTER, INVALID_DROPPED_COUNTER)
+NFACCT_OBJECTS = tuple(count.name for count in COUNTS)
 """The nfacct objects iptables mode may create."""
 
 NFT_TABLES = tuple((table_family(family), TABLE_NAME) for family in (4, 6))
@@ -98,8 +97,8 @@ def cleanup_other_modes(*, mode: Mode, iptables_backend: IptablesBackend | None 
 
 
 def cleanup_all(*, netns: str | None = None) -> list[str]:
-    """Delete our nft tables, our iptables chains and jumps, and the localhost NodePort
-    counter (after the rules that used it); return what was removed.
+    """Delete our nft tables, our iptables chains and jumps, and the nfacct counters (after
+    the rules that used them); return what was removed.
 
     Idempotent: a second run finds nothing and succeeds.
     """

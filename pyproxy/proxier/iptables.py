@@ -96,18 +96,19 @@ class IptProxier:
         chains.update(base.chains)
         return chains
 
-    def _render_service(self, sps: ServicePortState, *, counter: str | None = None) -> IptFragment:
-        """``counter``: the nfacct object to count localhost NodePort connections in; by
-        default the one the last full sync could use (None: no counting rule)."""
-        counting = LOCALHOST.name if LOCALHOST.name in self._counting else None
-        return render.render_service(self.config, sps, localhost_counter=counter or counting)
+    def _counts(self, kc: KernelCount, *, everything: bool) -> bool:
+        """Whether rules count ``kc``: as the last full sync could make them, or, with
+        ``everything``, whenever it is wanted, as on a kernel with nfacct (what ``render`` shows)."""
+        return kc.name in self._counting or (everything and kc in self._wanted_counters())
+
+    def _render_service(self, sps: ServicePortState, *, everything: bool = False) -> IptFragment:
+        counted = self._counts(LOCALHOST, everything=everything)
+        return render.render_service(self.config, sps, localhost_counter=LOCALHOST.name if counted else None)
 
     def _render_base(self, state: DesiredState, *, everything: bool = False) -> IptFragment:
-        """The base chains; ``everything``: with the INVALID drop's counter whether or not the
-        kernel has nfacct (what ``render`` shows)."""
-        counted = everything or INVALID.name in self._counting
+        counted = self._counts(INVALID, everything=everything)
         return render.render_base(self.config, state, drop_invalid=self.drop_invalid,
-                                  invalid_counter=INVALID.name if self.drop_invalid and counted else None)
+                                  invalid_counter=INVALID.name if counted else None)
 
     def _wanted_counters(self) -> list[KernelCount]:
         wanted = [LOCALHOST] if self.config.localhost_nodeports_active else []
@@ -192,14 +193,13 @@ class IptProxier:
             log.log(level, "%s", message)
 
     def render_text(self, state: DesiredState) -> str:
-        """The rules a sync writes, on a kernel that has nfacct (the counting rule included
-        when localhost NodePorts are on: nothing is asked of the kernel here)."""
-        counter = render.LOCALHOST_NODEPORTS_COUNTER if self.config.localhost_nodeports_active else None
+        """The rules a sync writes, on a kernel that has nfacct (the counting rules included:
+        nothing is asked of the kernel here)."""
         base = self._render_base(state, everything=True)
         payload = RestorePayload()
         tops = {}
         for name, sps in state.services.items():
-            frag = self._render_service(sps, counter=counter)
+            frag = self._render_service(sps, everything=True)
             payload.rewrite.update(frag.chains)
             tops[name] = frag.top_rules
         payload.rewrite.update(self._shared_chains(base, tops))
