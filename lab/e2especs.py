@@ -4,6 +4,7 @@
     python3 -m lab.e2especs --full                          # every spec the lab can run (~1 h a proxy)
     python3 -m lab.e2especs --full --proxies pyproxy:nftables,pyproxy:iptables,kube-proxy:nftables,kube-proxy:iptables
     python3 -m lab.e2especs --focus 'session affinity'      # a regex of your own (with the usual skips)
+    python3 -m lab.e2especs --table DIR1 --table DIR2       # one table from earlier runs' --out directories
 
 For each proxy (and mode) a fresh real-node lab comes up (three nodes in three zones, two for
 the quick subset: containerd and the real kubelet; ``lab.cluster``), with the e2e specs' images imported into every node (agnhost, pause,
@@ -316,6 +317,42 @@ def regressions(runs: list[Run]) -> list[str]:
     return out
 
 
+def save_runs(path: Path, runs: list[Run]) -> None:
+    """``runs.json``: written after each proxy's run, so a run stopped later keeps the columns done."""
+    path.write_text(json.dumps([{"proxy": r.proxy, "mode": r.mode, "seconds": r.seconds, "error": r.error,
+                                 "specs": [s.__dict__ for s in r.specs.values()]} for r in runs], indent=1))
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """The runs saved in each ``runs.json`` (a file, or a directory holding one). A column
+    (proxy and mode) met again replaces the earlier one: give the directories oldest first.
+    Columns pair the proxies by mode: pyproxy nftables, kube-proxy nftables, pyproxy iptables..."""
+    by: dict[tuple[str, str], Run] = {}
+    for path in paths:
+        file = path / "runs.json" if path.is_dir() else path
+        for r in json.loads(file.read_text()):
+            by[(r["proxy"], r["mode"])] = Run(proxy=r["proxy"], mode=r["mode"], seconds=float(r["seconds"]),
+                                              error=r.get("error", ""),
+                                              specs={s["name"]: Spec(**s) for s in r["specs"]})
+    return sorted(by.values(), key=lambda r: (r.mode != "nftables", r.mode, r.proxy != "pyproxy", r.proxy))
+
+
+def report(runs: list[Run]) -> int:
+    """Print the table, the failures, the skips and the regressions; the exit status."""
+    print(table(runs))
+    for r in runs:
+        for s in r.specs.values():
+            if s.state not in ("passed", "skipped", "excluded"):
+                print(f"- {r.column}: {s.name}: {s.failure}")
+    print("\nSkipped on purpose:\n" + "\n".join(f"- `{rx}`: {why}" for rx, why in SKIPS))
+    for mode, mode_skips in MODE_SKIPS.items():
+        print("\n".join(f"- in {mode} mode, `{rx}`: {why}" for rx, why in mode_skips))
+    regress = regressions(runs)
+    if regress:
+        print("\nPassed for upstream, failed for pyproxy:\n" + "\n".join(f"- {x}" for x in regress))
+    return 1 if regress or any(r.error for r in runs) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -331,7 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zones", type=int, default=0,
                    help="zones the nodes are spread over, round robin (default: one per node); three "
                         "Traffic Distribution specs need 3 zones of 2 nodes: --nodes 6 --zones 3")
+    p.add_argument("--table", action="append", default=[], metavar="DIR",
+                   help="no run: print the table of earlier runs (a --out directory or its runs.json; "
+                        "repeatable, oldest first: a later run of the same proxy and mode replaces an earlier one)")
     a = p.parse_args(argv)
+    if a.table:
+        missing = [t for t in a.table if not (Path(t) / "runs.json" if Path(t).is_dir() else Path(t)).is_file()]
+        if missing:
+            p.error(f"no runs.json in {', '.join(missing)}: give a directory an earlier --out wrote")
+        return report(load_runs([Path(t) for t in a.table]))
     if os.geteuid() != 0:
         print("e2especs: needs root (the lab's namespaces, containerd and kubelets)", file=sys.stderr)
         return 2
@@ -352,21 +397,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(s.state == 'failed' for s in run.specs.values())} failed in {run.seconds / 60:.1f} min"
               + (f"; {run.error}" if run.error else ""), file=sys.stderr, flush=True)
         runs.append(run)
-    print(table(runs))
-    for r in runs:
-        for s in r.specs.values():
-            if s.state not in ("passed", "skipped", "excluded"):
-                print(f"- {r.column}: {s.name}: {s.failure}")
-    print("\nSkipped on purpose:\n" + "\n".join(f"- `{rx}`: {why}" for rx, why in SKIPS))
-    for mode, mode_skips in MODE_SKIPS.items():
-        print("\n".join(f"- in {mode} mode, `{rx}`: {why}" for rx, why in mode_skips))
-    (out / "runs.json").write_text(json.dumps([{"proxy": r.proxy, "mode": r.mode, "seconds": r.seconds,
-                                                "error": r.error, "specs": [s.__dict__ for s in r.specs.values()]}
-                                               for r in runs], indent=1))
-    regress = regressions(runs)
-    if regress:
-        print("\nPassed for upstream, failed for pyproxy:\n" + "\n".join(f"- {x}" for x in regress))
-    return 1 if regress or any(r.error for r in runs) else 0
+        save_runs(out / "runs.json", runs)
+    return report(runs)
 
 
 if __name__ == "__main__":

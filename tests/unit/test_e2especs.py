@@ -63,3 +63,34 @@ def test_the_repo_list_points_every_registry_at_the_lab(tmp_path):
     for key in ("promoterE2eRegistry", "gcRegistry", "dockerLibraryRegistry", "buildImageRegistry"):
         assert re.search(rf"^{key}: .*lab\.local", text, re.M), key
     assert "registry.k8s.io" not in text
+
+
+def test_earlier_runs_make_one_table_and_a_later_run_of_a_column_replaces_the_earlier(tmp_path, capsys):
+    def run(proxy: str, mode: str, **states: str) -> e.Run:
+        return e.Run(proxy=proxy, mode=mode, seconds=60.0,
+                     specs={n: e.Spec(n, s, failure=f"{n} broke") for n, s in states.items()})
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    e.save_runs(first / "runs.json", [run("kube-proxy", "iptables", a="passed"), run("pyproxy", "nftables", a="failed")])
+    e.save_runs(second / "runs.json", [run("pyproxy", "nftables", a="passed"), run("kube-proxy", "nftables", a="passed")])
+    runs = e.load_runs([first, second / "runs.json"])
+    assert [r.column for r in runs] == ["pyproxy nftables", "kube-proxy nftables", "kube-proxy iptables"]
+    assert runs[0].specs["a"].state == "passed" and runs[0].seconds == 60.0
+    assert e.main(["--table", str(first), "--table", str(second)]) == 0
+    assert "| a | pass | pass | pass |" in capsys.readouterr().out
+    # The older pyproxy run alone fails a spec upstream passes in no column of its mode: no regression,
+    # but with the nftables upstream column beside it, there is one.
+    e.save_runs(second / "runs.json", [run("kube-proxy", "nftables", a="passed")])
+    assert e.main(["--table", str(first), "--table", str(second)]) == 1
+    assert "nftables: a: a broke" in capsys.readouterr().out
+
+
+def test_a_table_of_a_directory_without_runs_says_what_to_give(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        e.main(["--table", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "give a directory an earlier --out wrote" in capsys.readouterr().err
