@@ -44,10 +44,13 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
     with Topology.create(pods=4, client_sources=0) as topo:
         targets = [p.ip for p in topo.pods[:3]]
         objects = cluster(size, endpoints, target_ips=targets)
+        from pyproxy import gcpolicy
+
         t0 = time.perf_counter()
         builder = StateBuilder(node_name="node-1")
-        builder.replace_all(objects)
-        state = builder.build(nodeport_ips=nodeport_ips(node=builder.node, interface_ips=(), cidrs=()))
+        with gcpolicy.paused():  # as the daemon's runner parses a relist and builds a state
+            builder.replace_all(objects)
+            state = builder.build(nodeport_ips=nodeport_ips(node=builder.node, interface_ips=(), cidrs=()))
         out["model_s"] = time.perf_counter() - t0
         # Keep only what the change below needs: a daemon does not hold the listed objects.
         changed = copy.deepcopy(next(o for o in objects if o["metadata"]["name"] == "svc0-a"))
@@ -63,9 +66,8 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
             from pyproxy.proxier.iptables import IptProxier
 
             proxier = IptProxier(config=config, executor=IptablesCli(backend=backend, netns=topo.node_ns))
-        full = proxier.sync(state)
-        from pyproxy import gcpolicy
-
+        with gcpolicy.paused():
+            full = proxier.sync(state)
         gcpolicy.settle()  # as the daemon's runner does after a full sync
         out.update(full_render_s=full.render_seconds, full_apply_s=full.apply_seconds,
                    full_ops=full.operations)
@@ -78,10 +80,11 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
             changed["endpoints"][0]["addresses"] = [f"10.250.{k // 250}.{1 + k % 250}"]
             changed["metadata"]["resourceVersion"] = str(k + 1)
             builder.upsert(copy.deepcopy(changed))
-            t1 = time.perf_counter()
-            state2 = builder.build(nodeport_ips=state.nodeport_ips)
-            model2 = time.perf_counter() - t1
-            part = proxier.sync(state2)
+            with gcpolicy.paused():  # as the runner builds and syncs
+                t1 = time.perf_counter()
+                state2 = builder.build(nodeport_ips=state.nodeport_ips)
+                model2 = time.perf_counter() - t1
+                part = proxier.sync(state2)
             took.append(model2 + part.render_seconds + part.apply_seconds)
             ops.append(part.operations)
         used = {k: v - paths_before.get(k, 0) for k, v in getattr(executor, "paths", {}).items()}

@@ -14,11 +14,19 @@ later full collection walks only what came after: at 10k services one walk of th
 costs a few hundred ms, a stall a daemon would otherwise take at random moments. Frozen objects
 are still freed by reference counting when the state drops them; only a cycle among them would
 stay (none is made by the model).
+
+Bulk work (a relist's or a file's objects parsed, a state built, a sync rendered and encoded)
+runs with the collector paused (:func:`paused`): everything such a step makes either survives
+it (the state) or is freed by reference counting when the step drops it, so a young or middle
+collection in between only walks what it cannot free: ~0.4 s of a cold start at 10k services.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 YOUNG_THRESHOLD = 10_000
 """Allocations (minus deallocations) between two young collections (Python's default: 700)."""
@@ -36,3 +44,27 @@ def configure() -> None:
 def settle() -> None:
     """After a full sync: what is alive now is the long-lived state; keep the collector off it."""
     gc.freeze()
+
+
+_lock = threading.Lock()
+_depth = 0
+_was_enabled = True
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """The collector off for a bulk step, back as it was once the last such step (of any
+    thread: a sync runs in a worker while the event loop parses a relist) has ended."""
+    global _depth, _was_enabled
+    with _lock:
+        if _depth == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _was_enabled:
+                gc.enable()

@@ -117,7 +117,8 @@ class SyncRunner:
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        changed = self.builder.replace(kind, objects)
+        with gcpolicy.paused():  # a relist or a file: thousands of objects parsed at once
+            changed = self.builder.replace(kind, objects)
         if kind == "Node":
             ours = [o for o in objects if self.builder.is_ours(o)]
             self.health.node_deleting = bool(ours) and _deleting(ours[0])
@@ -150,12 +151,14 @@ class SyncRunner:
 
     # -- the loop -----------------------------------------------------------------------
     def _state(self) -> DesiredState:
-        return self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
-                                           interfaces=lambda: self.interface_ips)
+        with gcpolicy.paused():
+            return self.builder.build_for_node(cidrs=self.config.nodeport_addresses,
+                                               interfaces=lambda: self.interface_ips)
 
     def _sync_and_clean(self, state: DesiredState) -> SyncResult:
         """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
-        result = self.proxier.sync(state)
+        with gcpolicy.paused():
+            result = self.proxier.sync(state)
         if result.full:
             gcpolicy.settle()
         if self.cleaner is not None:

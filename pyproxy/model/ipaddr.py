@@ -17,7 +17,7 @@ class BadAddress(ValueError):
     """An address or CIDR that cannot be parsed."""
 
 
-_CANONICAL_V4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+CANONICAL_V4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
                            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
 """A dotted quad already in canonical form (no leading zeros): most addresses, taken at once."""
 
@@ -42,7 +42,7 @@ def canonical_ip(text: object) -> tuple[str, Family]:
     """Return ``(canonical text, family)`` for an IP, family 4 or 6; raise BadAddress."""
     if not isinstance(text, str) or not text.strip():
         raise BadAddress(f"not an IP address: {text!r}")
-    if _CANONICAL_V4.fullmatch(text):
+    if CANONICAL_V4.fullmatch(text):
         return text, 4
     raw = text.strip()
     v4 = _sloppy_v4(raw)

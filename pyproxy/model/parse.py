@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from pyproxy.literals import Family
-from pyproxy.model.ipaddr import BadAddress, canonical_cidr, canonical_ip
+from pyproxy.model.ipaddr import CANONICAL_V4, BadAddress, canonical_cidr, canonical_ip
 from pyproxy.model.names import (
     dns_label_problem,
     dns_subdomain_problem,
@@ -125,12 +125,13 @@ def _labels(obj: dict[str, Any]) -> dict[str, Any]:
     return _mapping(labels, "metadata.labels")
 
 
-def parse_service(obj: dict[str, Any], *, family: Family = 4) -> tuple[ServicePort, ...]:
+def parse_service(obj: dict[str, Any], *, family: Family = 4,
+                  key: tuple[str, str] | None = None) -> tuple[ServicePort, ...]:
     """The ports of one Service for one IP family.
 
     Raises Skipped for Services kube-proxy ignores and Invalid for malformed ones.
     """
-    namespace, name = object_key(obj)
+    namespace, name = key or object_key(obj)
     # Service names are DNS labels (a subdomain's dots are refused by the API server).
     _named(name, "metadata.name", dns_label_problem)
     labels = _labels(obj)
@@ -335,48 +336,60 @@ def _endpoint_name(value: Any, i: int, key: str, problem: Callable[[str], str | 
 def _endpoint(item: Any, i: int, *, family: Family, port: int, seen: set[str]) -> Endpoint:
     """One item of a slice's ``endpoints``. The messages are built only for a bad item: a
     cold start parses every endpoint of the cluster (100k at 10k Services), and formatting
-    each field's name up front was half of the parsing time."""
+    each field's name up front was half of the parsing time. For the same reason the usual
+    values (a canonical dotted quad, conditions that are booleans or absent) are taken inline
+    and anything else goes through the general checks, which give the same result or error."""
     if not isinstance(item, dict):
         _mapping(item, f"endpoints[{i}]")
     addresses = item.get("addresses")
     if not isinstance(addresses, list) or not addresses:
         raise Invalid(f"endpoints[{i}].addresses must be a non-empty list")
     # Like kube-proxy, use the first address only: the API says the others are equivalent.
-    try:
-        ip, fam = canonical_ip(addresses[0])
-    except BadAddress as err:
-        raise Invalid(f"endpoints[{i}].addresses[0]: {err}") from None
-    if fam != family:
-        raise Invalid(f"endpoints[{i}]: {ip} is not IPv{family} but addressType is")
+    ip = addresses[0]
+    if family != 4 or not isinstance(ip, str) or CANONICAL_V4.fullmatch(ip) is None:
+        try:
+            ip, fam = canonical_ip(ip)
+        except BadAddress as err:
+            raise Invalid(f"endpoints[{i}].addresses[0]: {err}") from None
+        if fam != family:
+            raise Invalid(f"endpoints[{i}]: {ip} is not IPv{family} but addressType is")
     if ip in seen:
         raise Invalid(f"endpoints[{i}]: duplicate endpoint {ip}")
     seen.add(ip)
     cond = item.get("conditions") or _NO_CONDITIONS
     if not isinstance(cond, dict):
         _mapping(cond, f"endpoints[{i}].conditions")
-    node_name = item.get("nodeName")
-    zone = item.get("zone")
-    zone_hints, node_hints = _hints(item, i) if item.get("hints") else ((), ())
     # Unknown readiness means ready, and unknown serving means serving: what kube-proxy
     # reads (the API's docs say serving "defers to ready"; upstream ignores that, so a
     # terminating endpoint without the field is a fallback there, and here too — found by
     # the differential test, seed 13).
+    ready, serving, terminating = cond.get("ready"), cond.get("serving"), cond.get("terminating")
+    ready = True if ready is None else ready if ready is True or ready is False else \
+        _condition(cond, "ready", i, default=True)
+    serving = True if serving is None else serving if serving is True or serving is False else \
+        _condition(cond, "serving", i, default=True)
+    terminating = False if terminating is None else terminating if terminating is True or terminating is False \
+        else _condition(cond, "terminating", i, default=False)
+    node_name = item.get("nodeName")
+    zone = item.get("zone")
+    zone_hints, node_hints = _hints(item, i) if item.get("hints") else ((), ())
     return Endpoint(
-        ip=ip,
-        port=port,
-        ready=_condition(cond, "ready", i, default=True),
-        serving=_condition(cond, "serving", i, default=True),
-        terminating=_condition(cond, "terminating", i, default=False),
-        node_name=_endpoint_name(node_name, i, "nodeName", _node_name_problem) if node_name else None,
-        zone=_endpoint_name(zone, i, "zone", _zone_problem) if zone else None,
-        zone_hints=zone_hints,
-        node_hints=node_hints,
+        ip,
+        port,
+        ready,
+        serving,
+        terminating,
+        _endpoint_name(node_name, i, "nodeName", _node_name_problem) if node_name else None,
+        _endpoint_name(zone, i, "zone", _zone_problem) if zone else None,
+        zone_hints,
+        node_hints,
     )
 
 
-def parse_slice(obj: dict[str, Any], *, family: Family = 4) -> ParsedSlice:
-    """One EndpointSlice; raises Skipped (other family, FQDN, headless) or Invalid."""
-    namespace, name = object_key(obj)
+def parse_slice(obj: dict[str, Any], *, family: Family = 4, key: tuple[str, str] | None = None) -> ParsedSlice:
+    """One EndpointSlice; raises Skipped (other family, FQDN, headless) or Invalid. ``key``:
+    its ``object_key``, when the caller has it already (a cold start checks 20k names)."""
+    namespace, name = key or object_key(obj)
     labels = _labels(obj)
     if PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels:
         raise Skipped("not for this proxy (service-proxy-name or headless label)")

@@ -141,15 +141,17 @@ class ObjectStore:
 
     # -- updates ---------------------------------------------------------------------------
 
-    def upsert(self, obj: dict[str, Any]) -> None:
-        """Add or replace one Service, EndpointSlice or Node (others are ignored)."""
+    def upsert(self, obj: dict[str, Any]) -> ObjectKey | None:
+        """Add or replace one Service, EndpointSlice or Node (others are ignored). The key of
+        a Service or slice, None when it has no valid name (reported) or is of another kind."""
         kind = kind_of(obj)
         if kind == "Service":
-            self._upsert_service(obj)
-        elif kind == "EndpointSlice":
-            self._upsert_slice(obj)
-        elif kind == "Node":
+            return self._upsert_service(obj)
+        if kind == "EndpointSlice":
+            return self._upsert_slice(obj)
+        if kind == "Node":
             self._upsert_node(obj)
+        return None
 
     def delete(self, kind: str, key: tuple[str, str]) -> None:
         """Forget an object, as on a watch DELETED event."""
@@ -199,11 +201,9 @@ class ObjectStore:
         self.reports.start_relist(kind)
         seen: set[ObjectKey] = set()
         for obj in objects:
-            try:
-                seen.add(_key(obj))
-            except Invalid:
-                pass  # reported by upsert below
-            self.upsert(obj)
+            key = self.upsert(obj)  # None: nameless (reported)
+            if key is not None:
+                seen.add(key)
         for key in set(store) - seen:
             self.delete(kind, key)
         self.reports.keep_only(kind, seen)
@@ -216,9 +216,9 @@ class ObjectStore:
             self.replace(kind, of_kind)
 
     def _parse(self, kind: str, obj: dict[str, Any], store: dict[ObjectKey, Stored[T]],
-               parse: Callable[..., T]) -> tuple[ObjectKey, Stored[T], Stored[T] | None] | None:
-        """Shared by Services and slices: the key, the new entry and the old one, or None when
-        nothing changed (or the object has no name, which is reported)."""
+               parse: Callable[..., T]) -> tuple[ObjectKey, Stored[T] | None, Stored[T] | None] | None:
+        """Shared by Services and slices: the key, the new entry (None when nothing changed)
+        and the old one; None when the object has no name (reported)."""
         try:
             key = _key(obj)
         except Invalid as err:
@@ -232,10 +232,10 @@ class ObjectStore:
             self.reports.record(kind, key, Invalid(f"cannot be read as an API object: {why(err)}"), obj)
             return key, Stored(None, None), old
         if old is not None and old.stamp == stamp:
-            return None
+            return key, None, old
         parsed = None
         try:
-            parsed = parse(obj, family=self.family)
+            parsed = parse(obj, family=self.family, key=key)
             self.reports.clear(kind, key)
         except (Invalid, Skipped) as err:
             self.reports.record(kind, key, err, obj)
@@ -244,19 +244,24 @@ class ObjectStore:
             self.reports.record(kind, key, Invalid(f"malformed: {why(err)}"), obj)
         return key, Stored(stamp, parsed), old
 
-    def _upsert_service(self, obj: dict[str, Any]) -> None:
+    def _upsert_service(self, obj: dict[str, Any]) -> ObjectKey | None:
         got = self._parse("Service", obj, self.services, parse_service)
-        if got is not None:
-            key, entry, _ = got
+        if got is None:
+            return None
+        key, entry, _ = got
+        if entry is not None:
             self.services[key] = entry
             self._dirty.add(key)
             self.changes += 1
+        return key
 
-    def _upsert_slice(self, obj: dict[str, Any]) -> None:
+    def _upsert_slice(self, obj: dict[str, Any]) -> ObjectKey | None:
         got = self._parse("EndpointSlice", obj, self.slices, parse_slice)
         if got is None:
-            return
+            return None
         key, entry, old = got
+        if entry is None:
+            return key
         self.changes += 1
         if old is not None and old.parsed is not None:
             old_svc = ObjectKey(old.parsed.namespace, old.parsed.service)
@@ -267,6 +272,7 @@ class ObjectStore:
             self.slices_of[svc_key].add(key)
             self._dirty.add(svc_key)
         self.slices[key] = entry
+        return key
 
     def _unlink_slice(self, svc_key: ObjectKey, key: ObjectKey) -> None:
         """Forget that slice ``key`` belongs to ``svc_key``; drop the entry once it is empty, or

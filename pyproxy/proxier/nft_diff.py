@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from operator import itemgetter
 
 from pyproxy.nft.transaction import Transaction
 from pyproxy.render.fragments import NftFragment
@@ -150,14 +151,14 @@ class Phases:
         for name, spec in self.declare_chains:
             tx.add_chain(name, spec)
         # Grouped by set (stable order inside each): runs on one set coalesce into one command.
-        for set_name, key in sorted(self.del_elements, key=lambda e: e[0]):
+        for set_name, key in sorted(self.del_elements, key=itemgetter(0)):
             tx.delete_element(set_name, key)
         for name, rules, existed in self.rewrite:
             if existed:
                 tx.flush_chain(name)
             if rules:
                 tx.add_chain(name, rules=rules)
-        tx.add_elements(sorted(self.add_elements, key=lambda e: e[0]))
+        tx.add_elements(sorted(self.add_elements, key=itemgetter(0)))
         declared = {name for name, _ in self.declare_chains}
         for name in self.gone_chains:
             if name not in declared:  # gone from one fragment, wanted by another: keep it

@@ -21,8 +21,11 @@ a name stays below the kernel's limit of 255 characters."""
 
 
 def _hash(text: str, length: int) -> str:
+    """The first ``length`` base32 characters of the text's SHA-256. Base32 turns each 5 bytes
+    into 8 characters, so only the bytes those characters need are encoded: the same name,
+    for a seventh of the work (the encoder is pure Python, and a cold start names 20k chains)."""
     digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:length]
+    return base64.b32encode(digest[: -(-length // 8) * 5]).decode()[:length]
 
 
 def nft_service_base(spn: ServicePortName) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pyproxy.model.objects import ServicePortName
 
@@ -95,10 +96,11 @@ class Region:
         return first_map_name(self.protocol, self.map)
 
 
-def slot_ranges(count: int) -> list[tuple[int, int]]:
+@lru_cache(maxsize=512)
+def slot_ranges(count: int) -> tuple[tuple[int, int], ...]:
     """The inclusive slot range of each of ``count`` endpoints inside a region (the first
-    endpoint gets the first range)."""
-    return [(k * SLOTS // count, (k + 1) * SLOTS // count - 1) for k in range(count)]
+    endpoint gets the first range). Cached: every Service of a size asks the same."""
+    return tuple((k * SLOTS // count, (k + 1) * SLOTS // count - 1) for k in range(count))
 
 
 PoolKey = tuple[ServicePortName, bool]

@@ -39,6 +39,7 @@ from typing import Any, Self
 import aiohttp
 from prometheus_client import Counter
 
+from pyproxy import gcpolicy
 from pyproxy.backoff import Backoff
 
 log = logging.getLogger("pyproxy.kube")
@@ -221,7 +222,8 @@ class KubeClient:
                     raise Gone("resourceVersion too old")
                 if resp.status != 200:
                     raise HttpError(resp.status, f"GET {path}: HTTP {resp.status}: {_snippet(body)}")
-                data = json.loads(body)
+                with gcpolicy.paused():  # a LIST: tens of thousands of objects at once
+                    data = json.loads(body)
         except ValueError as err:  # not JSON: a proxy's error page, a truncated body
             raise KubeError(f"GET {path}: response is not JSON: {err}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:

@@ -140,6 +140,34 @@ def test_a_big_change_is_split_below_the_attribute_limit():
     assert all(sum(map(len, m.elements)) <= nl.MAX_ELEMENTS_BYTES for m in msgs)
 
 
+def _greedy(sizes: list[int]) -> list[int]:
+    """Elements per message when each message takes elements until the next would not fit."""
+    counts, size = [0], 0
+    for n in sizes:
+        if counts[-1] and size + n > nl.MAX_ELEMENTS_BYTES:
+            counts.append(0)
+            size = 0
+        counts[-1] += 1
+        size += n
+    return counts
+
+
+@pytest.mark.parametrize("sized", ["fixed", "varied"])
+def test_runs_of_fixed_and_varied_sizes_fill_each_message_in_order(sized):
+    tx = Transaction(set_specs=r.sets_for(4))
+    for i in range(10000):
+        ip = f"10.{i // 250}.{i % 250}.1"
+        if sized == "fixed":
+            tx.add_element("hairpin", f"{ip} . {ip}")
+        else:  # verdicts naming chains of different lengths
+            tx.add_element("service-ips", f"{ip} . tcp . 80", f"goto service-{'x' * (i % 37)}")
+    msgs = nl.messages(tx)
+    each = [e for m in msgs for e in m.elements]
+    assert each == [b"".join(nl.elements(op, nl.codec(tx.set_specs[op.name]))) for op in tx.ops]
+    assert [len(m.elements) for m in msgs] == _greedy([len(e) for e in each])
+    assert len(msgs) > 2 and (len({len(e) for e in each}) == 1) == (sized == "fixed")
+
+
 @pytest.mark.parametrize("build", [
     lambda tx: tx.add_chain("service-x", rules=("goto x",)),
     lambda tx: tx.flush_chain("service-x"),

@@ -274,6 +274,40 @@ def test_a_full_sync_moves_the_state_out_of_the_collectors_sight_a_small_one_doe
         gc.unfreeze()
 
 
+def test_relists_and_syncs_run_with_the_collector_paused_and_it_is_back_after() -> None:
+    """gcpolicy.paused: the bulk steps (a relist parsed, a sync) run without the cyclic
+    collector; between them, and once the runner stops, it is on again."""
+    import gc
+
+    seen: list[bool] = []
+
+    async def main() -> None:
+        rig = Rig(Periods(min_sync=0.01, sync=60, full_sync=3600))
+        inner_sync, inner_replace = rig.proxier.sync, rig.runner.builder.replace
+
+        def sync(state: Any) -> SyncResult:
+            seen.append(gc.isenabled())
+            return inner_sync(state)
+
+        def replace(kind: str, objects: list[dict[str, Any]]) -> int:
+            seen.append(gc.isenabled())
+            return inner_replace(kind, objects)
+
+        rig.proxier.sync = sync  # type: ignore[method-assign]
+        rig.runner.builder.replace = replace  # type: ignore[method-assign]
+        rig.feed_all()
+        assert gc.isenabled()
+        task, _ = await rig.start()
+        await until(lambda: len(rig.results) >= 1, "the first sync", timeout=2)
+        await stop(task)
+        assert rig.service_ips() == {"10.96.0.10 . tcp . 80"}
+
+    assert gc.isenabled()
+    run(main)
+    assert seen and not any(seen), seen  # three relists and a sync, each with the collector off
+    assert gc.isenabled()
+
+
 # -- store updates reach the kernel ---------------------------------------------------------------
 
 def test_events_and_relists_reach_the_kernel() -> None:
