@@ -18,7 +18,7 @@ from pyproxy.proxier.base import SyncFailed
 from pyproxy.settings import DEFAULTS, FILE_MIN_SYNC_PERIOD, ConntrackSettings, Settings, SetupError
 from pyproxy.snapshot import FileSource, api_snapshot, file_sources
 from pyproxy.sources.file import SourceError
-from pyproxy.sources.kube import KubeError
+from pyproxy.sources.errors import KubeError
 
 log = logging.getLogger("pyproxy")
 

@@ -7,7 +7,7 @@ import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyproxy.config import ProxyConfig
 from pyproxy.health import AllHealthy, ProxyHealth, health_app, metrics_app, start_site
@@ -15,17 +15,12 @@ from pyproxy.model.objects import DesiredState
 from pyproxy.problems import ProblemLog
 from pyproxy.proxier.base import Proxier
 from pyproxy.runner import FamilyRunners, Periods, SyncRunner
-from pyproxy.service_health import HealthCheckServer, health_checks
 from pyproxy.settings import Settings
 from pyproxy.sources.file import SourceError, follow_file
-from pyproxy.sources.kube import (
-    ENDPOINT_SLICES,
-    SERVICES,
-    KubeClient,
-    Reflector,
-    node_resource,
-    wait_synced,
-)
+
+if TYPE_CHECKING:
+    from pyproxy.service_health import HealthCheckServer
+    from pyproxy.sources.kube import KubeClient
 
 log = logging.getLogger("pyproxy.daemon")
 
@@ -76,7 +71,11 @@ async def serve(config: ProxyConfig, settings: Settings, *,
 
     Dual-stack: one proxier, store and sync loop per family, fed by the same reflectors, so a
     family whose sync fails retries on its own while the other keeps syncing."""
+    # Here, not at the top: ``run --once`` imports this module too, and needs neither the API
+    # client nor the health check servers (aiohttp).
     from pyproxy.cleanup import cleanup_other_modes
+    from pyproxy.service_health import HealthCheckServer, health_checks
+    from pyproxy.sources.kube import ENDPOINT_SLICES, SERVICES, KubeClient, Reflector, node_resource, wait_synced
 
     configs = config.family_configs()
     proxiers = [make_proxier(c, iptables_backend=settings.iptables_backend) for c in configs]

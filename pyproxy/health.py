@@ -7,10 +7,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from aiohttp import web
+from typing import TYPE_CHECKING
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from pyproxy.literals import Mode
+
+if TYPE_CHECKING:
+    # Imported where the servers are made: ``run --once`` keeps only the health state and
+    # never loads aiohttp (a quarter of a second, most of it its TLS contexts).
+    from aiohttp import web
 
 HEALTHZ_TOTAL = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"])
 LIVEZ_TOTAL = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"])
@@ -72,6 +78,8 @@ class AllHealthy:
 
 
 def health_app(health: ProxyHealth | AllHealthy) -> web.Application:
+    from aiohttp import web
+
     async def healthz(_: web.Request) -> web.Response:
         now = time.time()
         ok = health.healthy(now) and not health.node_deleting  # /healthz fails on node deletion
@@ -93,6 +101,8 @@ def health_app(health: ProxyHealth | AllHealthy) -> web.Application:
 
 
 def metrics_app(mode: Mode) -> web.Application:
+    from aiohttp import web
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -106,6 +116,8 @@ def metrics_app(mode: Mode) -> web.Application:
 
 async def start_site(app: web.Application, bind: str) -> web.AppRunner:
     """Serve ``app`` on ``host:port`` (``[v6]:port`` too); returns the runner to clean up."""
+    from aiohttp import web
+
     host, _, port = bind.rpartition(":")
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import NamedTuple
 
 from pyproxy.model.ipaddr import ip_in_cidrs
@@ -34,6 +35,11 @@ class ServicePortName:
         # kube-proxy prints "ns/svc:port", or "ns/svc" for an unnamed port; users grep for it.
         base = f"{self.namespace}/{self.name}"
         return f"{base}:{self.port}" if self.port else base
+
+
+NAME_ORDER = attrgetter("namespace", "name", "port", "protocol")
+"""A sort key giving ServicePortName's own order (its compared fields, in order) in C: sorting
+10k names with the dataclass's ``__lt__`` cost 120k Python calls a full sync."""
 
 
 class Endpoint(NamedTuple):

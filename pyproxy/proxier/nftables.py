@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
 from pyproxy.literals import IptablesBackend, Mode
-from pyproxy.model.objects import DesiredState, ServicePortName, ServicePortState
+from pyproxy.model.objects import NAME_ORDER, DesiredState, ServicePortName, ServicePortState
 from pyproxy.nft.executor import NftError, NftExecutor
 from pyproxy.nft.transaction import Transaction
 from pyproxy.proxier.base import SyncFailed, SyncResult
@@ -79,7 +79,7 @@ class NftProxier:
         base: list[NftFragment] = []
 
         def fragments() -> Iterator[NftFragment]:
-            for k in sorted(state.services):
+            for k in sorted(state.services, key=NAME_ORDER):
                 used: dict[bool, Region] = {}
                 yield self._render_service(state.services[k], place=_placing(alloc, k, used))
                 if used:

@@ -41,6 +41,7 @@ from prometheus_client import Counter
 
 from pyproxy import gcpolicy
 from pyproxy.backoff import Backoff
+from pyproxy.sources.errors import KubeError as KubeError  # re-exported: the client raises it
 
 log = logging.getLogger("pyproxy.kube")
 
@@ -77,10 +78,6 @@ def _keepalive_socket(addr_info: Any) -> socket.socket:
 
 # kube-proxy's informers skip objects carrying either label (see model.parse).
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
-
-
-class KubeError(RuntimeError):
-    """The API server could not be reached or refused us; the message says what to check."""
 
 
 class Relist(KubeError):

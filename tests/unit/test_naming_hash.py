@@ -26,3 +26,12 @@ def test_names_of_a_known_service_port_are_unchanged() -> None:
     assert nft_service_base(spn) == "SUSTUHLJ-default/web/tcp/http"
     assert ipt_service_hash(spn) == "CDGGSHYLG3RE2FKL"
     assert len(ipt_endpoint_hash(spn, Endpoint(ip="10.244.1.5", port=8080))) == 16
+
+
+def test_the_c_sort_key_orders_service_port_names_as_their_own_comparison_does() -> None:
+    from pyproxy.model.objects import NAME_ORDER
+
+    rng = random.Random(3)
+    names = [ServicePortName(rng.choice(["a", "b", "ns"]), rng.choice(["web", "db", "w"]),
+                             rng.choice(["", "http", "dns"]), rng.choice(["tcp", "udp", "sctp"])) for _ in range(400)]
+    assert sorted(names, key=NAME_ORDER) == sorted(names)

@@ -1,4 +1,5 @@
-"""pyproxy.gcpolicy: the collector paused for bulk steps, in any thread, and restored."""
+"""Cold start: the collector paused for bulk steps (any thread) and restored; what the
+``run --once`` path leaves unloaded."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def test_a_step_that_fails_restores_the_collector_and_one_already_off_stays_off(
         assert not gc.isenabled()  # whoever turned it off turns it on
     finally:
         gc.enable()
+
+
+def test_the_once_path_loads_no_api_client_and_no_http_server() -> None:
+    """``run --once`` with a file imports the command line and the daemon's apply_once only:
+    aiohttp (~0.25 s of a cold start, most of it its TLS contexts) stays unloaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pyproxy.cli, pyproxy.daemon, pyproxy.health, pyproxy.snapshot; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'kubernetes_asyncio')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout
