@@ -48,7 +48,7 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
 
         t0 = time.perf_counter()
         builder = StateBuilder(node_name="node-1")
-        with gcpolicy.paused():  # as the daemon's runner parses a relist and builds a state
+        with gcpolicy.paused(settle=True):  # as the daemon's runner parses a relist and builds a state
             builder.replace_all(objects)
             state = builder.build(nodeport_ips=nodeport_ips(node=builder.node, interface_ips=(), cidrs=()))
         out["model_s"] = time.perf_counter() - t0
@@ -68,7 +68,7 @@ def _one(mode: str, size: int, endpoints: int, samples: int, backend: str, chang
             proxier = IptProxier(config=config, executor=IptablesCli(backend=backend, netns=topo.node_ns))
         with gcpolicy.paused():
             full = proxier.sync(state)
-        gcpolicy.settle()  # as the daemon's runner does after a full sync
+            gcpolicy.settle()  # as the daemon's runner does after a full sync
         out.update(full_render_s=full.render_seconds, full_apply_s=full.apply_seconds,
                    full_ops=full.operations)
 

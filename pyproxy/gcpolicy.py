@@ -52,9 +52,15 @@ _was_enabled = True
 
 
 @contextmanager
-def paused() -> Iterator[None]:
+def paused(*, settle: bool = False) -> Iterator[None]:
     """The collector off for a bulk step, back as it was once the last such step (of any
-    thread: a sync runs in a worker while the event loop parses a relist) has ended."""
+    thread: a sync runs in a worker while the event loop parses a relist) has ended.
+
+    ``settle``: what the step leaves alive is long-lived (a relist parsed into the store) or
+    about to be freed by reference counting (a decoded LIST): :func:`settle` it as the step
+    ends. Otherwise the first young collection after it walks everything the step made (0.15
+    s after decoding a 10k-Service file). Only for rare steps (relists, files, full syncs): a
+    cyclic garbage object still uncollected when they end stays for good (see the module)."""
     global _depth, _was_enabled
     with _lock:
         if _depth == 0:
@@ -63,6 +69,8 @@ def paused() -> Iterator[None]:
         _depth += 1
     try:
         yield
+        if settle:
+            gc.freeze()
     finally:
         with _lock:
             _depth -= 1

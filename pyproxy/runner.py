@@ -117,7 +117,7 @@ class SyncRunner:
 
     # -- fed by reflectors --------------------------------------------------------------
     def on_replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
-        with gcpolicy.paused():  # a relist or a file: thousands of objects parsed at once
+        with gcpolicy.paused(settle=True):  # a relist or a file: thousands of objects parsed at once
             changed = self.builder.replace(kind, objects)
         if kind == "Node":
             ours = [o for o in objects if self.builder.is_ours(o)]
@@ -159,8 +159,8 @@ class SyncRunner:
         """In a worker thread: sync, then drop UDP conntrack entries the new rules orphaned."""
         with gcpolicy.paused():
             result = self.proxier.sync(state)
-        if result.full:
-            gcpolicy.settle()
+            if result.full:  # before the collector is back, so it never walks the new state
+                gcpolicy.settle()
         if self.cleaner is not None:
             self.cleaner.after_sync(state)
         return result

@@ -115,7 +115,7 @@ def _load_yaml_in_child(data: bytes, path: str) -> list[Any]:
 def _parse(data: bytes, text: str, path: str) -> list[Any]:
     if text.lstrip()[:1] in ("{", "["):
         try:
-            with gcpolicy.paused():  # the whole cluster's objects at once
+            with gcpolicy.paused(settle=True):  # the whole cluster's objects at once
                 return [json.loads(text)]
         except RecursionError:
             raise SourceError(f"{path}: JSON nested too deeply; a Kubernetes object nests about "

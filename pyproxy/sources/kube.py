@@ -219,7 +219,7 @@ class KubeClient:
                     raise Gone("resourceVersion too old")
                 if resp.status != 200:
                     raise HttpError(resp.status, f"GET {path}: HTTP {resp.status}: {_snippet(body)}")
-                with gcpolicy.paused():  # a LIST: tens of thousands of objects at once
+                with gcpolicy.paused(settle=True):  # a LIST: tens of thousands of objects at once
                     data = json.loads(body)
         except ValueError as err:  # not JSON: a proxy's error page, a truncated body
             raise KubeError(f"GET {path}: response is not JSON: {err}") from None

@@ -56,3 +56,26 @@ def test_the_once_path_loads_no_api_client_and_no_http_server() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'kubernetes_asyncio')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_settled_step_leaves_what_it_made_out_of_the_collectors_sight_a_plain_one_does_not() -> None:
+    class Made:
+        pass
+
+    gc.unfreeze()
+    try:
+        with gcpolicy.paused(settle=True):
+            kept = [Made() for _ in range(3)]
+        assert gc.get_freeze_count() > 0 and not any(o is kept for o in gc.get_objects())
+        gc.unfreeze()
+        with gcpolicy.paused():
+            other = [Made() for _ in range(3)]
+        assert gc.get_freeze_count() == 0 and any(o is other for o in gc.get_objects())
+        try:
+            with gcpolicy.paused(settle=True):
+                raise KeyError("a failed step settles nothing")
+        except KeyError:
+            pass
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
+    finally:
+        gc.unfreeze()
