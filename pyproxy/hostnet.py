@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 
-from pyroute2 import IPRoute
-
 from pyproxy.literals import Family
 
 CAPABILITY_BITS = {"NET_ADMIN": 12, "NET_RAW": 13}
@@ -15,6 +13,10 @@ CAPABILITY_BITS = {"NET_ADMIN": 12, "NET_RAW": 13}
 def interface_ips(family: Family = 4) -> tuple[str, ...]:
     """Every address of one family on the namespace's interfaces, loopback included (callers
     filter); IPv6 link-local addresses are left out (a NodePort there would need a zone)."""
+    # Imported here: most starts never need it (the Node names the addresses), and pyroute2
+    # takes 0.2 s to import.
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         msgs = ipr.get_addr(family=socket.AF_INET6 if family == 6 else socket.AF_INET)
         addrs = [msg.get_attr("IFA_ADDRESS") for msg in msgs]

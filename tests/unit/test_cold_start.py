@@ -47,13 +47,15 @@ def test_a_step_that_fails_restores_the_collector_and_one_already_off_stays_off(
 
 
 def test_the_once_path_loads_no_api_client_and_no_http_server() -> None:
-    """``run --once`` with a file imports the command line and the daemon's apply_once only:
-    aiohttp (~0.25 s of a cold start, most of it its TLS contexts) stays unloaded."""
+    """``run --once`` with a file imports the command line, the daemon's apply_once and the
+    cleanup of other modes: aiohttp (~0.25 s, most of it its TLS contexts) and pyroute2 (0.2 s;
+    only for interface addresses, which a Node object makes unneeded) stay unloaded."""
     import subprocess
     import sys
 
-    code = ("import sys, pyproxy.cli, pyproxy.daemon, pyproxy.health, pyproxy.snapshot; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'kubernetes_asyncio')))")
+    code = ("import sys, pyproxy.cli, pyproxy.daemon, pyproxy.health, pyproxy.snapshot, pyproxy.hostnet, "
+            "pyproxy.cleanup; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('aiohttp', 'kubernetes_asyncio', 'pyroute2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
 
