@@ -6,7 +6,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
