@@ -324,16 +324,18 @@ def save_runs(path: Path, runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
-    """The runs saved in each ``runs.json`` (a file, or a directory holding one). A column
-    (proxy and mode) met again replaces the earlier one: give the directories oldest first.
+    """The runs saved in each ``runs.json`` (a file, or a directory holding one), oldest first:
+    a column (proxy and mode) met again takes the later run's result for each spec that run
+    holds (a focused rerun of the failures updates those rows only) and adds its minutes.
     Columns pair the proxies by mode: pyproxy nftables, kube-proxy nftables, pyproxy iptables..."""
     by: dict[tuple[str, str], Run] = {}
     for path in paths:
         file = path / "runs.json" if path.is_dir() else path
         for r in json.loads(file.read_text()):
-            by[(r["proxy"], r["mode"])] = Run(proxy=r["proxy"], mode=r["mode"], seconds=float(r["seconds"]),
-                                              error=r.get("error", ""),
-                                              specs={s["name"]: Spec(**s) for s in r["specs"]})
+            run = by.setdefault((r["proxy"], r["mode"]), Run(proxy=r["proxy"], mode=r["mode"]))
+            run.specs.update({s["name"]: Spec(**s) for s in r["specs"]})
+            run.seconds += float(r["seconds"])
+            run.error = r.get("error", "")  # the latest run's: an earlier failure was retried
     return sorted(by.values(), key=lambda r: (r.mode != "nftables", r.mode, r.proxy != "pyproxy", r.proxy))
 
 
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                         "Traffic Distribution specs need 3 zones of 2 nodes: --nodes 6 --zones 3")
     p.add_argument("--table", action="append", default=[], metavar="DIR",
                    help="no run: print the table of earlier runs (a --out directory or its runs.json; "
-                        "repeatable, oldest first: a later run of the same proxy and mode replaces an earlier one)")
+                        "repeatable, oldest first: a later run's result of a spec replaces an earlier one's)")
     a = p.parse_args(argv)
     if a.table:
         missing = [t for t in a.table if not (Path(t) / "runs.json" if Path(t).is_dir() else Path(t)).is_file()]

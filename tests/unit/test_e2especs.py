@@ -65,25 +65,27 @@ def test_the_repo_list_points_every_registry_at_the_lab(tmp_path):
     assert "registry.k8s.io" not in text
 
 
-def test_earlier_runs_make_one_table_and_a_later_run_of_a_column_replaces_the_earlier(tmp_path, capsys):
+def test_earlier_runs_make_one_table_and_a_later_run_updates_the_specs_it_holds(tmp_path, capsys):
     def run(proxy: str, mode: str, **states: str) -> e.Run:
         return e.Run(proxy=proxy, mode=mode, seconds=60.0,
                      specs={n: e.Spec(n, s, failure=f"{n} broke") for n, s in states.items()})
 
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
-    second.mkdir()
-    e.save_runs(first / "runs.json", [run("kube-proxy", "iptables", a="passed"), run("pyproxy", "nftables", a="failed")])
-    e.save_runs(second / "runs.json", [run("pyproxy", "nftables", a="passed"), run("kube-proxy", "nftables", a="passed")])
-    runs = e.load_runs([first, second / "runs.json"])
+    full, rerun = tmp_path / "full", tmp_path / "rerun"
+    full.mkdir()
+    rerun.mkdir()
+    e.save_runs(full / "runs.json", [run("kube-proxy", "iptables", a="passed", b="passed"),
+                                     run("pyproxy", "nftables", a="failed", b="passed")])
+    # a focused rerun of the failure, and the nftables upstream column
+    e.save_runs(rerun / "runs.json", [run("pyproxy", "nftables", a="passed"), run("kube-proxy", "nftables", a="passed")])
+    runs = e.load_runs([full, rerun / "runs.json"])
     assert [r.column for r in runs] == ["pyproxy nftables", "kube-proxy nftables", "kube-proxy iptables"]
-    assert runs[0].specs["a"].state == "passed" and runs[0].seconds == 60.0
-    assert e.main(["--table", str(first), "--table", str(second)]) == 0
-    assert "| a | pass | pass | pass |" in capsys.readouterr().out
-    # The older pyproxy run alone fails a spec upstream passes in no column of its mode: no regression,
-    # but with the nftables upstream column beside it, there is one.
-    e.save_runs(second / "runs.json", [run("kube-proxy", "nftables", a="passed")])
-    assert e.main(["--table", str(first), "--table", str(second)]) == 1
+    assert {n: s.state for n, s in runs[0].specs.items()} == {"a": "passed", "b": "passed"}
+    assert runs[0].seconds == 120.0  # both runs' minutes
+    assert e.main(["--table", str(full), "--table", str(rerun)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | pass | pass | pass |" in out and "| b | pass | - | pass |" in out
+    # given the other way round, the older failure is the latest word: a regression
+    assert e.main(["--table", str(rerun), "--table", str(full)]) == 1
     assert "nftables: a: a broke" in capsys.readouterr().out
 
 
