@@ -336,9 +336,9 @@ def _endpoint_name(value: Any, i: int, key: str, problem: Callable[[str], str | 
 def _endpoint(item: Any, i: int, *, family: Family, port: int, seen: set[str]) -> Endpoint:
     """One item of a slice's ``endpoints``. The messages are built only for a bad item: a
     cold start parses every endpoint of the cluster (100k at 10k Services), and formatting
-    each field's name up front was half of the parsing time. For the same reason the usual
-    values (a canonical dotted quad, conditions that are booleans or absent) are taken inline
-    and anything else goes through the general checks, which give the same result or error."""
+    each field's name up front was half of the parsing time. For the same reason a canonical
+    dotted quad is taken as it is and any other address goes through canonical_ip, which
+    gives the same result or error."""
     if not isinstance(item, dict):
         _mapping(item, f"endpoints[{i}]")
     addresses = item.get("addresses")
@@ -363,13 +363,9 @@ def _endpoint(item: Any, i: int, *, family: Family, port: int, seen: set[str]) -
     # reads (the API's docs say serving "defers to ready"; upstream ignores that, so a
     # terminating endpoint without the field is a fallback there, and here too — found by
     # the differential test, seed 13).
-    ready, serving, terminating = cond.get("ready"), cond.get("serving"), cond.get("terminating")
-    ready = True if ready is None else ready if ready is True or ready is False else \
-        _condition(cond, "ready", i, default=True)
-    serving = True if serving is None else serving if serving is True or serving is False else \
-        _condition(cond, "serving", i, default=True)
-    terminating = False if terminating is None else terminating if terminating is True or terminating is False \
-        else _condition(cond, "terminating", i, default=False)
+    ready = _condition(cond, "ready", i, default=True)
+    serving = _condition(cond, "serving", i, default=True)
+    terminating = _condition(cond, "terminating", i, default=False)
     node_name = item.get("nodeName")
     zone = item.get("zone")
     zone_hints, node_hints = _hints(item, i) if item.get("hints") else ((), ())
