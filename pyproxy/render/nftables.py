@@ -93,7 +93,13 @@ def sets_for(family: Family) -> dict[str, str]:
         "no-endpoint-nodeports": "type inet_proto . inet_service : verdict ; comment \"NodePorts with no endpoints\" ;",
         "firewall-ips": f"type {key} : verdict ; comment \"LB IPs subject to loadBalancerSourceRanges\" ;",
         "hairpin": f"type {addr} . {addr} ; comment \"endpoint . itself: a pod sent to itself is masqueraded\" ;",
+        CLUSTER_IP_PORTS: f"type {key} ; comment \"ClusterIP ports served here: from outside the pod network, masqueraded\" ;",
     }
+
+
+CLUSTER_IP_PORTS = "cluster-ip-ports"
+"""ClusterIP . protocol . port of every service port with a chain: the one rule in ``services``
+that marks their traffic from outside the pod network for masquerade looks them up."""
 
 
 SHARED_SETS = frozenset({"hairpin", "cluster-ips"})
@@ -132,6 +138,7 @@ def render_base(config: ProxyConfig, state: DesiredState, *,
             "ct state new jump cluster-ips-check",
         ),
         "services": (
+            *_masquerade_outsiders(config),
             f"{a} daddr . meta l4proto . th dport vmap @service-ips",
             f"{a} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ),
@@ -159,7 +166,7 @@ def render_base(config: ProxyConfig, state: DesiredState, *,
     elements = {("nodeport-ips", ip): "" for ip in state.nodeport_ips}
     sets = sets_for(config.family)
     if len(config.cluster_cidrs) > 1 and not config.masquerade_all:
-        # Several pod networks: a comparison each (see _masquerade_unless_pod).
+        # Several pod networks: a comparison each (see _masquerade_outsiders).
         chains[MASQ_UNLESS_POD] = (*(f"{a} saddr {cidr} return" for cidr in config.cluster_cidrs),
                                    "goto mark-for-masquerade")
     for protocol, count in (endpoint_maps or {}).items():
@@ -217,16 +224,12 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
 
     service_chain, local_chain = names.cluster, names.local
     masq: list[str] = []
-    # ClusterIP traffic only: the external chain also goes to the service chain, and marks its
-    # own. A Service with no external address is reached from its ClusterIP alone, so the match
-    # would always hold: left out (5 expressions a Service; at 44k Services, 30% of the load).
-    match = f"{a} daddr {svc.cluster_ip} {proto} dport {svc.port} " if svc.externally_accessible else ""
     if config.masquerade_all:
+        # ClusterIP traffic only: the external chain also goes to the service chain, and marks
+        # its own. A Service with no external address is reached from its ClusterIP alone, so
+        # the match would always hold: left out.
+        match = f"{a} daddr {svc.cluster_ip} {proto} dport {svc.port} " if svc.externally_accessible else ""
         masq.append(f"{match}jump mark-for-masquerade")
-    elif config.cluster_cidrs:
-        # Traffic from outside the pod network is masqueraded so replies come back through
-        # this node; pod traffic keeps its source IP (the Kubernetes network model).
-        masq.append(f"{match}{_masquerade_unless_pod(config)}")
 
     local = policy.local
     if not svc.affinity_timeout:
@@ -281,6 +284,12 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
         chains[service_chain] = pick(endpoints, pool_local=False)
     if local:
         chains[local_chain] = pick(local, pool_local=True)
+    if config.cluster_cidrs and not config.masquerade_all and (policy.cluster_pool_used or local):
+        # Traffic from outside the pod network is masqueraded so replies come back through
+        # this node; pod traffic keeps its source IP (the Kubernetes network model). One rule
+        # in ``services`` for every Service (a rule a chain was a fifth of a cold start's nft
+        # work at 44k Services): its ClusterIP port joins the set that rule looks up.
+        elements[(CLUSTER_IP_PORTS, cip_key)] = ""
     if not policy.internal_local:
         elements[("service-ips", cip_key)] = f"goto {service_chain}"
     elif local:
@@ -300,7 +309,7 @@ def render_service(config: ProxyConfig, sps: ServicePortState, *, place: Place |
             rules = []
             # Pods reaching an external address are treated like a trip out to the load
             # balancer and back: every endpoint, no masquerade. A comparison per pod network,
-            # never a set (see _masquerade_unless_pod).
+            # never a set (see _masquerade_outsiders).
             rules += [f'{a} saddr {cidr} goto {service_chain} comment "short-circuit pod traffic"'
                       for cidr in config.cluster_cidrs]
             rules += [
@@ -331,14 +340,22 @@ MASQ_UNLESS_POD = "mark-for-masquerade-unless-pod"
 """With several --cluster-cidr: returns for a source in any of them, else marks for masquerade."""
 
 
-def _masquerade_unless_pod(config: ProxyConfig) -> str:
-    """The rule's end that marks traffic from outside the pod network for masquerade. One CIDR
-    is a plain comparison (``!= { C }``, which nft writes as one); several jump to a shared
-    chain with a comparison each. Never a set: an interval set made by a full sync cannot be
-    searched until its commit has finished, after the rules went live (see
-    pyproxy.render.slots), so for a few milliseconds pod traffic would be masqueraded; and an
-    inline set of several would be an anonymous set in every service chain (10k sets, and the
-    kernel's walk over set names is quadratic)."""
+def _masquerade_outsiders(config: ProxyConfig) -> tuple[str, ...]:
+    """The rule of ``services`` that marks ClusterIP traffic from outside the pod network for
+    masquerade (none with --masquerade-all, where each service chain marks all of its own, or
+    without --cluster-cidr). It matches exactly the packets the service chains' own rule
+    matched before: those to a ClusterIP port that has a chain (:data:`CLUSTER_IP_PORTS`), by
+    the same key the dispatch map uses, so an external address that happens to equal another
+    Service's ClusterIP is not caught.
+
+    One CIDR is a plain comparison (``!= { C }``, which nft writes as one); several jump to a
+    shared chain with a comparison each. Never an interval set: one made by a full sync cannot
+    be searched until its commit has finished, after the rules went live (see
+    pyproxy.render.slots), so for a few milliseconds pod traffic would be masqueraded."""
+    if not config.cluster_cidrs or config.masquerade_all:
+        return ()
+    a = table_family(config.family)
+    lookup = f"{a} daddr . meta l4proto . th dport @{CLUSTER_IP_PORTS}"
     if len(config.cluster_cidrs) == 1:
-        return f"{table_family(config.family)} saddr != {{ {config.cluster_cidrs[0]} }} jump mark-for-masquerade"
-    return f"jump {MASQ_UNLESS_POD}"
+        return (f"{a} saddr != {{ {config.cluster_cidrs[0]} }} {lookup} jump mark-for-masquerade",)
+    return (f"{lookup} jump {MASQ_UNLESS_POD}",)

@@ -69,7 +69,8 @@ def test_render_is_deterministic(capsys):
 def test_render_masquerade_flags(capsys):
     _, out, _ = _render(capsys, "--source-file", DEMO, "--hostname-override", "node-a",
                         "--cluster-cidr", "10.244.0.0/16", "--iptables-masquerade-bit", "3")
-    assert "ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade" in out
+    assert ("ip saddr != { 10.244.0.0/16 } ip daddr . meta l4proto . th dport @cluster-ip-ports "
+            "jump mark-for-masquerade") in out
     assert "meta mark set meta mark or 0x8" in out
 
 

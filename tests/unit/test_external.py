@@ -270,7 +270,10 @@ def test_nft_ipv6():
     frag = nft.render_service(cfg, _v6_state(affinity_timeout=30))
     rules = " ; ".join(r for chain in frag.chains.values() for r in chain)
     assert "dnat to [fd00:244:1::10]:8080" in rules and "update @affinity-" in rules
-    assert "ip6 saddr != { fd00:244::/32 }" in rules and "{ ip6 saddr }" in rules
+    assert "{ ip6 saddr }" in rules
+    assert "ip6 saddr != { fd00:244::/32 } ip6 daddr . meta l4proto . th dport @cluster-ip-ports " \
+        "jump mark-for-masquerade" in base.chains["services"]
+    assert ("cluster-ip-ports", "fd00:96::10 . tcp . 80") in frag.elements
     assert all(spec.startswith("type ipv6_addr") for spec in frag.sets.values())
 
 

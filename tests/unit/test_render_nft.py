@@ -172,34 +172,51 @@ def test_no_affinity_no_affinity_sets():
 
 
 @pytest.mark.parametrize(
-    ("config", "want"),
+    ("config", "shared", "want"),
     [
+        # With --cluster-cidr one rule of "services" marks the traffic of every ClusterIP port
+        # in the set (the chain has no rule of its own).
         (ProxyConfig(cluster_cidrs=("10.244.0.0/16",)),
-         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != { 10.244.0.0/16 } jump mark-for-masquerade"),
+         "ip saddr != { 10.244.0.0/16 } ip daddr . meta l4proto . th dport @cluster-ip-ports "
+         "jump mark-for-masquerade", None),
         (ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16")),  # a shared chain: see below
-         "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade-unless-pod"),
-        (ProxyConfig(masquerade_all=True),
+         "ip daddr . meta l4proto . th dport @cluster-ip-ports jump mark-for-masquerade-unless-pod", None),
+        # --masquerade-all: the service chain marks all of its ClusterIP traffic itself.
+        (ProxyConfig(masquerade_all=True), None,
          "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"),
-        (ProxyConfig(masquerade_all=True, cluster_cidrs=("10.244.0.0/16",)),
+        (ProxyConfig(masquerade_all=True, cluster_cidrs=("10.244.0.0/16",)), None,
          "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"),
-        (ProxyConfig(), None),
+        (ProxyConfig(), None, None),
     ],
     ids=["one-cidr", "two-cidrs", "masquerade-all", "all-wins", "neither"],
 )
-def test_masquerade_rule(config, want):
+def test_masquerade_rule(config, shared, want):
+    base = r.render_base(config, DesiredState())
+    assert [rule for rule in base.chains["services"] if "masquerade" in rule] == ([shared] if shared else [])
+    assert base.chains["services"][-2].endswith("vmap @service-ips")  # marked before the dispatch
     # With a NodePort the service chain is also reached from the external chain: the rule
     # names the ClusterIP and port.
-    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30, node_port=30080)))
+    frag = r.render_service(config, sps(THREE, affinity=30, node_port=30080))
+    _, rules = _service_chain(frag)
     masq = [rule for rule in rules if "mark-for-masquerade" in rule]
+    assert (("cluster-ip-ports", "10.96.0.10 . tcp . 80") in frag.elements) == (shared is not None)
     if want is None:
         assert masq == []
     else:
         assert masq == [want]
         assert rules[0] == want  # before affinity and the random choice
     # Without any external address it is reached from its ClusterIP alone: no match needed.
-    _, rules = _service_chain(r.render_service(config, sps(THREE, affinity=30)))
-    if want is not None:
-        assert rules[0] == want.removeprefix("ip daddr 10.96.0.10 tcp dport 80 ")
+    frag = r.render_service(config, sps(THREE, affinity=30))
+    _, rules = _service_chain(frag)
+    masq = [rule for rule in rules if "mark-for-masquerade" in rule]
+    assert masq == (["jump mark-for-masquerade"] if want else [])
+    assert (("cluster-ip-ports", "10.96.0.10 . tcp . 80") in frag.elements) == (shared is not None)
+
+
+def test_cluster_ip_ports_only_for_ports_with_a_chain():
+    cfg = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
+    assert not any(k[0] == "cluster-ip-ports" for k in r.render_service(cfg, sps([])).elements)
+    assert ("cluster-ip-ports", "10.96.0.10 . tcp . 80") in r.render_service(cfg, sps(THREE)).elements
 
 
 def test_nodeport_external_chain():
