@@ -279,11 +279,41 @@ def _pair4(text: str) -> bytes:
     return _ipv4(a) + _ipv4(b)
 
 
+_PROTOCOL_REGISTERS = {name: bytes([number]) + b"\0\0\0" for name, number in PROTOCOLS.items()}
+
+
+def _service4(text: str) -> bytes:
+    """``ip . protocol . port`` (the dispatch maps' key) as three registers; only the protocol's
+    name (the renderer's form: a number goes the general way)."""
+    ip, sep, rest = text.partition(" . ")
+    proto, sep2, port = rest.partition(" . ")
+    if not (sep and sep2 and port.isascii() and port.isdigit()):
+        raise ValueError(text)
+    return _ipv4(ip) + _PROTOCOL_REGISTERS[proto] + _PORTS[int(port)]
+
+
 _FAST_VALUES: dict[tuple[str, ...], Callable[[str], bytes]] = {
     ("ipv4_addr",): _ipv4,
     _ADDR_PORT4: _endpoint4,
     ("ipv4_addr", "ipv4_addr"): _pair4,
+    ("ipv4_addr", "inet_proto", "inet_service"): _service4,
 }
+
+_CHAIN_VERDICTS = {word: nla(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[word])) for word in ("goto", "jump")}
+_NLA = struct.Struct("=HH")
+
+
+def _chain_verdict(text: str) -> bytes:
+    """``goto CHAIN`` or ``jump CHAIN`` as map data (what :func:`_verdict` gives), for the
+    renderer's form only: one space, no other whitespace around the chain's name."""
+    word, _, chain = text.partition(" ")
+    code = _CHAIN_VERDICTS[word]
+    if not chain or " " in chain or chain != chain.strip():
+        raise ValueError(text)
+    name = chain.encode() + b"\0"
+    size = 4 + len(name)
+    inner = code + _NLA.pack(size, NFTA_VERDICT_CHAIN) + name + b"\0" * (-size % 4)
+    return _NLA.pack(4 + len(inner), NFTA_DATA_VERDICT | NLA_F_NESTED) + inner
 
 
 def encoder(c: Codec, verb: str) -> Encoder:
@@ -330,13 +360,22 @@ def encoder(c: Codec, verb: str) -> Encoder:
             return one.pack(one.size, _LIST_KEY, 12, _KEY, 8, NFTA_DATA_VALUE, number.to_bytes(4, order),
                             16, _DATA, _VALUE_HEAD + data)
         return numbered
+    if key_fn is not None and add and c.data == ("verdict",):
+        def verdict(op: Op) -> bytes:
+            try:
+                key = key_fn(op.body)
+                data = _chain_verdict(op.value)
+            except (ValueError, OSError, IndexError, KeyError):
+                return general(op)
+            return _element(key, data=data)
+        return verdict
     if key_fn is not None and (c.data is None or not add):
         layouts: dict[int, struct.Struct] = {}
 
         def plain(op: Op) -> bytes:
             try:
                 key = key_fn(op.body)
-            except (ValueError, OSError, IndexError):
+            except (ValueError, OSError, IndexError, KeyError):
                 return general(op)
             klen = len(key)
             layout = layouts.get(klen)

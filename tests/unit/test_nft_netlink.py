@@ -269,6 +269,9 @@ def test_the_fast_encoders_give_the_general_paths_bytes_or_its_error(family):
            "::1", "fd00::1", "a", "10.0.0.1 . 65536", "10.0.0.1 . -1", "10.0.0.1 . ²", "10.0.0.1 . 80"]
     endpoints = ["10.0.0.1 . 80", "10.0.0.1 . 0", "10.0.0.1 . 65535", "fd00::1 . 80"] + odd
     keys = good4 + ["fd00::1", "10.0.0.1 . 10.0.0.2", "10.0.0.1 . tcp . 80", "fd00::1 . udp . 53",
+                    "10.0.0.1 . sctp . 65535", "10.0.0.1 . udp . 53", "10.0.0.1 . 6 . 80", "10.0.0.1 . TCP . 80", "10.0.0.1 .  tcp . 80",
+                    "10.0.0.1 . tcp . 80 ", " 10.0.0.1 . tcp . 80", "10.0.0.1 . tcp . 0", "10.0.0.1 . tcp . 65536",
+                    "10.0.0.1 . icmp . 80", "10.0.0.1 . tcp", "10.0.0.1 . tcp . 80 . 1", "10.1 . tcp . 80",
                     "0", "7", "4294967295", "4294967296", "-1", "0-1225223", "5-4", "0-4294967295",
                     "3-4294967294", "x-y"] + odd
     specs = dict(r.sets_for(family))
@@ -281,7 +284,9 @@ def test_the_fast_encoders_give_the_general_paths_bytes_or_its_error(family):
         for verb in ("add", "delete"):
             for key in keys:
                 for value in (endpoints if verb == "add" and c.data not in (None, ("verdict",))
-                              else ["goto service-X", "jump a/b", "drop", "goto", "bogus"]
+                              else ["goto service-X", "jump a/b", "drop", "goto", "bogus", "goto  x", "goto x ",
+                                    " goto x", "jump x y", "goto \tx", "goto x\t", "return", "accept",
+                                    "goto " + "c" * 60, "goto é/ü", "goto abc", "goto abcd", "goto abcde"]
                               if verb == "add" and c.data == ("verdict",) else [""]):
                     op = Op(verb, "element", name, key, value)
                     assert _fast(op, c) == _general(op, c), (name, verb, key, value)
