@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Protocol
 
 from pyproxy import metrics
@@ -29,9 +29,10 @@ class NftExecutor(Protocol):
     def run(self, tx: Transaction) -> None:
         """Apply ``tx`` atomically or raise NftError and change nothing."""
 
-    def run_in_order(self, parts: Sequence[Transaction]) -> None:
+    def run_in_order(self, parts: Iterable[Transaction]) -> None:
         """Apply ``parts`` one after the other, each atomically, stopping at the first that is
-        refused (NftError). Not atomic as a whole: only for a table nothing uses yet."""
+        refused (NftError). Not atomic as a whole: only for a table nothing uses yet. A
+        generator's next part may be made while the previous one is applied."""
 
     def table_exists(self, family: str, table: str) -> bool: ...
 
@@ -74,10 +75,11 @@ class NftCli:
             return
         self._run_nft(tx)
 
-    def run_in_order(self, parts: Sequence[Transaction]) -> None:
-        """As :meth:`NftExecutor.run_in_order`; while ``nft`` parses one part (a cold start's
-        chains and rules, ~1 s at 10k services), the next element-only part is encoded for
-        netlink on this thread (~2 s): the nft process runs on the other CPU meanwhile."""
+    def run_in_order(self, parts: Iterable[Transaction]) -> None:
+        """As :meth:`NftExecutor.run_in_order`; while ``nft`` takes one part (a cold start's
+        chains and rules), the next one is made (a generator renders it) and, if it holds
+        elements only, encoded for netlink on this thread: the nft process runs on the other
+        CPU meanwhile. A part goes to the kernel only once the previous one is in."""
         running: threading.Thread | None = None
         failed: list[BaseException] = []
 
@@ -214,7 +216,7 @@ class FakeNft:
         self.tables = tables
         self.transactions.append(tx)
 
-    def run_in_order(self, parts: Sequence[Transaction]) -> None:
+    def run_in_order(self, parts: Iterable[Transaction]) -> None:
         for tx in parts:
             self.run(tx)
 

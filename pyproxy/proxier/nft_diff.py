@@ -143,6 +143,33 @@ class Phases:
 
     def write(self, tx: Transaction) -> None:
         tx.set_specs = {**self.specs, **tx.set_specs}
+        self._declare(tx)
+        # Grouped by set (stable order inside each): runs on one set coalesce into one command.
+        for set_name, key in sorted(self.del_elements, key=itemgetter(0)):
+            tx.delete_element(set_name, key)
+        self._fill(tx)
+        tx.add_elements(sorted(self.add_elements, key=itemgetter(0)))
+        declared = {name for name, _ in self.declare_chains}
+        for name in self.gone_chains:
+            if name not in declared:  # gone from one fragment, wanted by another: keep it
+                tx.flush_chain(name)
+
+    def write_chains(self, tx: Transaction) -> None:
+        """Only the sets and chains queued so far, then forget them; the elements stay queued
+        for :meth:`write_elements`. For a cold start in parts, where nothing is ever deleted:
+        each part declares again the sets its rules name, as :meth:`write` does."""
+        tx.set_specs = {**self.specs, **tx.set_specs}
+        self._declare(tx)
+        self._fill(tx)
+        self.declare_sets, self.declare_chains, self.rewrite, self.named = {}, [], [], set()
+
+    def write_elements(self, tx: Transaction) -> None:
+        """The element additions queued (see :meth:`write_chains`)."""
+        tx.set_specs = {**self.specs, **tx.set_specs}
+        tx.add_elements(sorted(self.add_elements, key=itemgetter(0)))
+
+    def _declare(self, tx: Transaction) -> None:
+        """Declare the new sets, the sets rewritten rules name, and the new chains (empty)."""
         for ref in sorted(self.named):
             if ref in self.specs:
                 self.declare_sets.setdefault(ref, self.specs[ref])
@@ -150,19 +177,14 @@ class Phases:
             tx.add_set(name, spec)
         for name, spec in self.declare_chains:
             tx.add_chain(name, spec)
-        # Grouped by set (stable order inside each): runs on one set coalesce into one command.
-        for set_name, key in sorted(self.del_elements, key=itemgetter(0)):
-            tx.delete_element(set_name, key)
+
+    def _fill(self, tx: Transaction) -> None:
+        """Write the rules of new and changed chains (a changed one flushed first)."""
         for name, rules, existed in self.rewrite:
             if existed:
                 tx.flush_chain(name)
             if rules:
                 tx.add_chain(name, rules=rules)
-        tx.add_elements(sorted(self.add_elements, key=itemgetter(0)))
-        declared = {name for name, _ in self.declare_chains}
-        for name in self.gone_chains:
-            if name not in declared:  # gone from one fragment, wanted by another: keep it
-                tx.flush_chain(name)
 
 
 def full_transaction(fragments: Iterable[NftFragment], *, family: str, table: str,

@@ -21,6 +21,11 @@ from pyproxy.render.slots import Place, Region, SlotAllocator
 log = logging.getLogger("pyproxy.nftables")
 
 TABLE_COMMENT = "rules for pyproxy"
+COLD_START_PARTS = 8
+"""A cold start sends its chains in about this many ``nft -f`` parts (see
+:meth:`NftProxier._cold_start_parts`)."""
+COLD_START_MIN_PART = 1000
+"""...of at least this many service ports each (an nft run costs a few milliseconds itself)."""
 ELEMENT = "element"
 """Garbage kind of a shared set's element (``"set { key }"``) no service port holds any more."""
 
@@ -57,6 +62,9 @@ class NftProxier:
         self._pools: dict[ServicePortName, dict[bool, Region]] = {}
         """Where the kernel holds each service port's pools (cluster: False, local: True)."""
         self.needs_full = True
+        self.cold_start_part: int | None = None
+        """Service ports per part of a cold start (None: :data:`COLD_START_PARTS` parts of at
+        least :data:`COLD_START_MIN_PART`); tests make it small to load many parts."""
 
     def render_text(self, state: DesiredState) -> str:
         tx, _ = self._full_transaction(state, SlotAllocator(), {}, self._phases(full=True))
@@ -111,37 +119,46 @@ class NftProxier:
             except NeedsFullSync as why:
                 log.info("full sync needed: %s", why)
                 full = True
-        if full:
-            changed = len(state.services)
-            phases = self._phases(full=True)
-            # A fresh layout: the whole table is replaced, so every pool may move.
-            self._alloc, self._pools = SlotAllocator(), {}
-            tx, base = self._full_transaction(state, self._alloc, self._pools, phases)
-            garbage: dict[str, tuple[str, float]] = {}
-        else:
-            tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
-            phases.write(tx)
-            garbage = self._collect(phases, tx)
-        t1 = time.perf_counter()
-        if tx.ops:
-            try:
-                if full and not self.executor.table_exists(self.family, self.table):
-                    # A cold start: no table, so nothing depends on this one being atomic. The
-                    # chains, rules and set declarations go first (nft -f), then every element
-                    # in one netlink batch, which the kernel takes ~3x faster than nft parses
-                    # them (10k services: 200k endpoint and hairpin elements in ~1 s against
-                    # ~2.7 s). Services appear all at once with their dispatch elements.
-                    # Over an existing table (a restart) the one transaction keeps the old
-                    # rules serving until the new ones are complete.
-                    self.executor.run_in_order(tx.split_elements())
+        garbage: dict[str, tuple[str, float]] = {}
+        cold = False
+        try:
+            if full:
+                changed = len(state.services)
+                phases = self._phases(full=True)
+                # A fresh layout: the whole table is replaced, so every pool may move.
+                self._alloc, self._pools = SlotAllocator(), {}
+                cold = not self.executor.table_exists(self.family, self.table)
+            if cold:
+                # A cold start: no table, so nothing depends on it being built atomically.
+                # The chains go in parts, each to nft -f while the next is rendered, then every
+                # element in one netlink batch (which the kernel takes ~3x faster than nft
+                # parses them: 10k services, 200k elements in ~1 s against ~2.7 s). Services
+                # appear all at once with their dispatch elements, in that last batch.
+                made: list[NftFragment] = []
+                timing = [0.0, 0]
+                self.executor.run_in_order(self._cold_start_parts(state, phases, made=made, timing=timing))
+                base = made[0]
+                render_s, operations = timing[0], int(timing[1])
+                t1 = t0 + render_s
+            else:
+                if full:
+                    # Over an existing table (a restart) one transaction keeps the old rules
+                    # serving until the new ones are complete.
+                    tx, base = self._full_transaction(state, self._alloc, self._pools, phases)
                 else:
+                    tx = Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
+                    phases.write(tx)
+                    garbage = self._collect(phases, tx)
+                operations = len(tx.ops)
+                t1 = time.perf_counter()
+                if tx.ops:
                     self.executor.run(tx)
-            except NftError as err:
-                metrics.NFT_SYNC_FAILURES.inc()
-                # The kernel kept the old ruleset, but our model may now be wrong about it:
-                # rebuild everything next time.
-                self.needs_full = True
-                raise SyncFailed(f"nft refused the ruleset (previous rules kept): {err}") from err
+        except NftError as err:
+            metrics.NFT_SYNC_FAILURES.inc()
+            # The kernel kept the old ruleset, but our model may now be wrong about it (or, on
+            # a cold start, holds part of the new one): rebuild everything next time.
+            self.needs_full = True
+            raise SyncFailed(f"nft refused the ruleset (previous rules kept): {err}") from err
         t2 = time.perf_counter()
         self._base = base
         self._refs = phases.counted()
@@ -150,9 +167,61 @@ class NftProxier:
         self._garbage = garbage
         self.needs_full = False
         return SyncResult(
-            full=full, operations=len(tx.ops), changed_services=changed,
+            full=full, operations=operations, changed_services=changed,
             render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
+
+    def _cold_start_parts(self, state: DesiredState, phases: Phases, *, made: list[NftFragment],
+                          timing: list[float]) -> Iterator[Transaction]:
+        """A cold start's transactions, made as they are asked for: the table and its fixed
+        chains and sets with the first service ports' chains, the next ports' chains part after
+        part, then every element (shared elements counted in ``phases``). The executor runs
+        each part through nft while the next is rendered (at 44k Services nft's work on the
+        chains, ~3.5 s of CPU, went after the whole render, ~2 s; now beside it). Each part
+        declares again the maps its rules name (nft resolves ``@map`` from the script). The
+        final base fragment goes to ``made``; ``timing`` gets the seconds spent rendering
+        (between the parts) and the number of operations."""
+        started = time.perf_counter()
+        alloc, pools = self._alloc, self._pools
+        names = sorted(state.services, key=NAME_ORDER)
+        size = self.cold_start_part or max(COLD_START_MIN_PART, -(-len(names) // COLD_START_PARTS))
+
+        def part() -> Transaction:
+            return Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
+
+        def hand_over(tx: Transaction) -> Iterator[Transaction]:
+            timing[0] += time.perf_counter() - started
+            timing[1] += len(tx.ops)
+            yield tx
+
+        tx = part()
+        tx.add_table()
+        tx.delete_table()
+        tx.add_table(TABLE_COMMENT)
+        fixed = self._render_base(state, maps={})
+        phases.diff(None, fixed)
+        chunks = [names[at:at + size] for at in range(0, len(names), size)] or [[]]
+        for i, chunk in enumerate(chunks):
+            for k in chunk:
+                used: dict[bool, Region] = {}
+                phases.diff(None, self._render_service(state.services[k], place=_placing(alloc, k, used)))
+                if used:
+                    pools[k] = used
+            if i < len(chunks) - 1:
+                # The maps opened so far: their declarations, for the parts whose rules name them.
+                phases.specs.update(self._render_base(state, maps=alloc.maps()).sets)
+            else:
+                # The last part declares every map (again, a no-op, for those made before).
+                base = self._render_base(state, maps=alloc.maps())
+                phases.diff(fixed, base)
+                made.append(base)
+            phases.write_chains(tx)
+            yield from hand_over(tx)
+            started = time.perf_counter()
+            tx = part()
+        phases.write_elements(tx)
+        phases.release()
+        yield from hand_over(tx)
 
     def _diff_services(self, state: DesiredState, phases: Phases) -> int:
         """Queue the changes of every service port that differs from what the kernel holds;

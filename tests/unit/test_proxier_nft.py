@@ -684,3 +684,65 @@ def test_a_sync_after_a_build_renders_only_what_the_builder_says_changed(monkeyp
     assert not proxier.sync(other).full
     assert rendered == ["svc-7", "svc-7"]  # the walk found the one port that differs (its slice went)
     assert _same(fake.dump(), _fresh_table(other))
+
+
+def _varied_cluster() -> list[dict]:
+    """Service ports of every shape a part may hold: plain, NodePort, affinity, UDP, none."""
+    objs = [NODE, *_web(node_port=30080), *_other()]
+    for i in range(12):
+        objs += service_objects(i, endpoints=i % 4, node_port=30100 + i if i % 3 == 0 else None,
+                                affinity=30 if i % 5 == 0 else None)
+    return objs
+
+
+def test_a_cold_start_in_parts_leaves_what_one_transaction_leaves():
+    """A cold start sends its chains in parts (each while the next is rendered), then every
+    element: the table ends as a full sync over an existing table leaves it, and each part
+    declares the sets its rules name (nft resolves ``@set`` from its own script)."""
+    state = build(_varied_cluster(), nodeport_ips=("192.168.1.1",))
+    proxier, fake = _proxier()
+    proxier.cold_start_part = 2
+    result = proxier.sync(state)
+    assert result.full and result.operations == sum(len(tx.ops) for tx in fake.transactions)
+    *chains, elements = fake.transactions
+    assert len(chains) == -(-len(state.services) // 2) >= 7
+    assert {op.kind for op in elements.ops} == {"element"}
+    assert all("element" not in {op.kind for op in tx.ops} for tx in chains)
+    for tx in chains:
+        declared = {op.name for op in tx.ops if op.kind in ("set", "map")}
+        named = {ref for op in tx.ops if op.kind == "chain" for rule in op.rules for ref in _SET_REF.findall(rule)}
+        assert named <= declared, named - declared
+    # The same state again over the table: one transaction, the same table.
+    restart, again = _proxier()
+    again.tables = copy.deepcopy(fake.tables)
+    assert restart.sync(state).full and len(again.transactions) == 1
+    assert _same(fake.dump(), again.dump())
+    # Both layouts give every pool its own region: the same lookups, the same endpoints.
+    assert fake_dnat_targets(fake.dump()) == fake_dnat_targets(again.dump())
+    # And the proxier goes on from the parts it applied: a change is a diff.
+    objs = _varied_cluster()
+    objs[2]["endpoints"][0]["addresses"] = ["10.244.1.9"]
+    changed = build(objs, nodeport_ips=("192.168.1.1",))
+    assert not proxier.sync(changed).full
+    assert _same(fake.dump(), _fresh_table(changed))
+
+
+def test_a_refused_part_stops_the_cold_start_and_the_next_sync_starts_over():
+    class RefusesSecond(FakeNft):
+        runs = 0
+
+        def run(self, tx):
+            self.runs += 1
+            if self.runs == 2:
+                self.fail_next = "Error: No such file or directory"
+            super().run(tx)
+
+    state = build(_varied_cluster(), nodeport_ips=("192.168.1.1",))
+    fake = RefusesSecond()
+    proxier = NftProxier(config=CFG, executor=fake, gc_period=0)
+    proxier.cold_start_part = 3
+    with pytest.raises(SyncFailed, match="No such file"):
+        proxier.sync(state)
+    assert len(fake.transactions) == 1 and proxier.needs_full  # no element was sent
+    assert proxier.sync(state).full  # over the half-built table: one transaction replaces it
+    assert _same(fake.dump(), _fresh_table(state))
