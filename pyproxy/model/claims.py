@@ -60,11 +60,15 @@ class Claims:
 
         Owners go first (a changed owner keeps what it still wants), then the rest in name
         order; Services that were in conflict go last, so they never take over a claim."""
+        # Each Service's claims are made once here (a cold start settles every Service).
+        wants: dict[ObjectKey, list[Claim]] = {}
         for key in changed:
-            self._release(key, keep=wanted(key))
+            want = wants[key] = wanted(key)
+            if key in self._held:
+                self._release(key, keep=want)
         for key in sorted(changed - set(self.conflicts)) + sorted(self.conflicts):
             self.conflicts.pop(key, None)
-            want = wanted(key)
+            want = wants[key] if key in wants else wanted(key)
             clash = next(((c, self._owner[c]) for c in want if self._owner.get(c, key) != key), None)
             if clash is not None:
                 claim, owner = clash
