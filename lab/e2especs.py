@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -277,6 +278,11 @@ def run_one(proxy: str, mode: str, *, focus: list[str], out: Path, timeout_minut
     return run
 
 
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 # -- the report -------------------------------------------------------------------------------
 
 MARK = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "pending": "skip", "excluded": "excluded", "timedout": "FAIL (timeout)",
@@ -388,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown proxy {', '.join(bad)}: choose from {', '.join(PROXIES)}")
     focus = a.focus or (FOCUS if a.full else QUICK)
     out = Path(a.out or f"/tmp/e2especs-{time.strftime('%Y%m%d-%H%M%S')}")
+    # A kill or a closed terminal unwinds like Ctrl-C, so the lab of the column running (its
+    # namespaces, kubelets and containerds) is taken down on the way out.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     runs = []
     for item in chosen:
         proxy, mode = item.split(":")
