@@ -76,10 +76,11 @@ class NftCli:
         self._run_nft(tx)
 
     def run_in_order(self, parts: Iterable[Transaction]) -> None:
-        """As :meth:`NftExecutor.run_in_order`; while ``nft`` takes one part (a cold start's
-        chains and rules), the next one is made (a generator renders it) and, if it holds
-        elements only, encoded for netlink on this thread: the nft process runs on the other
-        CPU meanwhile. A part goes to the kernel only once the previous one is in."""
+        """As :meth:`NftExecutor.run_in_order`. Each part is applied on a thread of its own, nft
+        for chains and rules, netlink for elements, while this thread makes the next part (a
+        generator renders it) and encodes it: nft and the kernel's work on a batch run on the
+        other CPU meanwhile (both wait outside the interpreter). A part goes to the kernel only
+        once the previous one is in."""
         running: threading.Thread | None = None
         failed: list[BaseException] = []
 
@@ -89,9 +90,10 @@ class NftCli:
             if failed:
                 raise failed[0]
 
-        def nft_in_background(tx: Transaction) -> None:
+        def apply(tx: Transaction, batch: list[Message] | None) -> None:
             try:
-                self._run_nft(tx)
+                if batch is None or not self._send(tx, batch):
+                    self._run_nft(tx)
             except BaseException as err:  # noqa: BLE001 - raised on the caller's thread by wait()
                 failed.append(err)
 
@@ -103,10 +105,7 @@ class NftCli:
                 continue
             batch = self._encode(tx)
             wait()
-            running = None
-            if batch is not None and self._send(tx, batch):
-                continue
-            running = threading.Thread(target=nft_in_background, args=(tx,), name="nft-f")
+            running = threading.Thread(target=apply, args=(tx, batch), name="nft-apply")
             running.start()
         wait()
 

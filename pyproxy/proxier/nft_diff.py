@@ -17,7 +17,7 @@ the single atomic transaction:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import itemgetter
 
 from pyproxy.nft.transaction import Transaction
@@ -189,10 +189,15 @@ class Phases:
         self._fill(tx)
         self.declare_sets, self.declare_chains, self.rewrite, self.named = {}, [], [], set()
 
-    def write_elements(self, tx: Transaction) -> None:
-        """The element additions queued (see :meth:`write_chains`)."""
+    def write_elements(self, tx: Transaction, *, only: Callable[[str], bool] | None = None) -> None:
+        """The element additions queued (see :meth:`write_chains`), or only those of the sets
+        ``only`` picks, which are then forgotten (the others stay queued)."""
         tx.set_specs = {**self.specs, **tx.set_specs}
-        tx.add_elements(sorted(self.add_elements, key=itemgetter(0)))
+        items = self.add_elements
+        if only is not None:
+            items = [e for e in self.add_elements if only(e[0])]
+            self.add_elements = [e for e in self.add_elements if not only(e[0])]
+        tx.add_elements(sorted(items, key=itemgetter(0)))
 
     def _declare(self, tx: Transaction) -> None:
         """Declare the new sets, the sets rewritten rules name, and the new chains (empty)."""

@@ -32,7 +32,16 @@ from pyproxy.model.objects import DesiredState, Endpoint, ServicePortState
 from pyproxy.model.policy import traffic_policy
 from pyproxy.render.fragments import NftFragment
 from pyproxy.render.naming import ServiceChains, nft_comment
-from pyproxy.render.slots import SLOTS, Place, SlotAllocator, first_map_name, map_name, slot_ranges
+from pyproxy.render.slots import (
+    FIRST_PREFIX,
+    MAP_PREFIX,
+    SLOTS,
+    Place,
+    SlotAllocator,
+    first_map_name,
+    map_name,
+    slot_ranges,
+)
 
 TABLE_NAME = "pyproxy"
 
@@ -109,6 +118,14 @@ the ports of one Service that share its ClusterIP): an element stays while any o
 
 
 SETS = sets_for(4)
+
+
+def reached_through_dispatch(set_name: str) -> bool:
+    """Whether a set's elements matter only to packets a dispatch element (``service-ips`` and
+    the like) has sent to a service chain: the endpoint and first-endpoint maps, and the
+    hairpin pairs (marked only after a DNAT). A cold start loads them part by part, before the
+    dispatch elements that make any Service reachable."""
+    return set_name.startswith((MAP_PREFIX, FIRST_PREFIX)) or set_name == "hairpin"
 
 
 def render_base(config: ProxyConfig, state: DesiredState, *,

@@ -16,6 +16,7 @@ from pyproxy.nft.executor import FakeNft, FakeTable
 from pyproxy.proxier import nftables as nft_proxier
 from pyproxy.proxier.base import SyncFailed
 from pyproxy.proxier.nftables import NftProxier
+from pyproxy.render import nftables as nft_render
 from pyproxy.render.nftables import SETS
 from tests import scenario as sc
 from tests.nftlayout import canonical_fake
@@ -119,7 +120,7 @@ def test_identical_resync_sends_nothing():
     proxier.sync(build(objs))
     result = proxier.sync(build(copy.deepcopy(objs)))  # equal but not identical states
     assert not result.full and result.operations == 0 and result.changed_services == 0
-    assert len(fake.transactions) == 2  # the first sync's two (a cold start), then nothing
+    assert len(fake.transactions) == 3  # the first sync's three (a cold start), then nothing
 
 
 def test_identical_resync_from_the_same_builder_sends_nothing():
@@ -403,9 +404,10 @@ def test_render_text_is_the_full_transaction_and_changes_nothing():
     assert text.startswith("add table ip pyproxy\ndelete table ip pyproxy\n")
     assert "10.96.0.10 . tcp . 80 : goto service-" in text
     proxier.sync(state)
-    # A cold start applies it in two parts (structure, then elements); over a table, at once.
-    structure, elements = fake.transactions
-    assert {op.kind for op in elements.ops} == {"element"} and "element" not in {op.kind for op in structure.ops}
+    # A cold start applies it in parts (structure, endpoint data, dispatch); over a table, at once.
+    structure, data, dispatch = fake.transactions
+    assert "element" not in {op.kind for op in structure.ops}
+    assert {op.kind for op in data.ops} == {op.kind for op in dispatch.ops} == {"element"}
     proxier.needs_full = True
     proxier.sync(state)
     assert fake.transactions[-1].render() == text
@@ -704,14 +706,25 @@ def test_a_cold_start_in_parts_leaves_what_one_transaction_leaves():
     proxier.cold_start_part = 2
     result = proxier.sync(state)
     assert result.full and result.operations == sum(len(tx.ops) for tx in fake.transactions)
-    *chains, elements = fake.transactions
-    assert len(chains) == -(-len(state.services) // 2) >= 7
-    assert {op.kind for op in elements.ops} == {"element"}
+    *pairs, dispatch = fake.transactions
+    chains, data = pairs[0::2], pairs[1::2]
+    assert len(chains) == len(data) == -(-len(state.services) // 2) >= 7
     assert all("element" not in {op.kind for op in tx.ops} for tx in chains)
-    for tx in chains:
-        declared = {op.name for op in tx.ops if op.kind in ("set", "map")}
-        named = {ref for op in tx.ops if op.kind == "chain" for rule in op.rules for ref in _SET_REF.findall(rule)}
+    # Each part's endpoint data goes right after its chains, into maps declared by then; what
+    # makes a Service reachable (dispatch, ClusterIPs) comes last, at once.
+    declared_so_far: set[str] = set()
+    for part, elems in zip(chains, data):
+        declared = {op.name for op in part.ops if op.kind in ("set", "map")}
+        named = {ref for op in part.ops if op.kind == "chain" for rule in op.rules for ref in _SET_REF.findall(rule)}
         assert named <= declared, named - declared
+        declared_so_far |= declared
+        assert {op.kind for op in elems.ops} <= {"element"}
+        assert {op.name for op in elems.ops} <= declared_so_far
+        assert all(nft_render.reached_through_dispatch(op.name) for op in elems.ops)
+    assert {op.kind for op in dispatch.ops} == {"element"}
+    assert not any(nft_render.reached_through_dispatch(op.name) for op in dispatch.ops)
+    assert {"service-ips", "cluster-ips", "service-nodeports"} <= {op.name for op in dispatch.ops}
+    assert sum(len(tx.ops) for tx in data) > 0
     # The same state again over the table: one transaction, the same table.
     restart, again = _proxier()
     again.tables = copy.deepcopy(fake.tables)
