@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyproxy import metrics
@@ -38,6 +39,11 @@ class NftExecutor(Protocol):
 
     def delete_table(self, family: str, table: str) -> bool:
         """Delete a table if present; True if it was there."""
+
+
+AHEAD = 4
+"""Parts a cold start may have made and encoded beyond the one being applied (each holds
+~1/8 of the chains or of the endpoint data)."""
 
 
 class NftCli:
@@ -76,38 +82,41 @@ class NftCli:
         self._run_nft(tx)
 
     def run_in_order(self, parts: Iterable[Transaction]) -> None:
-        """As :meth:`NftExecutor.run_in_order`. Each part is applied on a thread of its own, nft
-        for chains and rules, netlink for elements, while this thread makes the next part (a
-        generator renders it) and encodes it: nft and the kernel's work on a batch run on the
-        other CPU meanwhile (both wait outside the interpreter). A part goes to the kernel only
-        once the previous one is in."""
-        running: threading.Thread | None = None
+        """As :meth:`NftExecutor.run_in_order`. The parts are applied in order by one thread,
+        nft for chains and rules, netlink for elements, while this thread makes the next parts
+        (a generator renders them) and encodes them, up to :data:`AHEAD` parts ahead: nft and
+        the kernel's work on a batch run on the other CPU meanwhile (both wait outside the
+        interpreter). A part goes to the kernel only once the previous one is in; after a
+        refused one, no other is applied."""
+        jobs: queue.Queue[tuple[Transaction, list[Message] | None] | None] = queue.Queue(maxsize=AHEAD)
         failed: list[BaseException] = []
 
-        def wait() -> None:
-            if running is not None:
-                running.join()
-            if failed:
-                raise failed[0]
+        def apply() -> None:
+            while (job := jobs.get()) is not None:
+                if failed:
+                    continue  # refused before: the rest is dropped
+                tx, batch = job
+                try:
+                    if batch is None or not self._send(tx, batch):
+                        self._run_nft(tx)
+                except BaseException as err:  # noqa: BLE001 - raised on the caller's thread below
+                    failed.append(err)
 
-        def apply(tx: Transaction, batch: list[Message] | None) -> None:
-            try:
-                if batch is None or not self._send(tx, batch):
-                    self._run_nft(tx)
-            except BaseException as err:  # noqa: BLE001 - raised on the caller's thread by wait()
-                failed.append(err)
-
-        for tx in parts:
-            if tx.error:
-                wait()
-                raise NftError(f"transaction not run: {tx.error}")
-            if not tx.ops:
-                continue
-            batch = self._encode(tx)
-            wait()
-            running = threading.Thread(target=apply, args=(tx, batch), name="nft-apply")
-            running.start()
-        wait()
+        applier = threading.Thread(target=apply, name="nft-apply")
+        applier.start()
+        try:
+            for tx in parts:
+                if failed:
+                    break
+                if tx.error:
+                    raise NftError(f"transaction not run: {tx.error}")
+                if tx.ops:
+                    jobs.put((tx, self._encode(tx)))
+        finally:
+            jobs.put(None)
+            applier.join()
+        if failed:
+            raise failed[0]
 
     def _run_nft(self, tx: Transaction) -> None:
         proc = self._nft("-f", "-", stdin=tx.render_bytes())
