@@ -292,3 +292,29 @@ def test_the_fast_encoders_give_the_general_paths_bytes_or_its_error(family):
                     assert _fast(op, c) == _general(op, c), (name, verb, key, value)
                     compared += 1
     assert compared > 500
+
+
+def test_parts_go_in_order_and_stop_at_one_that_cannot_run(tmp_path, monkeypatch):
+    """Parts made ahead are applied one at a time, in order; a part that cannot run stops the
+    rest (the ones before it stay applied: a cold start's table is rebuilt by the next sync)."""
+    from pyproxy.nft.executor import NftCli, NftError
+
+    log = tmp_path / "log"
+    cli = NftCli(binary=_fake_nft(tmp_path, f"cat > /dev/null; sleep 0.1; echo nft >> {log}\n"))
+    monkeypatch.setattr(cli, "_send", lambda tx, batch: bool(log.open("a").write(f"netlink {len(batch)}\n")))
+
+    def parts(bad: bool):
+        for k in range(3):
+            chains, elements = _cold_start_parts()
+            yield chains
+            yield elements
+            if bad and k == 1:
+                broken = Transaction()
+                broken.add_chain("no;good")
+                yield broken
+    cli.run_in_order(parts(bad=False))
+    assert log.read_text().split("\n")[:-1] == ["nft", "netlink 1"] * 3
+    log.unlink()
+    with pytest.raises(NftError, match="transaction not run"):
+        cli.run_in_order(parts(bad=True))
+    assert log.read_text().split("\n")[:-1] == ["nft", "netlink 1"] * 2
