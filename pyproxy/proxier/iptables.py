@@ -314,6 +314,12 @@ class IptProxier:
     def cleanup(self) -> bool:
         """Remove our jumps and chains from this backend; True if anything was there."""
         found = False
+        self.needs_full = True
+        self._shared = {}
+        self._top_rules = {}
+        self._applied = {}
+        if not self.executor.holds_chains(IPT_PREFIX):
+            return found  # nothing of ours, and so no jump to it either
         for table, chain, args in render.HOOK_JUMPS:
             found |= self.executor.delete_jump(table, chain, args)
         payload = RestorePayload()
@@ -323,8 +329,4 @@ class IptProxier:
         if payload:
             found = True
             self.executor.restore(payload)
-        self.needs_full = True
-        self._shared = {}
-        self._top_rules = {}
-        self._applied = {}
         return found
