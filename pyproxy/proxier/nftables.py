@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping
 
 from pyproxy import metrics
@@ -129,17 +130,15 @@ class NftProxier:
                 self._alloc, self._pools = SlotAllocator(), {}
                 cold = not self.executor.table_exists(self.family, self.table)
             if cold:
-                # A cold start: no table, so nothing depends on it being built atomically.
-                # The chains go in parts, each to nft -f while the next is rendered, then every
-                # element in one netlink batch (which the kernel takes ~3x faster than nft
-                # parses them: 10k services, 200k elements in ~1 s against ~2.7 s). Services
-                # appear all at once with their dispatch elements, in that last batch.
-                made: list[NftFragment] = []
-                timing = [0.0, 0]
-                self.executor.run_in_order(self._cold_start_parts(state, phases, made=made, timing=timing))
-                base = made[0]
-                render_s, operations = timing[0], int(timing[1])
-                t1 = t0 + render_s
+                # A cold start: no table, so nothing depends on it being built atomically. It
+                # goes in parts, applied while the next is rendered (see _cold_start_parts);
+                # the elements over netlink, which the kernel takes ~3x faster than nft parses
+                # them (10k services, 200k elements: ~1 s against ~2.7 s).
+                record = _ColdStart()
+                self.executor.run_in_order(self._cold_start_parts(state, phases, record))
+                assert record.base is not None  # the parts were all made
+                base, operations = record.base, record.operations
+                t1 = t0 + record.render_seconds
             else:
                 if full:
                     # Over an existing table (a restart) one transaction keeps the old rules
@@ -171,8 +170,7 @@ class NftProxier:
             render_seconds=t1 - t0, apply_seconds=t2 - t1,
         )
 
-    def _cold_start_parts(self, state: DesiredState, phases: Phases, *, made: list[NftFragment],
-                          timing: list[float]) -> Iterator[Transaction]:
+    def _cold_start_parts(self, state: DesiredState, phases: Phases, record: _ColdStart) -> Iterator[Transaction]:
         """A cold start's transactions, made as they are asked for: the table and its fixed
         chains and sets with the first service ports' chains, then those ports' endpoint data
         (:func:`~pyproxy.render.nftables.reached_through_dispatch`), the next ports' chains and
@@ -181,20 +179,15 @@ class NftProxier:
         rendered: at 44k Services nft's work on the chains (~3.5 s of CPU) went after the whole
         render (~2 s), and at 10k the kernel's commit of the elements (~0.6 s) after it too;
         now both run beside it. Each part declares again the maps its rules name (nft resolves
-        ``@map`` from the script). The final base fragment goes to ``made``; ``timing`` gets
-        the seconds spent rendering (between the parts) and the number of operations."""
-        started = time.perf_counter()
+        ``@map`` from the script). ``record`` gets the final base fragment, the seconds spent
+        rendering (between the parts) and the number of operations."""
+        record.started = time.perf_counter()
         alloc, pools = self._alloc, self._pools
         names = sorted(state.services, key=NAME_ORDER)
         size = self.cold_start_part or max(COLD_START_MIN_PART, -(-len(names) // COLD_START_PARTS))
 
         def part() -> Transaction:
             return Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
-
-        def hand_over(tx: Transaction) -> Iterator[Transaction]:
-            timing[0] += time.perf_counter() - started
-            timing[1] += len(tx.ops)
-            yield tx
 
         tx = part()
         tx.add_table()
@@ -214,23 +207,22 @@ class NftProxier:
                 phases.specs.update(self._render_base(state, maps=alloc.maps()).sets)
             else:
                 # The last part declares every map (again, a no-op, for those made before).
-                base = self._render_base(state, maps=alloc.maps())
-                phases.diff(fixed, base)
-                made.append(base)
+                record.base = self._render_base(state, maps=alloc.maps())
+                phases.diff(fixed, record.base)
             phases.write_chains(tx)
-            yield from hand_over(tx)
-            started = time.perf_counter()
+            yield record.made(tx)
+            record.started = time.perf_counter()
             # This part's endpoint data (maps, hairpin pairs): sent while the next part is
             # rendered, and in the kernel's maps before any Service can reach them.
             tx = part()
             phases.write_elements(tx, only=render.reached_through_dispatch)
-            yield from hand_over(tx)
-            started = time.perf_counter()
+            yield record.made(tx)
+            record.started = time.perf_counter()
             tx = part()
         # Then what makes the Services reachable, all at once.
         phases.write_elements(tx)
         phases.release()
-        yield from hand_over(tx)
+        yield record.made(tx)
 
     def _diff_services(self, state: DesiredState, phases: Phases) -> int:
         """Queue the changes of every service port that differs from what the kernel holds;
@@ -320,6 +312,26 @@ class NftProxier:
         """Delete our table; True if it existed."""
         self.needs_full = True
         return self.executor.delete_table(self.family, self.table)
+
+
+@dataclass
+class _ColdStart:
+    """What a cold start in parts leaves for the sync that started it."""
+
+    base: NftFragment | None = None
+    """The base fragment with every map, once the last part of chains is made."""
+    render_seconds: float = 0.0
+    """Time spent making the parts (not waiting for them to be applied)."""
+    operations: int = 0
+    started: float = 0.0
+    """When the part being made was started."""
+
+    def made(self, tx: Transaction) -> Transaction:
+        """Count ``tx``, made since ``started``, and return it (the maker sets ``started``
+        again when asked for the next part)."""
+        self.render_seconds += time.perf_counter() - self.started
+        self.operations += len(tx.ops)
+        return tx
 
 
 def _placing(alloc: SlotAllocator, name: ServicePortName, used: dict[bool, Region]) -> Place:
