@@ -88,16 +88,18 @@ class NftCli:
         the kernel's work on a batch run on the other CPU meanwhile (both wait outside the
         interpreter). A part goes to the kernel only once the previous one is in; after a
         refused one, no other is applied."""
-        jobs: queue.Queue[tuple[Transaction, list[Message] | None] | None] = queue.Queue(maxsize=AHEAD)
+        jobs: queue.Queue[tuple[Transaction, list[Message] | bytes] | None] = queue.Queue(maxsize=AHEAD)
         failed: list[BaseException] = []
 
         def apply() -> None:
             while (job := jobs.get()) is not None:
                 if failed:
                     continue  # refused before: the rest is dropped
-                tx, batch = job
+                tx, encoded = job
                 try:
-                    if batch is None or not self._send(tx, batch):
+                    if isinstance(encoded, bytes):
+                        self._run_nft(tx, script=encoded)
+                    elif not self._send(tx, encoded):
                         self._run_nft(tx)
                 except BaseException as err:  # noqa: BLE001 - raised on the caller's thread below
                     failed.append(err)
@@ -111,15 +113,19 @@ class NftCli:
                 if tx.error:
                     raise NftError(f"transaction not run: {tx.error}")
                 if tx.ops:
-                    jobs.put((tx, self._encode(tx)))
+                    # Either way the Python work is done here: the applier only waits for nft or
+                    # the kernel, so it never holds the interpreter the renderer needs.
+                    batch = self._encode(tx)
+                    jobs.put((tx, tx.render_bytes() if batch is None else batch))
         finally:
             jobs.put(None)
             applier.join()
         if failed:
             raise failed[0]
 
-    def _run_nft(self, tx: Transaction) -> None:
-        proc = self._nft("-f", "-", stdin=tx.render_bytes())
+    def _run_nft(self, tx: Transaction, *, script: bytes | None = None) -> None:
+        """``nft -f -`` of ``tx`` (its ``script``, when rendered already)."""
+        proc = self._nft("-f", "-", stdin=tx.render_bytes() if script is None else script)
         if proc.returncode != 0:
             raise NftError(_first_lines(proc.stderr.decode(errors="replace")))
         self.paths["nft"] += 1
