@@ -278,7 +278,6 @@ def run_one(proxy: str, mode: str, *, focus: list[str], out: Path, timeout_minut
     return run
 
 
-
 def _interrupted(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -159,17 +159,6 @@ class Transaction:
     def delete_element(self, set_name: str, key: str) -> None:
         self._push(Op("delete", "element", set_name, key))
 
-    def split_elements(self) -> tuple[Transaction, Transaction]:
-        """This transaction as two: everything but the element additions, then those (in
-        order). Applied one after the other they leave what this one leaves, but not at once:
-        only for a table nothing uses yet (see the proxier's cold start)."""
-        rest, elements = (Transaction(family=self.family, table=self.table, set_specs=self.set_specs)
-                          for _ in range(2))
-        for op in self.ops:
-            (elements if op.kind == "element" and op.verb == "add" else rest).ops.append(op)
-        rest.error = elements.error = self.error
-        return rest, elements
-
     @property
     def has_deletes(self) -> bool:
         """True if nft will fetch the whole table for this script anyway (see module doc)."""

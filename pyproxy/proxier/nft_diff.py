@@ -195,8 +195,11 @@ class Phases:
         tx.set_specs = {**self.specs, **tx.set_specs}
         items = self.add_elements
         if only is not None:
-            items = [e for e in self.add_elements if only(e[0])]
-            self.add_elements = [e for e in self.add_elements if not only(e[0])]
+            items = []
+            rest: list[tuple[str, str, str]] = []
+            for e in self.add_elements:
+                (items if only(e[0]) else rest).append(e)
+            self.add_elements = rest
         tx.add_elements(sorted(items, key=itemgetter(0)))
 
     def _declare(self, tx: Transaction) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from pyproxy import metrics
 from pyproxy.config import ProxyConfig
@@ -89,10 +89,7 @@ class NftProxier:
 
         def fragments() -> Iterator[NftFragment]:
             for k in sorted(state.services, key=NAME_ORDER):
-                used: dict[bool, Region] = {}
-                yield self._render_service(state.services[k], place=_placing(alloc, k, used))
-                if used:
-                    pools[k] = used
+                yield self._render_placed(state.services[k], k, alloc, pools)
             base.append(self._render_base(state, maps=alloc.maps()))
             yield base[0]
 
@@ -198,10 +195,7 @@ class NftProxier:
         chunks = [names[at:at + size] for at in range(0, len(names), size)] or [[]]
         for i, chunk in enumerate(chunks):
             for k in chunk:
-                used: dict[bool, Region] = {}
-                phases.diff(None, self._render_service(state.services[k], place=_placing(alloc, k, used)))
-                if used:
-                    pools[k] = used
+                phases.diff(None, self._render_placed(state.services[k], k, alloc, pools))
             if i < len(chunks) - 1:
                 # The maps opened so far: their declarations, for the parts whose rules name them.
                 phases.specs.update(self._render_base(state, maps=alloc.maps()).sets)
@@ -261,6 +255,16 @@ class NftProxier:
         """The fixed chains and maps, ``maps`` endpoint maps among them (the userspace mode adds
         its relay guard)."""
         return render.render_base(self.config, state, endpoint_maps=maps)
+
+    def _render_placed(self, sps: ServicePortState, name: ServicePortName, alloc: SlotAllocator,
+                       pools: dict[ServicePortName, dict[bool, Region]]) -> NftFragment:
+        """A full sync's fragment of one service port: its pools placed afresh by ``alloc`` and
+        recorded in ``pools``."""
+        used: dict[bool, Region] = {}
+        frag = self._render_service(sps, place=_placing(alloc, name, used))
+        if used:
+            pools[name] = used
+        return frag
 
     def _render_service(self, sps: ServicePortState, *, place: Place) -> NftFragment:
         """One service port's fragment (the userspace mode renders redirects instead)."""

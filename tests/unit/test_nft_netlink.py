@@ -201,10 +201,10 @@ def _fake_nft(tmp_path, script: str):
 
 
 def _cold_start_parts():
-    tx = Transaction(set_specs=r.sets_for(4))
-    tx.add_chain("service-x")
-    tx.add_element("service-ips", "10.9.9.9 . tcp . 443", "goto service-x")
-    return tx.split_elements()
+    chains, elements = (Transaction(set_specs=r.sets_for(4)) for _ in range(2))
+    chains.add_chain("service-x")
+    elements.add_element("service-ips", "10.9.9.9 . tcp . 443", "goto service-x")
+    return chains, elements
 
 
 def test_a_cold_start_sends_the_elements_only_after_nft_took_the_chains(tmp_path, monkeypatch):
